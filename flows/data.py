@@ -1,0 +1,53 @@
+"""Data flow: download -> clean -> dedup -> tokenizer -> Parquet shards, every stage cached by content.
+
+    python -m flows.data --spec data_specs/default.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect import flow
+
+from tasks.artifacts import run_stage
+from tasks.clean import clean
+from tasks.dedup import dedup
+from tasks.download import download, resolve
+from tasks.report import report
+from tasks.shard import shard
+from tasks.spec import load_spec, resolve_path
+from tasks.tokenizer import tokenizer
+
+
+@flow(name="data")
+def data_flow(spec_path: str = "data_specs/default.yaml") -> str:
+    """Build training shards for a data spec; returns the path of the shard manifest."""
+    spec = load_spec(spec_path)
+    artifacts_dir = str(spec.artifacts_path())
+    refs, cleaned, files = [], {}, {}
+    for source in spec.sources:
+        resolved = resolve(source)
+        files[source.name] = resolved.files
+        downloaded = run_stage(download, resolved=resolved, num_files=spec.executor.tasks,
+                               artifacts_dir=artifacts_dir)
+        cleaned[source.name] = run_stage(clean, downloaded=downloaded, source_name=source.name,
+                                         cleaning=spec.cleaning_for(source), executor=spec.executor,
+                                         artifacts_dir=artifacts_dir)
+        refs += [(source.name, downloaded), (source.name, cleaned[source.name])]
+    deduped = run_stage(dedup, cleaned=cleaned, config=spec.dedup, executor=spec.executor,
+                        artifacts_dir=artifacts_dir)
+    trained = run_stage(tokenizer, deduped=deduped, config=spec.tokenizer, artifacts_dir=artifacts_dir)
+    lineage = {"spec_path": str(resolve_path(spec_path)), "spec": spec.model_dump(mode="json"),
+               "source_files": files, "upstream": {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}}
+    shards = run_stage(shard, deduped=deduped, tokenizer=trained, config=spec.sharding, lineage=lineage,
+                       artifacts_dir=artifacts_dir)
+    manifest = str(shards.dir / "manifest.json")
+    report(refs + [("all sources", deduped), ("all sources", trained), ("all sources", shards)], manifest)
+    return manifest
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", default="data_specs/default.yaml", help="data spec YAML (default: %(default)s)")
+    args = parser.parse_args()
+    print(data_flow(args.spec))

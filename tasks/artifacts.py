@@ -1,0 +1,191 @@
+"""Content-addressed stage outputs, and the Prefect cache that points at them.
+
+Every stage writes one directory, `<artifacts_dir>/<stage>/<fingerprint>`, where the fingerprint hashes the stage's
+code, its config and its upstream fingerprints. The directory is built under a temporary name and renamed into
+place only when complete, with `_artifact.json` listing each file's size and sha256. Prefect caches the task's
+return value (an `ArtifactRef`) under the same fingerprint; since Prefect cannot know the directory behind it
+still exists, `run_stage` verifies the directory first and bypasses the cache when it does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pydantic import BaseModel
+
+MANIFEST_NAME = "_artifact.json"
+
+
+class ArtifactRef(BaseModel):
+    """What a stage returns: where its output lives and which fingerprint produced it."""
+
+    stage: str
+    fingerprint: str
+    path: str
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.path)
+
+    def meta(self) -> dict:
+        return json.loads((self.dir / MANIFEST_NAME).read_text())
+
+
+def get_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow/task run (so lines show in the UI), a plain logger elsewhere."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a run context Prefect raises MissingContextError
+        return logging.getLogger("llm_pipeline")
+
+
+def canonical(value: Any) -> Any:
+    """A JSON-able form of task parameters with a stable order, for hashing."""
+    if isinstance(value, BaseModel):
+        return canonical(value.model_dump(mode="json"))
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in sorted(value.items())}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stage_code_version(stage: str) -> str:
+    """Hash of the stage module's source: editing a stage invalidates its outputs (and everything downstream)."""
+    module = sys.modules.get(f"tasks.{stage}")
+    source = inspect.getsource(module) if module else ""
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+# Parameters that describe a run without changing its output: where it is stored, and lineage records that are
+# already implied by the upstream fingerprints.
+UNKEYED_PARAMS = {"artifacts_dir", "lineage"}
+
+
+def stage_fingerprint(stage: str, params: dict) -> str:
+    """Fingerprint of one stage run: its code, its config and its upstream fingerprints."""
+    keyed = {k: v for k, v in params.items() if k not in UNKEYED_PARAMS}
+    payload = json.dumps({"stage": stage, "code": stage_code_version(stage), "params": canonical(keyed)},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def artifact_path(stage: str, params: dict) -> Path:
+    return Path(params["artifacts_dir"]) / stage / stage_fingerprint(stage, params)
+
+
+def verify(path: Path) -> str | None:
+    """None if the artifact at `path` is complete and unmodified, else a sentence saying what is wrong."""
+    manifest = path / MANIFEST_NAME
+    if not manifest.is_file():
+        return f"{path} is missing or incomplete (no {MANIFEST_NAME})"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"{manifest} is unreadable: {err}"
+    for rel, (size, digest) in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} has {f.stat().st_size} bytes, expected {size}"
+        if sha256_file(f) != digest:
+            return f"{f} fails its sha256 check"
+    return None
+
+
+def build_artifact(stage: str, params: dict, build: Callable[[Path], dict]) -> ArtifactRef:
+    """Return the verified artifact for (stage, params), building it with `build(tmp_dir) -> summary` if needed.
+
+    The summary dict is stored in `_artifact.json` and published as a Prefect table when in a run.
+    """
+    log = get_logger()
+    final = artifact_path(stage, params)
+    ref = ArtifactRef(stage=stage, fingerprint=final.name, path=str(final))
+    problem = verify(final)
+    if problem is None:
+        log.info(f"{stage}: reusing verified artifact {final}")
+        return ref
+    if final.exists():
+        log.warning(f"{stage}: rebuilding because {problem}")
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.perf_counter()
+    try:
+        summary = build(tmp)
+        summary["seconds"] = round(time.perf_counter() - started, 2)
+        files = {str(p.relative_to(tmp)): (p.stat().st_size, sha256_file(p))
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        meta = {"stage": stage, "fingerprint": final.name, "params": canonical(params),
+                "summary": summary, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        (tmp / MANIFEST_NAME).write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(f"{stage}: built {final} in {summary['seconds']} s")
+    publish_summary(stage, summary)
+    return ref
+
+
+def publish_summary(stage: str, summary: dict) -> None:
+    """A two-column Prefect table of the stage summary; a no-op outside a Prefect run."""
+    try:
+        from prefect.artifacts import create_table_artifact
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:
+        return
+    rows = [{"metric": k, "value": _fmt(v)} for k, v in summary.items() if not isinstance(v, (dict, list))]
+    create_table_artifact(key=f"{stage}-summary", table=rows, description=f"**{stage}** stage summary")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.3f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+# ---------------------------------------------------------------- Prefect glue
+
+def stage_cache_key(context, parameters: dict) -> str:
+    """Prefect cache key of a stage task: the stage fingerprint (code + config + upstream fingerprints)."""
+    return f"{context.task.name}-{stage_fingerprint(context.task.name, parameters)}"
+
+
+STAGE_TASK_OPTIONS = dict(cache_key_fn=stage_cache_key, persist_result=True, retries=0)
+
+
+def run_stage(stage_task, **params) -> ArtifactRef:
+    """Call a stage task, trusting Prefect's cached result only if the artifact directory still verifies."""
+    problem = verify(artifact_path(stage_task.name, params))
+    if problem is not None:
+        stage_task = stage_task.with_options(refresh_cache=True)
+    return stage_task(**params)

@@ -1,0 +1,135 @@
+"""Stage 2, clean: datatrove formatters and quality filters over one source's documents.
+
+Order: Unicode normalisation -> PII redaction -> language ID -> Gopher repetition -> Gopher quality -> C4 ->
+FineWeb. Every dropped document is written to `dropped/<filter>/` (with datatrove's reason in its metadata), so
+nothing disappears; `dropped_samples.jsonl` holds a few per filter for quick reading.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
+                                        GopherRepetitionFilter, LanguageFilter)
+from datatrove.pipeline.formatters import PIIFormatter
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+from prefect import task
+
+from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
+from tasks.blocks import RegexWordTokenizer, UnicodeNormalizer, offline_lid_model, run_pipeline
+from tasks.spec import CleaningConfig, ExecutorConfig
+
+SAMPLE_PREVIEW_CHARS = 600
+
+
+def build_filters(cleaning: CleaningConfig, dropped_dir: Path) -> list[tuple[str, object]]:
+    """(name, datatrove step) for each enabled formatter/filter, in pipeline order."""
+    words = RegexWordTokenizer()
+
+    def excluded(name: str) -> JsonlWriter:
+        return JsonlWriter(str(dropped_dir / name), output_filename="${rank}.jsonl.gz", compression="gzip")
+
+    def options(cfg) -> dict:
+        return cfg.model_dump(exclude={"enabled"})
+
+    steps: list[tuple[str, object]] = []
+    if cleaning.unicode_form != "none":
+        steps.append(("unicode", UnicodeNormalizer(cleaning.unicode_form)))
+    if cleaning.pii.enabled:
+        steps.append(("pii", PIIFormatter(remove_emails=cleaning.pii.remove_emails,
+                                          remove_ips=cleaning.pii.remove_ips)))
+    if cleaning.language.enabled:
+        lid = LanguageFilter(languages=cleaning.language.languages,
+                             language_threshold=cleaning.language.language_threshold,
+                             exclusion_writer=excluded("language"))
+        lid.model.MODEL_URL = str(offline_lid_model())  # datatrove would fetch lid.176.bin from the internet
+        steps.append(("language", lid))
+    if cleaning.gopher_repetition.enabled:
+        cfg = cleaning.gopher_repetition
+        steps.append(("gopher_repetition", GopherRepetitionFilter(
+            **{**options(cfg), "top_n_grams": tuple(map(tuple, cfg.top_n_grams)),
+               "dup_n_grams": tuple(map(tuple, cfg.dup_n_grams))},
+            language=words, exclusion_writer=excluded("gopher_repetition"))))
+    if cleaning.gopher_quality.enabled:
+        steps.append(("gopher_quality", GopherQualityFilter(
+            **options(cleaning.gopher_quality), language=words, exclusion_writer=excluded("gopher_quality"))))
+    if cleaning.c4.enabled:
+        steps.append(("c4", C4QualityFilter(**options(cleaning.c4), language=words,
+                                             exclusion_writer=excluded("c4"))))
+    if cleaning.fineweb.enabled:
+        steps.append(("fineweb", FineWebQualityFilter(**options(cleaning.fineweb), language=words,
+                                                      exclusion_writer=excluded("fineweb"))))
+    return steps
+
+
+def clean_documents(docs_dir: Path, cleaning: CleaningConfig, executor: ExecutorConfig, out_dir: Path) -> dict:
+    """Run the cleaning pipeline from `docs_dir` into `out_dir/docs`; return per-filter counts."""
+    steps = build_filters(cleaning, out_dir / "dropped")
+    pipeline = [JsonlReader(str(docs_dir), glob_pattern="*.jsonl.gz"), *(step for _, step in steps),
+                JsonlWriter(str(out_dir / "docs"), output_filename="${rank}.jsonl.gz", compression="gzip")]
+    stats = run_pipeline(pipeline, executor, out_dir / "_logs")
+
+    def count(step_index: int, key: str) -> int:
+        metric = stats.stats[step_index].stats.get(key)
+        return int(metric.total) if metric else 0
+
+    docs_in = count(0, "documents")
+    filters = {}
+    for i, (name, step) in enumerate(steps, start=1):
+        if hasattr(step, "exclusion_writer"):
+            filters[name] = {"kept": count(i, "forwarded"), "dropped": count(i, "dropped")}
+    docs_out = count(len(pipeline) - 1, "total")
+    bytes_in = sum(_text_bytes(p) for p in docs_dir.glob("*.jsonl.gz"))
+    bytes_out = sum(_text_bytes(p) for p in (out_dir / "docs").glob("*.jsonl.gz"))
+    samples = _sample_dropped(out_dir / "dropped", cleaning.dropped_samples)
+    (out_dir / "dropped_samples.jsonl").write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    get_logger().info(f"clean: kept {docs_out}/{docs_in} documents; per filter {filters}")
+    return {"docs_in": docs_in, "docs_out": docs_out, "bytes_in": bytes_in, "bytes_out": bytes_out,
+            "dropped": docs_in - docs_out, "filters": filters}
+
+
+def _text_bytes(path: Path) -> int:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return sum(len(json.loads(line)["text"].encode("utf-8")) for line in f)
+
+
+def _sample_dropped(dropped_dir: Path, per_filter: int) -> list[dict]:
+    samples = []
+    for folder in sorted(p for p in dropped_dir.glob("*") if p.is_dir()):
+        taken = 0
+        for path in sorted(folder.glob("*.jsonl.gz")):
+            with gzip.open(path, "rt", encoding="utf-8") as f:
+                for line in f:
+                    if taken >= per_filter:
+                        break
+                    doc = json.loads(line)
+                    samples.append({"filter": folder.name, "id": doc["id"],
+                                    "reason": doc.get("metadata", {}).get("filter_reason"),
+                                    "text": doc["text"][:SAMPLE_PREVIEW_CHARS]})
+                    taken += 1
+    return samples
+
+
+def publish_dropped_samples(source: str, out_dir: Path) -> None:
+    """Markdown artifact with the first few dropped documents per filter (a no-op outside a Prefect run)."""
+    from prefect.artifacts import create_markdown_artifact
+
+    lines = [f"# Dropped by cleaning: {source}", ""]
+    for line in (out_dir / "dropped_samples.jsonl").read_text().splitlines()[:60]:
+        s = json.loads(line)
+        text = s["text"][:300].replace("\n", " ")
+        lines.append(f"- **{s['filter']}** `{s['id']}` ({s['reason'] or 'no reason given'}): {text}")
+    create_markdown_artifact(key=f"clean-dropped-{source}".replace("_", "-"), markdown="\n".join(lines))
+
+
+@task(name="clean", task_run_name="clean-{source_name}", **STAGE_TASK_OPTIONS)
+def clean(downloaded: ArtifactRef, source_name: str, cleaning: CleaningConfig, executor: ExecutorConfig,
+          artifacts_dir: str) -> ArtifactRef:
+    ref = build_artifact("clean", dict(downloaded=downloaded, source_name=source_name, cleaning=cleaning,
+                                       executor=executor, artifacts_dir=artifacts_dir),
+                         lambda out: clean_documents(downloaded.dir / "docs", cleaning, executor, out))
+    publish_dropped_samples(source_name, ref.dir)
+    return ref

@@ -1,0 +1,122 @@
+"""Stage 3, dedup: exact (full-text hash) then MinHash near-duplicate removal across all sources at once.
+
+Input is every source's cleaned documents; output is `docs/<source>/NNNNN.jsonl.gz`, so later stages keep the
+per-source split (mixture weights). Removed documents go to `removed/exact/` and `removed/minhash/`, with the
+kept copy being the first one seen in source order.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+from datatrove.pipeline.dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups,
+                                      MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
+                                      MinhashDedupFilter, MinhashDedupSignature)
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+from prefect import task
+
+from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
+from tasks.blocks import RegexWordTokenizer, run_pipeline
+from tasks.spec import DedupConfig, ExecutorConfig
+
+
+def document_text(doc) -> str:
+    """What exact dedup compares (module-level so datatrove can pickle it into worker processes)."""
+    return doc.text
+
+
+def dedup_documents(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfig, out_dir: Path) -> dict:
+    """Deduplicate the documents under each `inputs[source]` folder into `out_dir/docs/<source>/`."""
+    work = out_dir.parent / f".work-{out_dir.name}"  # scratch space, never part of the artifact
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        return _dedup(inputs, config, executor, out_dir, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfig, out_dir: Path, work: Path) -> dict:
+    # One reader over all sources: hard links put every cleaned file under one folder without copying bytes.
+    merged = work / "input"
+    for source, folder in inputs.items():
+        (merged / source).mkdir(parents=True)
+        for f in sorted(folder.glob("*.jsonl.gz")):
+            os.link(f, merged / source / f.name)
+    files = sorted(merged.glob("*/*.jsonl.gz"))
+    tasks = max(1, len(files))
+
+    def reader(folder: Path) -> JsonlReader:
+        return JsonlReader(str(folder), glob_pattern="*/*.jsonl.gz")
+
+    def writer(folder: Path) -> JsonlWriter:
+        return JsonlWriter(str(folder), output_filename="${source}/${rank}.jsonl.gz", compression="gzip")
+
+    stage_in = merged
+    if config.exact:
+        exact = ExactDedupConfig(content_getter=document_text)
+        run_pipeline([reader(stage_in), ExactDedupSignature(str(work / "exact_sigs"), config=exact)],
+                     executor, work / "logs/exact1", tasks=tasks)
+        run_pipeline([ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact)],
+                     executor, work / "logs/exact2", tasks=1)
+        run_pipeline([reader(stage_in), ExactDedupFilter(str(work / "exact_dups"), config=exact,
+                                                         exclusion_writer=writer(out_dir / "removed/exact")),
+                      writer(work / "after_exact")], executor, work / "logs/exact3", tasks=tasks)
+        stage_in = work / "after_exact"
+
+    if config.minhash.enabled:
+        mh = config.minhash
+        minhash = MinhashConfig(n_grams=mh.n_grams, num_buckets=mh.num_buckets,
+                                hashes_per_bucket=mh.hashes_per_bucket, seed=mh.seed)
+        files = sorted(stage_in.glob("*/*.jsonl.gz"))
+        tasks = max(1, len(files))
+        words = RegexWordTokenizer()
+        run_pipeline([reader(stage_in), MinhashDedupSignature(str(work / "mh_sigs"), config=minhash, language=words)],
+                     executor, work / "logs/mh1", tasks=tasks)
+        run_pipeline([MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=minhash)],
+                     executor, work / "logs/mh2", tasks=mh.num_buckets)
+        run_pipeline([MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=minhash)],
+                     executor, work / "logs/mh3", tasks=1)
+        # Must use the same reader and task count as the signature step: removals are indexed by (rank, doc).
+        run_pipeline([reader(stage_in), MinhashDedupFilter(str(work / "mh_remove"),
+                                                           exclusion_writer=writer(out_dir / "removed/minhash")),
+                      writer(out_dir / "docs")], executor, work / "logs/mh4", tasks=tasks)
+    else:
+        shutil.copytree(stage_in, out_dir / "docs")
+
+    docs_in, bytes_in = _count(merged)
+    docs_out, bytes_out = _count(out_dir / "docs")
+    summary = {"docs_in": sum(docs_in.values()), "docs_out": sum(docs_out.values()),
+               "bytes_in": sum(bytes_in.values()), "bytes_out": sum(bytes_out.values()),
+               "removed_exact": sum(_count(out_dir / "removed/exact")[0].values()),
+               "removed_minhash": sum(_count(out_dir / "removed/minhash")[0].values()),
+               "docs_per_source": dict(docs_out), "bytes_per_source": dict(bytes_out)}
+    get_logger().info(f"dedup: {summary['docs_in']} -> {summary['docs_out']} documents "
+                      f"({summary['removed_exact']} exact, {summary['removed_minhash']} near duplicates)")
+    return summary
+
+
+def _count(folder: Path) -> tuple[Counter, Counter]:
+    """(documents, text bytes) per source sub-folder."""
+    docs: Counter = Counter()
+    nbytes: Counter = Counter()
+    for path in folder.glob("*/*.jsonl.gz"):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                docs[path.parent.name] += 1
+                nbytes[path.parent.name] += len(json.loads(line)["text"].encode("utf-8"))
+    return docs, nbytes
+
+
+@task(name="dedup", **STAGE_TASK_OPTIONS)
+def dedup(cleaned: dict[str, ArtifactRef], config: DedupConfig, executor: ExecutorConfig,
+          artifacts_dir: str) -> ArtifactRef:
+    return build_artifact("dedup", dict(cleaned=cleaned, config=config, executor=executor,
+                                        artifacts_dir=artifacts_dir),
+                          lambda out: dedup_documents({s: r.dir / "docs" for s, r in cleaned.items()},
+                                                      config, executor, out))

@@ -1,0 +1,270 @@
+"""Stage 1, download: bring one source to local JSONL.gz documents `{id, text, metadata}`.
+
+Sources are local files (jsonl, jsonl.gz, txt, parquet), a Hugging Face dataset, or an http(s) URL. Records that
+cannot be used (malformed JSON, non-UTF-8 bytes, missing or non-string text, empty or oversized text) go to
+`quarantine.jsonl` with file, line and reason, and are counted in the summary: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.parquet as pq
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger, sha256_file
+from tasks.spec import SourceSpec, resolve_path
+
+PREVIEW_CHARS = 500
+
+
+class SourceError(RuntimeError):
+    """A source that cannot be read at all (missing files, no network, wrong schema)."""
+
+
+class ResolvedSource(BaseModel):
+    """A source pinned to content: the files it matched and their checksums, so caching follows the data."""
+
+    source: SourceSpec
+    files: list[tuple[str, str]] = []  # (absolute path, sha256)
+
+
+class Record(BaseModel):
+    origin: str  # "file:line" of the raw record, for quarantine reports and lineage
+    raw: object = None
+    problem: str | None = None
+
+
+# ---------------------------------------------------------------- resolving
+
+
+def resolve_source(source: SourceSpec) -> ResolvedSource:
+    """Expand globs and checksum local inputs; fail here, with the pattern, if anything is missing."""
+    if source.kind == "local":
+        files = _expand(source.paths, source.name, "paths")
+    elif source.kind == "hf" and source.data_files:
+        files = _expand(source.data_files, source.name, "data_files")
+    else:
+        return ResolvedSource(source=source)
+    return ResolvedSource(source=source, files=[(str(f), sha256_file(f)) for f in files])
+
+
+def _expand(patterns: list[str], name: str, field: str) -> list[Path]:
+    files: list[Path] = []
+    for pattern in patterns:
+        absolute = resolve_path(pattern)
+        matched = sorted(Path(p) for p in glob.glob(str(absolute), recursive=True) if Path(p).is_file())
+        if not matched:
+            raise SourceError(f"source '{name}': {field} pattern {pattern!r} matches no file "
+                              f"(looked for {absolute})")
+        files.extend(matched)
+    return files
+
+
+# ---------------------------------------------------------------- reading raw records
+
+
+def _file_format(path: Path, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    name = path.name.lower()
+    for suffix, fmt in ((".jsonl", "jsonl"), (".jsonl.gz", "jsonl"), (".json.gz", "jsonl"), (".ndjson", "jsonl"),
+                        (".parquet", "parquet"), (".txt", "txt"), (".txt.gz", "txt")):
+        if name.endswith(suffix):
+            return fmt
+    raise SourceError(f"cannot tell the format of {path}; set `format:` (jsonl, txt or parquet) on the source")
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def read_records(path: Path, fmt: str, text_field: str) -> Iterator[Record]:
+    """Yield raw records of one file; undecodable ones carry a `problem` instead of data."""
+    if fmt == "jsonl":
+        with _open(path) as f:
+            for lineno, line in enumerate(f, start=1):
+                origin = f"{path}:{lineno}"
+                if not line.strip():
+                    continue
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    yield Record(origin=origin, raw=line[:PREVIEW_CHARS].decode("utf-8", "replace"),
+                                 problem=f"not UTF-8 (byte {err.start}: {line[err.start:err.start + 1]!r})")
+                    continue
+                try:
+                    yield Record(origin=origin, raw=json.loads(text))
+                except json.JSONDecodeError as err:
+                    yield Record(origin=origin, raw=text[:PREVIEW_CHARS], problem=f"malformed JSON: {err.msg} "
+                                 f"at column {err.colno}")
+    elif fmt == "txt":
+        data = _open(path).read()
+        try:
+            yield Record(origin=f"{path}:1", raw={text_field: data.decode("utf-8"), "id": path.stem})
+        except UnicodeDecodeError as err:
+            yield Record(origin=f"{path}:1", raw=data[:PREVIEW_CHARS].decode("utf-8", "replace"),
+                         problem=f"not UTF-8 (byte {err.start})")
+    elif fmt == "parquet":
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise SourceError(f"{path}: no column {text_field!r} (columns: {pf.schema_arrow.names}); "
+                              f"set `text_field` on the source")
+        row = 0
+        for batch in pf.iter_batches(batch_size=1024):
+            for rec in batch.to_pylist():
+                row += 1
+                yield Record(origin=f"{path}:row {row}", raw=rec)
+
+
+def _hf_records(source: SourceSpec) -> Iterator[Record]:
+    import datasets
+
+    if not source.data_files:
+        _require_network(f"the Hugging Face Hub for dataset {source.dataset!r}", "huggingface.co", source.name)
+    try:
+        ds = datasets.load_dataset(source.dataset, source.config, split=source.split, revision=source.revision,
+                                   data_files=source.data_files, streaming=True)
+    except Exception as err:  # datasets raises many types; the message is what matters
+        raise SourceError(f"source '{source.name}': could not load HF dataset {source.dataset!r} "
+                          f"(config={source.config}, split={source.split}): {err}") from err
+    for i, rec in enumerate(ds, start=1):
+        yield Record(origin=f"hf://{source.dataset}/{source.split}:{i}", raw=rec)
+
+
+def _require_network(what: str, host: str, name: str, port: int = 443) -> None:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as err:
+        raise SourceError(f"source '{name}' needs the network to reach {what}, but {host}:{port} is unreachable "
+                          f"({err}). Use a local copy (kind: local) or run where the network is available.") from None
+
+
+def fetch_url(url: str, sha256: str | None, cache_dir: Path, name: str) -> Path:
+    """Download `url` into cache_dir: streamed to a .part file, resumed with a Range request, verified, renamed."""
+    final = cache_dir / (hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + Path(urllib.parse.urlparse(url).path).name)
+    if final.exists() and (sha256 is None or sha256_file(final) == sha256):
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    part = final.with_name(final.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            resumed = have and resp.status == 206
+            with open(part, "ab" if resumed else "wb") as out:
+                while block := resp.read(1 << 20):
+                    out.write(block)
+    except (urllib.error.URLError, OSError) as err:
+        raise SourceError(f"source '{name}': cannot download {url}: {err}. Check the URL and the network; "
+                          f"a partial download is kept in {part} and resumed next time.") from None
+    if sha256 is not None and (actual := sha256_file(part)) != sha256:
+        part.unlink()
+        raise SourceError(f"source '{name}': {url} has sha256 {actual}, the spec expects {sha256}")
+    part.replace(final)
+    return final
+
+
+# ---------------------------------------------------------------- normalising
+
+
+def normalise_source(resolved: ResolvedSource, out_dir: Path, num_files: int, downloads_dir: Path) -> dict:
+    """Write `docs/NNNNN.jsonl.gz` (round-robin over num_files) and `quarantine.jsonl`; return the summary."""
+    source = resolved.source
+    log = get_logger()
+    if source.kind == "hf":
+        records: Iterator[Record] = _hf_records(source)
+    else:
+        paths = ([Path(p) for p, _ in resolved.files] if source.kind == "local"
+                 else [fetch_url(source.url, source.sha256, downloads_dir, source.name)])
+        records = (rec for p in paths for rec in read_records(p, _file_format(p, source.format), source.text_field))
+
+    docs_dir = out_dir / "docs"
+    docs_dir.mkdir()
+    outs = [gzip.open(docs_dir / f"{i:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=3)
+            for i in range(num_files)]
+    reasons: Counter[str] = Counter()
+    seen = kept = kept_bytes = 0
+    with open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
+        for rec in records:
+            seen += 1
+            doc, problem = _to_document(rec, source)
+            if problem:
+                reason = problem.split(":")[0].split(" (")[0]
+                reasons[reason] += 1
+                preview = rec.raw if isinstance(rec.raw, str) else json.dumps(rec.raw, ensure_ascii=False,
+                                                                              default=str)[:PREVIEW_CHARS]
+                quarantine.write(json.dumps({"origin": rec.origin, "reason": problem, "preview": preview[:PREVIEW_CHARS]},
+                                            ensure_ascii=False) + "\n")
+                continue
+            outs[kept % num_files].write(json.dumps(doc, ensure_ascii=False) + "\n")
+            kept += 1
+            kept_bytes += len(doc["text"].encode("utf-8"))
+            if kept % 50_000 == 0:
+                log.info(f"download {source.name}: {kept:,} documents so far")
+    for f in outs:
+        f.close()
+
+    bad = sum(reasons.values())
+    if seen == 0:
+        raise SourceError(f"source '{source.name}': its inputs hold no records")
+    if bad / seen > source.max_bad_fraction:
+        top = ", ".join(f"{r} x{n}" for r, n in reasons.most_common(3))
+        raise SourceError(f"source '{source.name}': {bad} of {seen} records are unusable ({top}); this exceeds "
+                          f"max_bad_fraction={source.max_bad_fraction}. Check `text_field` ({source.text_field!r}) "
+                          f"and the input files; examples are in {out_dir / 'quarantine.jsonl'}")
+    if bad:
+        log.warning(f"download {source.name}: quarantined {bad} of {seen} records: {dict(reasons)}")
+    return {"source": source.name, "records": seen, "docs": kept, "bytes": kept_bytes,
+            "quarantined": bad, "quarantine_reasons": dict(reasons), "license": source.license}
+
+
+def _to_document(rec: Record, source: SourceSpec) -> tuple[dict | None, str | None]:
+    if rec.problem:
+        return None, rec.problem
+    if not isinstance(rec.raw, dict):
+        return None, f"not a JSON object (got {type(rec.raw).__name__})"
+    if source.text_field not in rec.raw:
+        return None, f"missing field {source.text_field!r} (fields: {sorted(rec.raw)[:10]})"
+    text = rec.raw[source.text_field]
+    if not isinstance(text, str):
+        return None, f"field {source.text_field!r} is {type(text).__name__}, not a string"
+    if not text.strip():
+        return None, "empty text"
+    size = len(text.encode("utf-8"))
+    if size > source.max_doc_bytes:
+        return None, f"document too large ({size:,} bytes > max_doc_bytes {source.max_doc_bytes:,})"
+    raw_id = rec.raw.get(source.id_field) if source.id_field else None
+    doc_id = f"{source.name}/{raw_id}" if raw_id not in (None, "") else f"{source.name}/{rec.origin}"
+    metadata = rec.raw.get("metadata") if isinstance(rec.raw.get("metadata"), dict) else {
+        k: v for k, v in rec.raw.items() if k not in (source.text_field, source.id_field)
+        and isinstance(v, (str, int, float, bool))}
+    return {"id": doc_id, "text": text, "metadata": {**metadata, "source": source.name, "origin": rec.origin}}, None
+
+
+# ---------------------------------------------------------------- Prefect tasks
+
+
+@task(name="resolve", task_run_name="resolve-{source.name}")
+def resolve(source: SourceSpec) -> ResolvedSource:
+    """Not cached on purpose: it is what notices that the files changed."""
+    return resolve_source(source)
+
+
+@task(name="download", task_run_name="download-{resolved.source.name}", **STAGE_TASK_OPTIONS)
+def download(resolved: ResolvedSource, num_files: int, artifacts_dir: str) -> ArtifactRef:
+    downloads_dir = Path(artifacts_dir) / "_downloads"
+    return build_artifact("download", dict(resolved=resolved, num_files=num_files, artifacts_dir=artifacts_dir),
+                          lambda out: normalise_source(resolved, out, num_files, downloads_dir))
+

@@ -1,0 +1,104 @@
+"""Stage 4, tokenizer: train a sentencepiece model (Llama-style BPE) on a bounded sample of the deduplicated text.
+
+Outputs `tokenizer.model` (sentencepiece) and, converted from it, the Hugging Face files (`tokenizer.json`,
+`tokenizer_config.json`) so `transformers.AutoTokenizer.from_pretrained(<dir>)` gives the same ids.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Iterator
+
+import sentencepiece as spm
+from prefect import task
+
+from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
+from tasks.spec import TokenizerConfig
+
+UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+
+
+def iter_documents(folder: Path) -> Iterator[dict]:
+    """Documents of all `*.jsonl.gz` files under `folder` (e.g. a dedup artifact's docs/), in a stable order."""
+    for path in sorted(folder.rglob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
+
+
+def keep_in_sample(doc_id: str, fraction: float, seed: int) -> bool:
+    """Deterministic document sampling: the same docs are chosen on every run and every machine."""
+    if fraction >= 1:
+        return True
+    h = int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < fraction
+
+
+def training_lines(docs_dir: Path, config: TokenizerConfig, total_bytes: int, stats: dict) -> Iterator[str]:
+    """Non-empty lines of sampled documents; lines over max_sentence_length are split, since sentencepiece
+    would otherwise skip them silently."""
+    fraction = min(1.0, config.sample_bytes / max(total_bytes, 1))
+    limit = config.max_sentence_length // 4  # characters, so that even 4-byte UTF-8 stays under the byte limit
+    for doc in iter_documents(docs_dir):
+        if not keep_in_sample(doc["id"], fraction, config.seed):
+            continue
+        stats["docs"] += 1
+        stats["bytes"] += len(doc["text"].encode("utf-8"))
+        for line in doc["text"].split("\n"):
+            if not line.strip():
+                continue
+            while len(line) > limit:
+                cut = line.rfind(" ", 0, limit)
+                cut = cut if cut > 0 else limit
+                yield line[:cut]
+                line = line[cut:]
+            stats["lines"] += 1
+            yield line
+
+
+def train_tokenizer(docs_dir: Path, config: TokenizerConfig, total_bytes: int, out_dir: Path) -> dict:
+    """Train `out_dir/tokenizer.model` and write the matching Hugging Face tokenizer files."""
+    stats = {"docs": 0, "bytes": 0, "lines": 0}
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=training_lines(docs_dir, config, total_bytes, stats), model_writer=model,
+        vocab_size=config.vocab_size, model_type=config.model_type, byte_fallback=config.byte_fallback,
+        split_digits=config.split_digits, character_coverage=config.character_coverage,
+        user_defined_symbols=config.special_tokens, max_sentence_length=config.max_sentence_length,
+        input_sentence_size=5_000_000, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
+        # Llama-2 conventions: <unk>=0, <s>=1, </s>=2, no pad; text kept as is (cleaning already normalised it).
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, num_threads=2, minloglevel=2)
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    write_hf_tokenizer(out_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
+    summary = {"vocab_size": sp.vocab_size(), "model_type": config.model_type, "sample_docs": stats["docs"],
+               "sample_bytes": stats["bytes"], "sample_lines": stats["lines"],
+               "tokenizer_sha256": hashlib.sha256(model.getvalue()).hexdigest()}
+    get_logger().info(f"tokenizer: trained vocab {summary['vocab_size']} on {stats['docs']} docs "
+                      f"({stats['bytes'] / 1e6:.1f} MB)")
+    return summary
+
+
+def write_hf_tokenizer(out_dir: Path) -> None:
+    """Convert tokenizer.model to a `tokenizers` pipeline that follows the model's own normaliser settings."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString((out_dir / "tokenizer.model").read_bytes())
+    vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+    backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, unk_token=UNK)
+    hf.save_pretrained(str(out_dir))
+
+
+@task(name="tokenizer", **STAGE_TASK_OPTIONS)
+def tokenizer(deduped: ArtifactRef, config: TokenizerConfig, artifacts_dir: str) -> ArtifactRef:
+    total_bytes = deduped.meta()["summary"]["bytes_out"]
+    return build_artifact("tokenizer", dict(deduped=deduped, config=config, artifacts_dir=artifacts_dir),
+                          lambda out: train_tokenizer(deduped.dir / "docs", config, total_bytes, out))
