@@ -176,8 +176,9 @@ def _fmt(value: Any) -> str:
 # ---------------------------------------------------------------- Prefect glue
 
 def stage_cache_key(context, parameters: dict) -> str:
-    """Prefect cache key of a stage task: the stage fingerprint (code + config + upstream fingerprints)."""
-    return f"{context.task.name}-{stage_fingerprint(context.task.name, parameters)}"
+    """Prefect cache key of a stage task: its artifact's location, i.e. the fingerprint under artifacts_dir."""
+    where = hashlib.sha256(str(parameters["artifacts_dir"]).encode()).hexdigest()[:8]
+    return f"{context.task.name}-{stage_fingerprint(context.task.name, parameters)}-{where}"
 
 
 STAGE_TASK_OPTIONS = dict(cache_key_fn=stage_cache_key, persist_result=True, retries=0)

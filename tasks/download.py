@@ -51,6 +51,7 @@ class Record(BaseModel):
 
 def resolve_source(source: SourceSpec) -> ResolvedSource:
     """Expand globs and checksum local inputs; fail here, with the pattern, if anything is missing."""
+    source = source.model_copy(update={"cleaning": {}})  # cleaning settings must not invalidate downloads
     if source.kind == "local":
         files = _expand(source.paths, source.name, "paths")
     elif source.kind == "hf" and source.data_files:

@@ -1,0 +1,80 @@
+"""Near-duplicate removal measured on planted copies of real documents."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from tasks.dedup import dedup_documents
+from tasks.spec import DedupConfig
+
+from conftest import SERIAL, bundled_docs, write_jsonl
+
+BOILERPLATE = ("Subscribe to our newsletter for more historic speeches. All rights reserved. "
+               "Share this page: Facebook | Twitter | Email. Cookie policy and privacy notice apply.")
+
+
+def small_edits(text: str, rng: random.Random, rate: float = 0.01) -> str:
+    words = text.split(" ")
+    for i in rng.sample(range(len(words)), max(1, int(len(words) * rate))):
+        words[i] = rng.choice(["the", "of", "and", "nation", "people"])
+    return " ".join(words)
+
+
+def reorder_paragraphs(text: str, rng: random.Random) -> str:
+    paras = text.split("\n\n")
+    if len(paras) > 2:
+        i = rng.randrange(len(paras) - 1)
+        paras[i], paras[i + 1] = paras[i + 1], paras[i]
+    return "\n\n".join(paras)
+
+
+def with_boilerplate(text: str, rng: random.Random) -> str:
+    return f"{BOILERPLATE}\n\n{text}\n\n{BOILERPLATE}"
+
+
+def read_ids(folder: Path) -> set[str]:
+    ids = set()
+    for p in folder.glob("*/*.jsonl.gz"):
+        with gzip.open(p, "rt") as f:
+            ids |= {json.loads(line)["id"] for line in f}
+    return ids
+
+
+@pytest.mark.slow
+def test_minhash_recall_and_precision_on_planted_near_duplicates(tmp_path):
+    rng = random.Random(0)
+    originals = bundled_docs("sotu", 120) + bundled_docs("kjv", 300)[::3]  # real prose, no natural duplicates
+    planted, original_of = [], {}
+    for kind, make in (("edit", small_edits), ("reorder", reorder_paragraphs), ("boiler", with_boilerplate)):
+        for i, doc in enumerate(rng.sample(originals, 20)):
+            pid = f"planted-{kind}-{i}"
+            planted.append({"id": pid, "text": make(doc["text"], rng)})
+            original_of[pid] = doc["id"]
+    for name, docs in (("corpus", originals), ("planted", planted)):
+        folder = tmp_path / "in" / name
+        folder.mkdir(parents=True)
+        with gzip.open(folder / "00000.jsonl.gz", "wt") as f:
+            f.writelines(json.dumps({**d, "metadata": {"source": name}}) + "\n" for d in docs)
+    out = tmp_path / "out"
+    out.mkdir()
+    # Exact dedup off: every planted copy differs from its original, so this measures MinHash alone.
+    summary = dedup_documents({"corpus": tmp_path / "in/corpus", "planted": tmp_path / "in/planted"},
+                              DedupConfig(exact=False), SERIAL, out)
+
+    removed = read_ids(out / "removed/minhash")
+    kept = read_ids(out / "docs")
+    assert summary["removed_minhash"] == len(removed) and not removed & kept
+    assert len(removed) + len(kept) == len(originals) + len(planted)  # nothing lost
+    # A pair is caught when either member was removed (a cluster keeps exactly one of its members).
+    caught = [pid for pid, oid in original_of.items() if pid in removed or oid in removed]
+    recall = len(caught) / len(planted)
+    in_planted_cluster = set(original_of) | set(original_of.values())
+    precision = len(removed & in_planted_cluster) / max(1, len(removed))
+    print(f"recall={recall:.3f} precision={precision:.3f} removed={len(removed)}")
+    assert recall >= 0.9, sorted(set(original_of) - set(caught))
+    assert precision >= 0.95, sorted(removed - in_planted_cluster)

@@ -1,0 +1,206 @@
+"""Bad input at the door: every unusable record is quarantined with file, line and reason, or the source fails
+with a message that says what to fix. Real files throughout."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.artifacts import build_artifact, verify
+from tasks.download import SourceError, fetch_url, normalise_source, resolve_source
+from tasks.spec import SourceSpec
+
+from conftest import bundled_docs, write_jsonl
+
+
+def source(**kw) -> SourceSpec:
+    return SourceSpec(**{"name": "t", "kind": "local", "license": "test", **kw})
+
+
+def run(src: SourceSpec, out: Path, num_files: int = 2) -> dict:
+    out.mkdir()
+    return normalise_source(resolve_source(src), out, num_files, out.parent / "_dl")
+
+
+def read_docs(out: Path) -> list[dict]:
+    docs = []
+    for p in sorted((out / "docs").glob("*.jsonl.gz")):
+        with gzip.open(p, "rt", encoding="utf-8") as f:
+            docs += [json.loads(line) for line in f]
+    return docs
+
+
+def quarantine(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+
+
+def test_bad_records_are_quarantined_with_file_line_and_reason(tmp_path):
+    good = bundled_docs("kjv", 20)
+    raw = tmp_path / "in.jsonl"
+    lines = [json.dumps(d).encode() for d in good[:10]]
+    lines += [b'{"id": "broken", "text": "unterminated',                         # line 11: malformed JSON
+              b'{"id": "latin1", "text": "caf\xe9 au lait"}',                   # line 12: not UTF-8
+              json.dumps({"id": "no-text", "body": "hello"}).encode(),          # line 13: missing field
+              json.dumps({"id": "empty", "text": "   \n "}).encode(),           # line 14: empty
+              json.dumps({"id": "num", "text": 42}).encode(),                   # line 15: wrong type
+              b'["a", "list"]']                                                 # line 16: not an object
+    lines += [json.dumps(d).encode() for d in good[10:]]
+    raw.write_bytes(b"\n".join(lines) + b"\n")
+
+    summary = run(source(paths=[str(raw)]), tmp_path / "out")
+
+    assert summary["docs"] == 20 and summary["quarantined"] == 6 and summary["records"] == 26
+    q = {r["origin"].rsplit(":", 1)[1]: r["reason"] for r in quarantine(tmp_path / "out")}
+    assert q["11"].startswith("malformed JSON")
+    assert q["12"].startswith("not UTF-8")
+    assert q["13"].startswith("missing field 'text'")
+    assert q["14"] == "empty text"
+    assert "not a string" in q["15"]
+    assert q["16"].startswith("not a JSON object")
+    assert all(str(raw) in r["origin"] for r in quarantine(tmp_path / "out"))
+    docs = read_docs(tmp_path / "out")
+    assert sorted(d["id"] for d in docs) == sorted(f"t/{d['id']}" for d in good)
+    assert {d["text"] for d in docs} == {d["text"] for d in good}
+    assert all(d["metadata"]["source"] == "t" for d in docs)
+
+
+def test_giant_document_is_quarantined_not_loaded_into_training(tmp_path):
+    raw = tmp_path / "giant.jsonl"
+    with open(raw, "w") as f:
+        f.write(json.dumps({"id": "small", "text": "In the beginning was the word."}) + "\n")
+        f.write('{"id": "giant", "text": "' + "word " * 20_000_000 + '"}\n')  # a single 100 MB document
+    summary = run(source(paths=[str(raw)]), tmp_path / "out")
+    assert summary["docs"] == 1 and summary["quarantined"] == 1
+    (reason,) = [r["reason"] for r in quarantine(tmp_path / "out")]
+    assert "too large (100,000,000 bytes > max_doc_bytes 5,000,000)" in reason
+    assert (tmp_path / "out" / "quarantine.jsonl").stat().st_size < 10_000  # a preview, not the document
+
+
+def test_mostly_bad_source_fails_naming_the_field(tmp_path):
+    raw = write_jsonl(tmp_path / "wrong.jsonl", [{"id": i, "content": "x"} for i in range(10)])
+    with pytest.raises(SourceError, match=r"10 of 10 records are unusable \(missing field 'text' x10\).*text_field"):
+        run(source(paths=[str(raw)]), tmp_path / "out")
+
+
+def test_missing_files_fail_with_the_pattern(tmp_path):
+    with pytest.raises(SourceError, match=r"source 't': paths pattern .*nothing-\*\.jsonl.* matches no file"):
+        resolve_source(source(paths=[str(tmp_path / "nothing-*.jsonl")]))
+
+
+def test_txt_and_parquet_inputs(tmp_path):
+    (tmp_path / "a.txt").write_text("Four score and seven years ago.\n")
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe bad bytes")
+    pq.write_table(pa.table({"text": ["one doc", "two doc"], "id": ["p1", "p2"]}), tmp_path / "c.parquet")
+    summary = run(source(paths=[str(tmp_path / "*.txt"), str(tmp_path / "*.parquet")]), tmp_path / "out")
+    assert summary["docs"] == 3 and summary["quarantine_reasons"] == {"not UTF-8": 1}
+    assert {d["id"] for d in read_docs(tmp_path / "out")} == {"t/a", "t/p1", "t/p2"}
+
+
+def test_parquet_without_text_column_is_a_clear_error(tmp_path):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "c.parquet")
+    with pytest.raises(SourceError, match=r"c\.parquet: no column 'text' \(columns: \['body'\]\)"):
+        run(source(paths=[str(tmp_path / "c.parquet")]), tmp_path / "out")
+
+
+def test_hf_datasets_source_from_local_files(tmp_path):
+    write_jsonl(tmp_path / "hf.jsonl", [{"content": d["text"], "id": d["id"]} for d in bundled_docs("kjv", 5)])
+    src = SourceSpec(name="hf", kind="hf", dataset="json", data_files=[str(tmp_path / "hf.jsonl")],
+                     text_field="content", license="test")
+    summary = run(src, tmp_path / "out", num_files=1)
+    assert summary["docs"] == 5
+    assert read_docs(tmp_path / "out")[0]["text"].startswith("Genesis 1")
+
+
+class RangeHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves files with HTTP Range support (the stdlib handler has none), counting range requests."""
+
+    ranges: list[str] = []
+
+    def do_GET(self):
+        data = (Path(self.directory) / self.path.lstrip("/")).read_bytes()
+        rng = self.headers.get("Range")
+        if rng:
+            RangeHandler.ranges.append(rng)
+            start = int(rng.split("=")[1].rstrip("-"))
+            self.send_response(206)
+            data = data[start:]
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_root(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: RangeHandler(*a, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_url_download_resumes_and_verifies_checksum(tmp_path, http_root):
+    root, base = http_root
+    payload = gzip.compress("".join(json.dumps(d) + "\n" for d in bundled_docs("sotu", 3)).encode())
+    (root / "corpus.jsonl.gz").write_bytes(payload)
+    sha = hashlib.sha256(payload).hexdigest()
+    cache = tmp_path / "cache"
+    url = f"{base}/corpus.jsonl.gz"
+    # An earlier, interrupted download left the first half behind.
+    cache.mkdir()
+    partial = cache / (hashlib.sha256(url.encode()).hexdigest()[:16] + "-corpus.jsonl.gz.part")
+    partial.write_bytes(payload[: len(payload) // 2])
+    RangeHandler.ranges.clear()
+    path = fetch_url(url, sha, cache, "web")
+    assert RangeHandler.ranges == [f"bytes={len(payload) // 2}-"]
+    assert path.read_bytes() == payload and not partial.exists()
+
+    summary = run(SourceSpec(name="web", kind="url", url=url, sha256=sha, license="test"), tmp_path / "out")
+    assert summary["docs"] == 3
+
+
+def test_url_checksum_mismatch_is_rejected(tmp_path, http_root):
+    root, base = http_root
+    (root / "x.jsonl").write_text('{"text": "tampered"}\n')
+    with pytest.raises(SourceError, match="sha256 .* the spec expects 0000"):
+        fetch_url(f"{base}/x.jsonl", "0" * 64, tmp_path / "cache", "web")
+    assert not list((tmp_path / "cache").glob("*"))  # nothing half-written kept as if valid
+
+
+def test_unreachable_url_fails_fast_with_a_hint(tmp_path):
+    with pytest.raises(SourceError, match="cannot download .*Check the URL and the network"):
+        fetch_url("http://127.0.0.1:9/corpus.jsonl", None, tmp_path / "cache", "web")
+
+
+def test_failed_stage_leaves_nothing_behind(tmp_path):
+    def build(out: Path) -> dict:
+        (out / "half.txt").write_text("partial")
+        raise RuntimeError("boom")
+
+    params = {"x": 1, "artifacts_dir": str(tmp_path)}
+    with pytest.raises(RuntimeError, match="boom"):
+        build_artifact("download", params, build)
+    assert not list((tmp_path / "download").iterdir())  # neither the temp dir nor a final dir
+
+
+def test_artifact_verification_catches_corruption(tmp_path):
+    params = {"x": 2, "artifacts_dir": str(tmp_path)}
+    ref = build_artifact("download", params, lambda out: (out / "a.txt").write_text("abc") and {})
+    assert verify(ref.dir) is None
+    (ref.dir / "a.txt").write_text("abd")
+    assert "fails its sha256 check" in verify(ref.dir)
+    (ref.dir / "a.txt").unlink()
+    assert "missing" in verify(ref.dir)

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from tasks.spec import PROJECT_ROOT, DataSpec, SpecError, load_spec
+
+SPEC_FILES = sorted((PROJECT_ROOT / "data_specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPEC_FILES, ids=[p.name for p in SPEC_FILES])
+def test_every_shipped_spec_loads(path):
+    spec = load_spec(path)
+    assert spec.sources
+    for source in spec.sources:
+        spec.cleaning_for(source)
+        for pattern in source.paths:  # the bundled default must point at files that exist
+            assert list(PROJECT_ROOT.glob(pattern)), pattern
+
+
+def test_default_spec_tunes_verse_sources_but_not_prose():
+    spec = load_spec("data_specs/default.yaml")
+    by_name = {s.name: spec.cleaning_for(s) for s in spec.sources}
+    assert by_name["sotu"].c4.filter_no_terminal_punct is True
+    assert by_name["shakespeare"].c4.filter_no_terminal_punct is False
+    assert by_name["milton"] == by_name["shakespeare"]  # YAML anchor shared by both verse sources
+
+
+def test_all_problems_reported_with_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("""
+name: bad
+sources:
+  - name: a
+    kind: local
+    license: x
+  - name: b
+    kind: url
+    url: ftp://example/x
+    license: x
+tokenizer: {vocab_size: 10, typo_field: 1}
+sharding: {validation_fraction: 1.5}
+""")
+    with pytest.raises(SpecError) as err:
+        load_spec(bad)
+    msg = str(err.value)
+    assert str(bad) in msg
+    for fragment in ("sources.0", "needs `paths`", "sources.1", "http", "tokenizer.vocab_size",
+                     "tokenizer.typo_field", "sharding.validation_fraction"):
+        assert fragment in msg, fragment
+
+
+def test_bad_per_source_cleaning_override_is_named():
+    with pytest.raises(ValueError, match=r"sources\[a\]\.cleaning: c4\.min_words_per_lin"):
+        DataSpec.model_validate({"name": "x", "sources": [
+            {"name": "a", "kind": "local", "paths": ["x"], "license": "x",
+             "cleaning": {"c4": {"min_words_per_lin": 3}}}]})
+
+
+def test_mixture_must_name_known_sources():
+    with pytest.raises(ValueError, match="unknown sources"):
+        DataSpec.model_validate({"name": "x", "sharding": {"mixture": {"nope": 1.0}}, "sources": [
+            {"name": "a", "kind": "local", "paths": ["x"], "license": "x"}]})
+
+
+def test_missing_spec_file_lists_available_specs(tmp_path):
+    with pytest.raises(SpecError, match="default.yaml"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_names_file(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(SpecError, match="broken.yaml: not valid YAML"):
+        load_spec(p)
