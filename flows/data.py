@@ -46,8 +46,25 @@ def data_flow(spec_path: str = "data_specs/default.yaml") -> str:
     return manifest
 
 
+def require_server() -> None:
+    """Fail with the fix, not a connection traceback, when the configured Prefect server is down."""
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        return  # no server configured: Prefect runs a temporary one for this process
+    try:
+        urllib.request.urlopen(f"{url}/health", timeout=3)
+    except OSError:
+        raise SystemExit(f"The Prefect server at {url} is not running. Start it with `make up`, or run without "
+                         f"one: PREFECT_API_URL= python -m flows.data ...") from None
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default="data_specs/default.yaml", help="data spec YAML (default: %(default)s)")
     args = parser.parse_args()
+    require_server()
     print(data_flow(args.spec))

@@ -161,8 +161,19 @@ def publish_summary(stage: str, summary: dict) -> None:
         get_run_context()
     except Exception:
         return
-    rows = [{"metric": k, "value": _fmt(v)} for k, v in summary.items() if not isinstance(v, (dict, list))]
+    rows = [{"metric": k, "value": _fmt(v)} for k, v in _flatten(summary).items()]
     create_table_artifact(key=f"{stage}-summary", table=rows, description=f"**{stage}** stage summary")
+
+
+def _flatten(summary: dict, prefix: str = "") -> dict:
+    """{"filters": {"c4": {"dropped": 3}}} -> {"filters.c4.dropped": 3}, so nested counts show in one table."""
+    flat = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _fmt(value: Any) -> str:
