@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -115,10 +116,11 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def build_artifact(stage: str, params: dict, build: Callable[[Path], dict]) -> ArtifactRef:
+def build_artifact(stage: str, params: dict, build: Callable[[Path], dict], label: str = "all") -> ArtifactRef:
     """Return the verified artifact for (stage, params), building it with `build(tmp_dir) -> summary` if needed.
 
-    The summary dict is stored in `_artifact.json` and published as a Prefect table when in a run.
+    The summary dict is stored in `_artifact.json` and published as a Prefect table (key `<stage>-<label>`)
+    when in a run.
     """
     log = get_logger()
     final = artifact_path(stage, params)
@@ -148,11 +150,11 @@ def build_artifact(stage: str, params: dict, build: Callable[[Path], dict]) -> A
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info(f"{stage}: built {final} in {summary['seconds']} s")
-    publish_summary(stage, summary)
+    publish_summary(f"{stage}-{label}", summary)
     return ref
 
 
-def publish_summary(stage: str, summary: dict) -> None:
+def publish_summary(key: str, summary: dict) -> None:
     """A two-column Prefect table of the stage summary; a no-op outside a Prefect run."""
     try:
         from prefect.artifacts import create_table_artifact
@@ -162,7 +164,8 @@ def publish_summary(stage: str, summary: dict) -> None:
     except Exception:
         return
     rows = [{"metric": k, "value": _fmt(v)} for k, v in _flatten(summary).items()]
-    create_table_artifact(key=f"{stage}-summary", table=rows, description=f"**{stage}** stage summary")
+    key = re.sub(r"[^a-z0-9-]", "-", key.lower())  # Prefect artifact keys allow only these
+    create_table_artifact(key=key, table=rows, description=f"**{key}** stage summary")
 
 
 def _flatten(summary: dict, prefix: str = "") -> dict:

@@ -122,7 +122,7 @@ def publish_dropped_samples(source: str, out_dir: Path) -> None:
         s = json.loads(line)
         text = s["text"][:300].replace("\n", " ")
         lines.append(f"- **{s['filter']}** `{s['id']}` ({s['reason'] or 'no reason given'}): {text}")
-    create_markdown_artifact(key=f"clean-dropped-{source}".replace("_", "-"), markdown="\n".join(lines))
+    create_markdown_artifact(key=f"clean-dropped-{source}".replace("_", "-").lower(), markdown="\n".join(lines))
 
 
 @task(name="clean", task_run_name="clean-{source_name}", **STAGE_TASK_OPTIONS)
@@ -130,6 +130,7 @@ def clean(downloaded: ArtifactRef, source_name: str, cleaning: CleaningConfig, e
           artifacts_dir: str) -> ArtifactRef:
     ref = build_artifact("clean", dict(downloaded=downloaded, source_name=source_name, cleaning=cleaning,
                                        executor=executor, artifacts_dir=artifacts_dir),
-                         lambda out: clean_documents(downloaded.dir / "docs", cleaning, executor, out))
+                         lambda out: clean_documents(downloaded.dir / "docs", cleaning, executor, out),
+                         label=source_name)
     publish_dropped_samples(source_name, ref.dir)
     return ref

@@ -267,5 +267,6 @@ def resolve(source: SourceSpec) -> ResolvedSource:
 def download(resolved: ResolvedSource, num_files: int, artifacts_dir: str) -> ArtifactRef:
     downloads_dir = Path(artifacts_dir) / "_downloads"
     return build_artifact("download", dict(resolved=resolved, num_files=num_files, artifacts_dir=artifacts_dir),
-                          lambda out: normalise_source(resolved, out, num_files, downloads_dir))
+                          lambda out: normalise_source(resolved, out, num_files, downloads_dir),
+                          label=resolved.source.name)
 
