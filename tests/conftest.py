@@ -70,3 +70,24 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(small_corpus, tmp_path_factory) -> Path:
+    """Real shards (vocab 1000, seq_len 64) from the small corpus, built with the stage functions directly."""
+    from tasks.shard import shard_documents
+    from tasks.spec import ShardingConfig, TokenizerConfig
+    from tasks.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_manifest")
+    docs = root / "docs"
+    for source in ("sotu", "kjv"):
+        (docs / source).mkdir(parents=True)
+        lines = (small_corpus / source / "part-0.jsonl").read_text().splitlines()
+        with gzip.open(docs / source / "00000.jsonl.gz", "wt") as f:
+            f.writelines(line + "\n" for line in lines)
+    (root / "tokenizer").mkdir()
+    train_tokenizer(docs, TokenizerConfig(vocab_size=1000), 10**9, root / "tokenizer")
+    (root / "shard").mkdir()
+    shard_documents(docs, root / "tokenizer", ShardingConfig(seq_len=64, validation_fraction=0.05), {}, root / "shard")
+    return root / "shard"

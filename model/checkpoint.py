@@ -1,0 +1,69 @@
+"""Checkpoints: Megatron dist_checkpointing directories, step-stamped, published atomically.
+
+Layout under a run directory:
+    checkpoints/step-000100/      model + optimizer (sharded, loadable at another TP/PP), train_state.json
+    checkpoints/latest            name of the newest complete checkpoint (replaced atomically)
+A save goes to `step-N.tmp/` and is renamed only after every rank finished writing, so a crash mid-save leaves
+the previous checkpoint and `latest` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+LATEST = "latest"
+STATE_FILE = "train_state.json"
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    if not (path / STATE_FILE).is_file():
+        raise RuntimeError(f"{pointer} names {path}, which is not a complete checkpoint; remove the pointer to "
+                           f"restart from scratch, or point it at an earlier step-* directory")
+    return path
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, train_state: dict) -> Path:
+    """Collective: every rank calls it. `train_state` (step, consumed samples, scheduler...) is JSON."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{train_state['step']:06d}"
+    tmp = root / f"{final.name}.tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd = model.sharded_state_dict()
+    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}, str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        pointer_tmp = root / f".{LATEST}.tmp"
+        pointer_tmp.write_text(final.name)
+        os.replace(pointer_tmp, root / LATEST)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer=None) -> dict:
+    """Load model (and optimizer) state saved at any TP/PP layout; returns the saved train_state."""
+    model_sd = model.sharded_state_dict()
+    request = {"model": model_sd}
+    if optimizer is not None:
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+    state = dist_checkpointing.load(request, str(path))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return json.loads((Path(path) / STATE_FILE).read_text())

@@ -1,0 +1,111 @@
+"""Typed configs for the model, its parallel layout and training. Presets derive from the tiny debug base."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A Llama-architecture decoder: RoPE, RMSNorm, SwiGLU, no biases, untied input/output embeddings."""
+
+    num_layers: int = 2
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # grouped-query attention when < num_attention_heads; None = MHA
+    ffn_hidden_size: int = 352  # SwiGLU inner width (Llama uses ~8/3 x hidden, rounded)
+    vocab_size: int = 8192  # padded by Megatron to a multiple of 128 x TP internally via make_vocab_size_divisible
+    seq_len: int = 256
+    rotary_base: int = 10_000
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+
+    def __post_init__(self):
+        problems = []
+        if self.hidden_size % self.num_attention_heads:
+            problems.append(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                            f"{self.num_attention_heads}")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            problems.append(f"num_attention_heads {self.num_attention_heads} is not divisible by "
+                            f"num_query_groups {groups}")
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    def num_parameters(self) -> int:
+        """Exact parameter count of the architecture (unpadded vocabulary)."""
+        h, f, v, layers = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.num_layers
+        head_dim = h // self.num_attention_heads
+        kv = (self.num_query_groups or self.num_attention_heads) * head_dim
+        attention = h * (h + 2 * kv) + h * h  # fused QKV projection + output projection
+        mlp = 3 * h * f  # gate, up and down projections
+        norms = 2 * h
+        return layers * (attention + mlp + norms) + 2 * v * h + h  # + input embedding, output layer, final norm
+
+
+def tiny(**overrides) -> ModelConfig:
+    """Trains on a laptop CPU in minutes; the same code path as 7b."""
+    return dataclasses.replace(ModelConfig(), **overrides)
+
+
+def llama2_7b(**overrides) -> ModelConfig:
+    """Llama-2-7B shape: 32 layers, hidden 4096, 32 heads, FFN 11008, context 4096, vocab 32000 (~6.74B params)."""
+    return dataclasses.replace(tiny(num_layers=32, hidden_size=4096, num_attention_heads=32, ffn_hidden_size=11008,
+                                    vocab_size=32000, seq_len=4096), **overrides)
+
+
+PRESETS = {"tiny": tiny, "7b": llama2_7b}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name](**overrides)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How ranks are laid out: world size = tensor x pipeline x data parallel."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+    def data_parallel(self, world_size: int) -> int:
+        model_parallel = self.tensor_parallel * self.pipeline_parallel
+        if world_size % model_parallel:
+            raise ValueError(f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = "
+                             f"{self.tensor_parallel} x {self.pipeline_parallel}; change --nproc-per-node or the layout")
+        return world_size // model_parallel
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200
+    global_batch: int = 16  # sequences per optimizer step, across data-parallel ranks and micro-batches
+    micro_batch: int = 4  # sequences per forward/backward on one rank
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    recompute_activations: bool = False
+    bf16: bool = field(default=False)  # set from the device at launch: bf16 on GPU, fp32 on CPU
+
+    def __post_init__(self):
+        problems = []
+        if self.warmup_steps >= self.steps:
+            problems.append(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if self.global_batch % self.micro_batch:
+            problems.append(f"global_batch ({self.global_batch}) must be a multiple of micro_batch "
+                            f"({self.micro_batch})")
+        if not 0 <= self.min_lr <= self.lr:
+            problems.append(f"min_lr ({self.min_lr}) must be between 0 and lr ({self.lr})")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems))

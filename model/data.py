@@ -1,0 +1,140 @@
+"""Training samples from the Parquet shards of a ShardManifest: deterministic, resumable, mixture-weighted.
+
+The sample at global index i is a pure function of (seed, i), so a resumed run that knows how many samples were
+consumed continues with exactly the next unseen one, whatever the data-parallel size:
+  * samples come in blocks of BLOCK; each block holds a fixed number from each source (mixture weights, largest
+    remainder), in an order shuffled by (seed, block);
+  * a source's k-th draw walks its row groups in an order shuffled per epoch, rows shuffled within a row group,
+    so consecutive draws hit the same decoded row group (Parquet random access costs a row-group decode).
+Global batch g is samples [g*G, (g+1)*G); data-parallel rank r takes the r-th contiguous slice of it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+BLOCK = 1024
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([abs(k) for k in key])
+
+
+@dataclass
+class RowGroup:
+    path: Path
+    index: int
+    rows: int
+
+
+class SourceRows:
+    """Row access for one source's shards of one split, with a small cache of decoded row groups."""
+
+    def __init__(self, paths: list[Path], source_id: int, seed: int, cache_groups: int = 8):
+        self.groups = [RowGroup(p, i, pq.ParquetFile(p).metadata.row_group(i).num_rows)
+                       for p in paths for i in range(pq.ParquetFile(p).num_row_groups)]
+        self.total = sum(g.rows for g in self.groups)
+        self.source_id, self.seed = source_id, seed
+        self._epoch_order: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: OrderedDict[tuple[Path, int], np.ndarray] = OrderedDict()
+        self._cache_groups = cache_groups
+
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        if epoch not in self._epoch_order:
+            perm = _rng(self.seed, self.source_id, epoch).permutation(len(self.groups))
+            starts = np.cumsum([0] + [self.groups[g].rows for g in perm])
+            self._epoch_order = {epoch: (perm, starts)}  # keep one epoch: draws move forward
+        return self._epoch_order[epoch]
+
+    def _decode(self, group: RowGroup) -> np.ndarray:
+        key = (group.path, group.index)
+        if key not in self._cache:
+            table = pq.ParquetFile(group.path).read_row_group(group.index, columns=["tokens"])
+            column = table.column("tokens").combine_chunks()
+            self._cache[key] = column.flatten().to_numpy().reshape(len(column), -1)
+            if len(self._cache) > self._cache_groups:
+                self._cache.popitem(last=False)
+        return self._cache[key]
+
+    def draw(self, k: int) -> np.ndarray:
+        """The k-th row drawn from this source (epochs re-shuffle once every row has been seen)."""
+        epoch, offset = divmod(k, self.total)
+        perm, starts = self._order(epoch)
+        pos = int(np.searchsorted(starts, offset, side="right")) - 1
+        group = self.groups[perm[pos]]
+        within = _rng(self.seed, self.source_id, epoch, int(perm[pos])).permutation(group.rows)
+        return self._decode(group)[within[offset - starts[pos]]]
+
+
+class TrainSamples:
+    """Deterministic sample stream over the training shards of a manifest."""
+
+    def __init__(self, manifest_dir: str | Path, seed: int):
+        manifest_dir = Path(manifest_dir)
+        manifest = json.loads((manifest_dir / "manifest.json").read_text())
+        self.row_len = manifest["row_len"]
+        weights = {s: w for s, w in manifest["mixture"].items() if w > 0}
+        self.sources = sorted(s for s in weights
+                              if any(x["source"] == s and x["split"] == "train" for x in manifest["shards"]))
+        if not self.sources:
+            raise ValueError(f"{manifest_dir}: no training shards for any source with a positive mixture weight")
+        self.rows = [SourceRows([manifest_dir / x["path"] for x in manifest["shards"]
+                                 if x["source"] == s and x["split"] == "train"], i, seed)
+                     for i, s in enumerate(self.sources)]
+        self.seed = seed
+        w = np.array([weights[s] for s in self.sources], dtype=np.float64)
+        quota = w / w.sum() * BLOCK
+        counts = np.floor(quota).astype(int)
+        counts[np.argsort(-(quota - counts))[: BLOCK - counts.sum()]] += 1  # largest remainder
+        self.per_block = counts
+        self._block_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source of each slot, index of that draw within its source's draws in this block)."""
+        if b not in self._block_cache:
+            slots = np.repeat(np.arange(len(self.sources)), self.per_block)
+            slots = slots[_rng(self.seed, 7919, b).permutation(BLOCK)]
+            nth = np.zeros(BLOCK, dtype=np.int64)
+            for s in range(len(self.sources)):
+                mask = slots == s
+                nth[mask] = np.arange(mask.sum())
+            self._block_cache = {b: (slots, nth)}
+        return self._block_cache[b]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        b, j = divmod(i, BLOCK)
+        slots, nth = self._block(b)
+        s = slots[j]
+        return self.rows[s].draw(b * int(self.per_block[s]) + int(nth[j]))
+
+    def batch(self, start: int, size: int) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self[i] for i in range(start, start + size)]).astype(np.int64))
+
+
+def rank_slice(consumed: int, global_batch: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
+    """(first sample, count) of this data-parallel rank's share of the global batch starting at `consumed`."""
+    per_rank = global_batch // dp_size
+    return consumed + dp_rank * per_rank, per_rank
+
+
+def validation_rows(manifest_dir: str | Path, limit: int) -> torch.Tensor:
+    """The first `limit` validation rows across sources, always the same ones (for comparable eval losses)."""
+    manifest_dir = Path(manifest_dir)
+    manifest = json.loads((manifest_dir / "manifest.json").read_text())
+    rows = []
+    for shard in sorted((x for x in manifest["shards"] if x["split"] == "valid"), key=lambda x: x["path"]):
+        column = pq.read_table(manifest_dir / shard["path"], columns=["tokens"]).column("tokens").combine_chunks()
+        rows.append(column.flatten().to_numpy().reshape(len(column), -1))
+    if not rows:
+        raise ValueError(f"{manifest_dir}: no validation shards; set sharding.validation_fraction > 0")
+    data = np.concatenate(rows)
+    # Interleave sources evenly rather than taking the first source only.
+    picks = np.linspace(0, len(data) - 1, num=min(limit, len(data))).astype(int)
+    return torch.from_numpy(data[picks].astype(np.int64))

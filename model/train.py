@@ -1,0 +1,236 @@
+"""Pretraining entry point, run under torchrun (one process per rank; gloo ranks on CPU, NCCL on GPU).
+
+    torchrun --nproc-per-node 4 -m model.train --manifest artifacts/shard/<fp> --run-dir runs/tiny \
+        --preset tiny --tp 2 --pp 2 --steps 200
+
+Writes `<run-dir>/metrics.jsonl` (one line per log step, rank 0) and checkpoints (model/checkpoint.py). If the
+run directory has a checkpoint, training resumes from it: same data order, same losses as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from model import compat
+from model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from model.config import ModelConfig, ParallelConfig, TrainConfig, preset
+from model.data import TrainSamples, rank_slice, validation_rows
+
+# bf16 dense peak of known GPUs (TFLOP/s), for MFU; override with --peak-tflops.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", required=True, help="directory holding manifest.json (shard stage output)")
+    p.add_argument("--run-dir", required=True, help="where checkpoints and metrics go")
+    p.add_argument("--preset", default="tiny", help="model preset: tiny or 7b")
+    p.add_argument("--model-overrides", default="{}", help="JSON of ModelConfig fields to override")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: known GPUs)")
+    p.add_argument("--eval-only", default=None, metavar="CHECKPOINT",
+                   help="load this checkpoint (saved at any TP/PP) and print its validation loss as JSON")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("bf16", "adam_betas"):
+            continue
+        kind = type(f.default)
+        if kind is bool:
+            p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default)
+        else:
+            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+    return p.parse_args(argv)
+
+
+def flops_per_token(m: ModelConfig) -> float:
+    """Training FLOPs per token: 6 x parameters plus attention scores (the usual PaLM-style estimate)."""
+    return 6 * m.num_parameters() + 12 * m.num_layers * m.hidden_size * m.seq_len
+
+
+def open_metrics(path: Path, after_step: int):
+    """Append to the metrics log, first dropping lines a crashed run wrote after the checkpoint we resume from."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= after_step]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return open(path, "a")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                           if f.name not in ("bf16", "adam_betas")}, bf16=on_gpu)
+    manifest = json.loads((Path(args.manifest) / "manifest.json").read_text())
+    model_cfg = preset(args.preset, vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"],
+                       **json.loads(args.model_overrides))
+    parallel = ParallelConfig(args.tp, args.pp)
+    run_dir = Path(args.run_dir)
+
+    # ---- distributed setup: parallelism is decided here and only here.
+    compat.apply()  # no-op with CUDA
+    dist.init_process_group("nccl" if on_gpu else "gloo")
+    if on_gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from model.gpt import build_model, transformer_config
+
+    world = dist.get_world_size()
+    dp = parallel.data_parallel(world)
+    if train.global_batch % (dp * train.micro_batch):
+        raise ValueError(f"global_batch {train.global_batch} must be a multiple of data_parallel x micro_batch = "
+                         f"{dp} x {train.micro_batch}; change --global-batch or --micro-batch")
+    ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
+                                 pipeline_model_parallel_size=parallel.pipeline_parallel)
+    compat.manual_seed(train.seed)
+    rank0 = dist.get_rank() == 0
+    log = print if rank0 else (lambda *a, **k: None)
+    log(f"layout: world {world} = TP {parallel.tensor_parallel} x PP {parallel.pipeline_parallel} x DP {dp}; "
+        f"{'GPU bf16' if on_gpu else 'CPU fp32 (gloo, Megatron-Core via model/compat.py)'}", flush=True)
+
+    # ---- model, optimizer, schedule
+    config = transformer_config(model_cfg, parallel, train)
+    gpt = build_model(model_cfg, config, pre_process=ps.is_pipeline_first_stage(),
+                      post_process=ps.is_pipeline_last_stage())
+    if on_gpu:
+        gpt.cuda()
+    model = DistributedDataParallel(config=config, module=gpt, ddp_config=DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=on_gpu))
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+        adam_beta1=train.adam_betas[0], adam_beta2=train.adam_betas[1], clip_grad=train.grad_clip,
+        bf16=train.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=on_gpu), [model])
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr, lr_warmup_steps=train.warmup_steps,
+        lr_decay_steps=train.steps, lr_decay_style="cosine", start_wd=train.weight_decay,
+        end_wd=train.weight_decay, wd_incr_steps=train.steps, wd_incr_style="constant")
+    log(f"model: {args.preset} {model_cfg.num_parameters() / 1e6:.1f}M parameters", flush=True)
+
+    valid = validation_rows(args.manifest, train.eval_batches * train.micro_batch)
+    forward_backward = get_forward_backward_func()
+    positions = torch.arange(model_cfg.seq_len).unsqueeze(0)
+    device = torch.device("cuda") if on_gpu else torch.device("cpu")
+    tokens_per_step = train.global_batch * model_cfg.seq_len
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
+                                     if on_gpu and k in torch.cuda.get_device_name()), None)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator).to(device)
+        tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        output = model(tokens, positions.expand(len(tokens), -1).to(device), None, labels=labels)
+
+        def loss_func(per_token_loss):
+            loss = per_token_loss.float().mean()
+            # clone: the schedule divides `loss` by the number of micro-batches in place
+            return loss, {"loss": loss.detach().clone()}
+
+        return output, loss_func
+
+    def run_batches(batch: torch.Tensor, forward_only: bool) -> float:
+        """Forward(/backward) over micro-batches; returns the mean loss across data-parallel ranks."""
+        micro = list(batch.split(train.micro_batch))
+        losses = forward_backward(forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
+                                  num_microbatches=len(micro), seq_length=model_cfg.seq_len,
+                                  micro_batch_size=train.micro_batch, forward_only=forward_only)
+        # Only the last pipeline stage has losses; sum them over the world and divide by who contributed.
+        reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+        local = torch.tensor([sum(float(x["loss"]) for x in losses) / len(micro), 1.0] if reporter else [0.0, 0.0],
+                             device=device)
+        dist.all_reduce(local)
+        return float(local[0] / local[1])
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss = run_batches(valid, forward_only=True)
+        model.train()
+        return loss
+
+    if args.eval_only:
+        saved = load_checkpoint(Path(args.eval_only), gpt)
+        result = {"checkpoint": args.eval_only, "step": saved["step"], "val_loss": evaluate(),
+                  "layout": {"tp": parallel.tensor_parallel, "pp": parallel.pipeline_parallel, "dp": dp}}
+        log("EVAL " + json.dumps(result), flush=True)
+        dist.destroy_process_group()
+        return
+
+    # ---- resume: same data order and optimizer state as if never interrupted
+    state = {"step": 0, "consumed_samples": 0}
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, gpt, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        log(f"resumed from {checkpoint} at step {state['step']}", flush=True)
+    samples = TrainSamples(args.manifest, seed=train.seed)
+
+    def checkpoint_now() -> None:
+        save_checkpoint(run_dir, gpt, optimizer, {**state, "scheduler": scheduler.state_dict()})
+        log(f"checkpoint: step {state['step']}", flush=True)
+
+    # ---- the loop
+    metrics = open_metrics(run_dir / "metrics.jsonl", after_step=state["step"]) if rank0 else None
+    model.train()
+    tick = time.perf_counter()
+    while state["step"] < train.steps:
+        start, count = rank_slice(state["consumed_samples"], train.global_batch, ps.get_data_parallel_rank(), dp)
+        batch = samples.batch(start, count)
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        loss = run_batches(batch, forward_only=False)
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        state["step"] += 1
+        state["consumed_samples"] += train.global_batch
+        step = state["step"]
+
+        record = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        if step % train.eval_every == 0 or step == train.steps:
+            record["val_loss"] = evaluate()
+        if step % train.log_every == 0 or "val_loss" in record:
+            elapsed = time.perf_counter() - tick
+            steps_done = step % train.log_every or train.log_every
+            tps = tokens_per_step * steps_done / elapsed
+            record["tokens_per_s"] = tps
+            record["mfu"] = tps * flops_per_token(model_cfg) / (peak * 1e12 * world) if peak else None
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                         if v is not None), flush=True)
+            tick = time.perf_counter()
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        if step % train.save_every == 0 or step == train.steps:
+            checkpoint_now()
+    if metrics:
+        metrics.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Exception:
+        # torchrun shows only the exit code by default; print this rank's traceback where the launcher sees it.
+        import traceback
+
+        print(f"[rank {os.environ.get('RANK', '?')}] training failed:\n{traceback.format_exc()}", file=sys.stderr,
+              flush=True)
+        raise
