@@ -4,7 +4,7 @@ PREFECT := .venv/bin/prefect
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test up down status data bench clean-artifacts
+.PHONY: setup run test up down status data pretrain bench clean-artifacts
 
 setup: .venv/.installed
 
@@ -18,8 +18,9 @@ setup: .venv/.installed
 	touch $@
 
 run: setup up
-	$(PREFECT) deployment run data/default --watch
+	$(PREFECT) deployment run pretrain/tiny --watch
 	@echo "Prefect UI: http://127.0.0.1:4200  (flow runs, task runs and their artifacts)"
+	@echo "Training runs (checkpoints, metrics.jsonl, loss_curve.png): $(CURDIR)/runs/"
 
 test: setup
 	$(PY) -m pytest -q
@@ -35,6 +36,9 @@ status:
 
 data: setup
 	$(PY) -m flows.data --spec data_specs/default.yaml
+
+pretrain: setup
+	$(PY) -m flows.pretrain --preset tiny
 
 bench: setup
 	$(PY) bench/data.py

@@ -138,3 +138,16 @@ def validation_rows(manifest_dir: str | Path, limit: int) -> torch.Tensor:
     # Interleave sources evenly rather than taking the first source only.
     picks = np.linspace(0, len(data) - 1, num=min(limit, len(data))).astype(int)
     return torch.from_numpy(data[picks].astype(np.int64))
+
+
+def unigram_entropy(manifest_dir: str | Path) -> float:
+    """Entropy (nats/token) of the training tokens' unigram distribution: the loss of the best model that
+    ignores context. A language model that learned anything must go below it."""
+    manifest_dir = Path(manifest_dir)
+    manifest = json.loads((manifest_dir / "manifest.json").read_text())
+    counts = np.zeros(manifest["vocab_size"], dtype=np.int64)
+    for shard in (x for x in manifest["shards"] if x["split"] == "train"):
+        column = pq.read_table(manifest_dir / shard["path"], columns=["tokens"]).column("tokens").combine_chunks()
+        counts += np.bincount(column.flatten().to_numpy(), minlength=len(counts))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
