@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,17 +13,11 @@ import psutil
 import pytest
 
 from model.config import TrainConfig, llama2_7b, tiny
+from tasks.pretrain import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "6", "--warmup-steps", "1", "--global-batch", "8", "--micro-batch", "2", "--log-every", "1",
         "--eval-every", "3", "--eval-batches", "4", "--save-every", "3", "--lr", "3e-3"]
-
-
-def free_port() -> int:
-    """torchrun's static rendezvous hangs with --master-port 0: pick a free loopback port instead."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_cmd(nproc: int, *args: str) -> list[str]:

@@ -1,0 +1,134 @@
+"""Memory planner: per-GPU memory of candidate TP/PP/DP/micro-batch layouts, and a recommendation.
+
+    python -m model.plan --preset 7b --gpus 8 --gpu-mem-gib 80
+
+Estimates, per GPU of the most loaded pipeline stage:
+  weights      2 B/param in bf16 (4 in fp32)
+  gradients    4 B/param (Megatron reduces gradients in fp32)
+  optimizer    Adam moments (8 B/param) + fp32 master weights in bf16 (4 B), divided by DP with the distributed
+               optimizer
+  activations  per layer and micro-batch, Korthikanti et al. (2022) without sequence parallelism:
+               s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes in 16-bit (the local attention materialises a*s*s scores);
+               with full recompute only each layer's input (2*s*b*h) is kept plus one layer's working set.
+               The first 1F1B stage holds min(PP, micro-batches) micro-batches in flight.
+  logits       fp32 logits and their gradient for the vocab shard: 2 * 4*s*b*v/t bytes
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from dataclasses import dataclass
+
+from model.config import ModelConfig, preset
+
+GIB = 1024**3
+RUNTIME_OVERHEAD_GIB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    micro_batch: int
+    recompute: bool
+    distributed_optimizer: bool
+
+
+@dataclass(frozen=True)
+class Estimate:
+    layout: Layout
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.logits
+
+
+def stage_parameters(m: ModelConfig, tp: int, pp: int) -> float:
+    """Parameters on one GPU of the heaviest pipeline stage (embedding or output layer plus its layers)."""
+    h, v = m.hidden_size, m.vocab_size
+    per_layer = (m.num_parameters() - 2 * v * h - h) / m.num_layers
+    layers = -(-m.num_layers // pp)
+    embedding_or_output = v * h if pp > 1 else 2 * v * h
+    return (layers * per_layer + embedding_or_output) / tp
+
+
+def estimate(m: ModelConfig, layout: Layout, global_batch: int, bf16: bool = True) -> Estimate:
+    t, p, b, s, h, a = layout.tp, layout.pp, layout.micro_batch, m.seq_len, m.hidden_size, m.num_attention_heads
+    params = stage_parameters(m, t, p)
+    width = 2 if bf16 else 4
+    weights = params * width
+    grads = params * 4
+    optimizer = params * (12 if bf16 else 8)
+    if layout.distributed_optimizer:
+        optimizer /= layout.dp
+    layers = -(-m.num_layers // p)
+    scale = width / 2  # the formula counts 16-bit activations
+    full_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * scale
+    per_layer = 2 * s * b * h * scale if layout.recompute else full_layer
+    microbatches = global_batch // (layout.dp * b)
+    in_flight = min(p, microbatches)
+    activations = per_layer * layers * in_flight + (full_layer if layout.recompute else 0)
+    logits = 2 * 4 * s * b * m.vocab_size / t
+    return Estimate(layout, weights, grads, optimizer, activations, logits)
+
+
+def candidates(m: ModelConfig, gpus: int, global_batch: int, on_gpu: bool = True) -> list[Layout]:
+    out = []
+    for tp, pp in itertools.product([1, 2, 4, 8], [1, 2, 4, 8]):
+        if gpus % (tp * pp) or m.num_attention_heads % tp or m.num_layers % pp:
+            continue
+        dp = gpus // (tp * pp)
+        for micro, recompute in itertools.product([1, 2, 4], [False, True]):
+            if global_batch % (dp * micro):
+                continue
+            out.append(Layout(tp, pp, dp, micro, recompute, distributed_optimizer=on_gpu and dp > 1))
+    return out
+
+
+def recommend(m: ModelConfig, gpus: int, gpu_mem_gib: float, global_batch: int) -> tuple[Estimate | None, list]:
+    """The fitting layout with the least model parallelism, then no recompute, then the largest micro-batch."""
+    budget = (gpu_mem_gib - RUNTIME_OVERHEAD_GIB) * GIB
+    estimates = [estimate(m, layout, global_batch) for layout in candidates(m, gpus, global_batch)]
+    fitting = [e for e in estimates if e.total <= budget]
+    fitting.sort(key=lambda e: (e.layout.tp * e.layout.pp, e.layout.recompute, -e.layout.micro_batch, e.total))
+    return (fitting[0] if fitting else None), estimates
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="7b")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--global-batch", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=None, help="override the preset's context length")
+    args = p.parse_args(argv)
+    m = preset(args.preset, **({"seq_len": args.seq_len} if args.seq_len else {}))
+    best, estimates = recommend(m, args.gpus, args.gpu_mem_gib, args.global_batch)
+    print(f"{args.preset}: {m.num_parameters() / 1e9:.2f}B parameters, seq {m.seq_len}, global batch "
+          f"{args.global_batch}, {args.gpus} GPUs x {args.gpu_mem_gib:g} GiB "
+          f"({RUNTIME_OVERHEAD_GIB:g} GiB reserved for the runtime)\n")
+    print(f"{'TP':>3} {'PP':>3} {'DP':>3} {'mb':>3} {'recomp':>6} {'distopt':>7} | {'weights':>8} {'grads':>7} "
+          f"{'optim':>7} {'activ':>7} {'logits':>7} | {'GiB/GPU':>8}")
+    for e in sorted(estimates, key=lambda e: e.total):
+        L = e.layout
+        mark = "  <- recommended" if e is best else ("" if e.total <= (args.gpu_mem_gib - RUNTIME_OVERHEAD_GIB) * GIB
+                                                      else "  (does not fit)")
+        print(f"{L.tp:>3} {L.pp:>3} {L.dp:>3} {L.micro_batch:>3} {str(L.recompute):>6} "
+              f"{str(L.distributed_optimizer):>7} | {e.weights / GIB:8.1f} {e.grads / GIB:7.1f} "
+              f"{e.optimizer / GIB:7.1f} {e.activations / GIB:7.1f} {e.logits / GIB:7.1f} | {e.total / GIB:8.1f}{mark}")
+    if best is None:
+        raise SystemExit(f"\nno layout fits {args.gpus} x {args.gpu_mem_gib:g} GiB: add GPUs or shorten --seq-len")
+    L = best.layout
+    print(f"\nrecommended: TP {L.tp} x PP {L.pp} x DP {L.dp}, micro-batch {L.micro_batch}, "
+          f"recompute {'on' if L.recompute else 'off'}: {best.total / GIB:.1f} GiB per GPU")
+
+
+if __name__ == "__main__":
+    main()
