@@ -14,10 +14,12 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -68,6 +70,15 @@ def open_metrics(path: Path, after_step: int):
     return open(path, "a")
 
 
+def peak_memory_gib(rss_before_model: int) -> float:
+    """Peak memory this rank's training has used: the CUDA allocator's peak on GPU; on CPU, the growth of the
+    process's peak resident size since just before the model was built (libraries excluded)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return max(0, peak_rss - rss_before_model) / 2**30
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
@@ -106,6 +117,7 @@ def main(argv=None) -> None:
         f"{'GPU bf16' if on_gpu else 'CPU fp32 (gloo, Megatron-Core via model/compat.py)'}", flush=True)
 
     # ---- model, optimizer, schedule
+    rss_before_model = psutil.Process().memory_info().rss
     config = transformer_config(model_cfg, parallel, train)
     gpt = build_model(model_cfg, config, pre_process=ps.is_pipeline_first_stage(),
                       post_process=ps.is_pipeline_last_stage())
@@ -210,6 +222,7 @@ def main(argv=None) -> None:
             tps = tokens_per_step * steps_done / elapsed
             record["tokens_per_s"] = tps
             record["mfu"] = tps * flops_per_token(model_cfg) / (peak * 1e12 * world) if peak else None
+            record["peak_mem_gib"] = peak_memory_gib(rss_before_model)
             log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                          if v is not None), flush=True)
             tick = time.perf_counter()
