@@ -26,8 +26,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from model.config import ModelConfig, tiny  # noqa: E402
-from model.data import TrainSamples  # noqa: E402
-from tasks.pretrain import free_port  # noqa: E402
+from model.data import TrainSamples, load_manifest  # noqa: E402
+from tasks.pretrain import PretrainConfig, launch_command  # noqa: E402
 
 
 class RMSNorm(nn.Module):
@@ -105,12 +105,11 @@ def plain_tokens_per_s(m: ModelConfig, samples: TrainSamples, steps: int, global
 
 
 def megatron_tokens_per_s(manifest: str, steps: int, global_batch: int, micro: int) -> float:
+    config = PretrainConfig(nproc=1, train={"steps": steps, "warmup_steps": 1, "global_batch": global_batch,
+                                            "micro_batch": micro, "log_every": 1, "eval_every": 10**6,
+                                            "save_every": 10**6})
     with tempfile.TemporaryDirectory() as run_dir:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr",
-               "127.0.0.1", "--master-port", str(free_port()), "-m", "model.train", "--manifest", manifest,
-               "--run-dir", run_dir, "--steps", str(steps), "--warmup-steps", "1", "--global-batch",
-               str(global_batch), "--micro-batch", str(micro), "--log-every", "1", "--eval-every", str(10**6),
-               "--save-every", str(10**6)]
+        cmd = launch_command(config, Path(manifest), Path(run_dir))
         subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
         records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     # The last step also evaluates and checkpoints; time the steady steps in between.
@@ -125,7 +124,7 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=4)
     args = p.parse_args()
-    manifest = json.loads((Path(args.manifest) / "manifest.json").read_text())
+    manifest = load_manifest(args.manifest)
     m = tiny(vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"])
     torch.set_num_threads(2)
     mega = megatron_tokens_per_s(args.manifest, args.steps, args.global_batch, args.micro_batch)

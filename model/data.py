@@ -27,6 +27,16 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([abs(k) for k in key])
 
 
+def load_manifest(manifest_dir: Path) -> dict:
+    return json.loads((Path(manifest_dir) / "manifest.json").read_text())
+
+
+def token_rows(table) -> np.ndarray:
+    """The `tokens` column of a shard table (or row group) as a (rows, row_len) array."""
+    column = table.column("tokens").combine_chunks()
+    return column.flatten().to_numpy().reshape(len(column), -1)
+
+
 @dataclass
 class RowGroup:
     path: Path
@@ -38,8 +48,10 @@ class SourceRows:
     """Row access for one source's shards of one split, with a small cache of decoded row groups."""
 
     def __init__(self, paths: list[Path], source_id: int, seed: int, cache_groups: int = 8):
-        self.groups = [RowGroup(p, i, pq.ParquetFile(p).metadata.row_group(i).num_rows)
-                       for p in paths for i in range(pq.ParquetFile(p).num_row_groups)]
+        self.groups = []
+        for p in paths:
+            metadata = pq.ParquetFile(p).metadata
+            self.groups += [RowGroup(p, i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
         self.total = sum(g.rows for g in self.groups)
         self.source_id, self.seed = source_id, seed
         self._epoch_order: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -56,9 +68,7 @@ class SourceRows:
     def _decode(self, group: RowGroup) -> np.ndarray:
         key = (group.path, group.index)
         if key not in self._cache:
-            table = pq.ParquetFile(group.path).read_row_group(group.index, columns=["tokens"])
-            column = table.column("tokens").combine_chunks()
-            self._cache[key] = column.flatten().to_numpy().reshape(len(column), -1)
+            self._cache[key] = token_rows(pq.ParquetFile(group.path).read_row_group(group.index, columns=["tokens"]))
             if len(self._cache) > self._cache_groups:
                 self._cache.popitem(last=False)
         return self._cache[key]
@@ -78,7 +88,7 @@ class TrainSamples:
 
     def __init__(self, manifest_dir: str | Path, seed: int):
         manifest_dir = Path(manifest_dir)
-        manifest = json.loads((manifest_dir / "manifest.json").read_text())
+        manifest = load_manifest(manifest_dir)
         self.row_len = manifest["row_len"]
         weights = {s: w for s, w in manifest["mixture"].items() if w > 0}
         self.sources = sorted(s for s in weights
@@ -127,11 +137,9 @@ def rank_slice(consumed: int, global_batch: int, dp_rank: int, dp_size: int) -> 
 def validation_rows(manifest_dir: str | Path, limit: int) -> torch.Tensor:
     """The first `limit` validation rows across sources, always the same ones (for comparable eval losses)."""
     manifest_dir = Path(manifest_dir)
-    manifest = json.loads((manifest_dir / "manifest.json").read_text())
-    rows = []
-    for shard in sorted((x for x in manifest["shards"] if x["split"] == "valid"), key=lambda x: x["path"]):
-        column = pq.read_table(manifest_dir / shard["path"], columns=["tokens"]).column("tokens").combine_chunks()
-        rows.append(column.flatten().to_numpy().reshape(len(column), -1))
+    manifest = load_manifest(manifest_dir)
+    rows = [token_rows(pq.read_table(manifest_dir / shard["path"], columns=["tokens"]))
+            for shard in sorted((x for x in manifest["shards"] if x["split"] == "valid"), key=lambda x: x["path"])]
     if not rows:
         raise ValueError(f"{manifest_dir}: no validation shards; set sharding.validation_fraction > 0")
     data = np.concatenate(rows)
@@ -144,10 +152,10 @@ def unigram_entropy(manifest_dir: str | Path) -> float:
     """Entropy (nats/token) of the training tokens' unigram distribution: the loss of the best model that
     ignores context. A language model that learned anything must go below it."""
     manifest_dir = Path(manifest_dir)
-    manifest = json.loads((manifest_dir / "manifest.json").read_text())
+    manifest = load_manifest(manifest_dir)
     counts = np.zeros(manifest["vocab_size"], dtype=np.int64)
     for shard in (x for x in manifest["shards"] if x["split"] == "train"):
-        column = pq.read_table(manifest_dir / shard["path"], columns=["tokens"]).column("tokens").combine_chunks()
-        counts += np.bincount(column.flatten().to_numpy(), minlength=len(counts))
+        tokens = token_rows(pq.read_table(manifest_dir / shard["path"], columns=["tokens"]))
+        counts += np.bincount(tokens.ravel(), minlength=len(counts))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from model import compat
 from model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from model.config import ModelConfig, ParallelConfig, TrainConfig, preset
-from model.data import TrainSamples, rank_slice, validation_rows
+from model.data import TrainSamples, load_manifest, rank_slice, validation_rows
 
 # bf16 dense peak of known GPUs (TFLOP/s), for MFU; override with --peak-tflops.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -84,7 +84,7 @@ def main(argv=None) -> None:
     on_gpu = torch.cuda.is_available()
     train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                            if f.name not in ("bf16", "adam_betas")}, bf16=on_gpu)
-    manifest = json.loads((Path(args.manifest) / "manifest.json").read_text())
+    manifest = load_manifest(args.manifest)
     model_cfg = preset(args.preset, vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"],
                        **json.loads(args.model_overrides))
     parallel = ParallelConfig(args.tp, args.pp)

@@ -121,6 +121,11 @@ def loss_curve_png(records: list[dict], path: Path, baseline: float | None) -> P
     return path
 
 
+def final_validation(records: list[dict]) -> dict:
+    """The last record that has a validation loss (the final step always evaluates)."""
+    return next((r for r in reversed(records) if r.get("val_loss") is not None), records[-1])
+
+
 def publish_training(records: list[dict], run_dir: Path, baseline: float) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -129,7 +134,7 @@ def publish_training(records: list[dict], run_dir: Path, baseline: float) -> Non
                           table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                                  for r in shown])
     png = loss_curve_png(records, run_dir / "loss_curve.png", baseline)
-    final = next((r for r in reversed(records) if r.get("val_loss") is not None), records[-1])
+    final = final_validation(records)
     create_markdown_artifact(key="pretrain-loss-curve", markdown=(
         f"# Pretraining: {run_dir.name}\n\nFinal validation loss **{final.get('val_loss', float('nan')):.3f}** at "
         f"step {final['step']} (unigram-entropy baseline {baseline:.3f}).\n\n"
@@ -157,7 +162,7 @@ def pretrain(manifest_path: str, config: PretrainConfig, runs_dir: str) -> str:
     baseline = unigram_entropy(manifest_dir)
     publish_training(records, run_dir, baseline)
     summary = {"run_dir": str(run_dir), "steps": records[-1]["step"],
-               "final_val_loss": next((r["val_loss"] for r in reversed(records) if r.get("val_loss")), None),
+               "final_val_loss": final_validation(records).get("val_loss"),
                "unigram_entropy": baseline}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     get_logger().info(f"pretrain: {summary}")
