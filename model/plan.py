@@ -7,11 +7,22 @@ Estimates, per GPU of the most loaded pipeline stage:
   gradients    4 B/param (Megatron reduces gradients in fp32)
   optimizer    Adam moments (8 B/param) + fp32 master weights in bf16 (4 B), divided by DP with the distributed
                optimizer
-  activations  per layer and micro-batch, Korthikanti et al. (2022) without sequence parallelism:
-               s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes in 16-bit (the local attention materialises a*s*s scores);
-               with full recompute only each layer's input (2*s*b*h) is kept plus one layer's working set.
+  activations  what autograd keeps per layer for this architecture (RMSNorm, SwiGLU, RoPE, no dropout, no biases,
+               no sequence parallelism), per token, in elements of the training dtype; counted with saved-tensor
+               hooks on Megatron's local-spec layers:
+                 6h            each RMSNorm keeps its input, the normalised input and its output
+                 (3h + 3kv)/t  the fused QKV output, q and k after RoPE, and the attention context
+                               (kv = query groups x head dim)
+                 5f/t          SwiGLU: the fused gate/up output (2f), silu(gate) and the product
+                 a*s/t         softmax probabilities (the local attention materialises them; no flash attention)
+               plus, during backward, one layer's worth of activation gradients (two layers' worth with full
+               recompute, where only each layer's input, h, is kept between layers).
                The first 1F1B stage holds min(PP, micro-batches) micro-batches in flight.
-  logits       fp32 logits and their gradient for the vocab shard: 2 * 4*s*b*v/t bytes
+  logits       the vocab shard's logits in the training dtype plus their fp32 softmax, which the cross-entropy
+               keeps for backward (on CPU in fp32 that is one tensor, computed in place)
+  runtime      fixed per process: CUDA context, NCCL buffers and allocator fragmentation on GPU (2 GiB); on CPU
+               the allocator's arenas, gloo buffers and kernels loaded on first use (0.05 GiB, measured on the tiny
+               preset: tests/test_plan.py compares the whole estimate with measured peaks)
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from dataclasses import dataclass
 from model.config import ModelConfig, preset
 
 GIB = 1024**3
-RUNTIME_OVERHEAD_GIB = 2.0  # CUDA context, NCCL buffers, allocator fragmentation
+RUNTIME_OVERHEAD_GIB = {"gpu": 2.0, "cpu": 0.05}
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,9 @@ def stage_parameters(m: ModelConfig, tp: int, pp: int) -> float:
 
 
 def estimate(m: ModelConfig, layout: Layout, global_batch: int, bf16: bool = True) -> Estimate:
+    """Model state, activations and logits of one GPU (bf16) or CPU process (fp32); the runtime is not included."""
     t, p, b, s, h, a = layout.tp, layout.pp, layout.micro_batch, m.seq_len, m.hidden_size, m.num_attention_heads
+    kv = (m.num_query_groups or a) * (h // a)
     params = stage_parameters(m, t, p)
     width = 2 if bf16 else 4
     weights = params * width
@@ -69,13 +82,15 @@ def estimate(m: ModelConfig, layout: Layout, global_batch: int, bf16: bool = Tru
     if layout.distributed_optimizer:
         optimizer /= layout.dp
     layers = -(-m.num_layers // p)
-    scale = width / 2  # the formula counts 16-bit activations
-    full_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * scale
-    per_layer = 2 * s * b * h * scale if layout.recompute else full_layer
+    tokens = s * b
+    full_layer = tokens * (6 * h + (3 * h + 3 * kv) / t + 5 * m.ffn_hidden_size / t + a * s / t) * width
     microbatches = global_batch // (layout.dp * b)
     in_flight = min(p, microbatches)
-    activations = per_layer * layers * in_flight + (full_layer if layout.recompute else 0)
-    logits = 2 * 4 * s * b * m.vocab_size / t
+    if layout.recompute:
+        activations = tokens * h * width * layers * in_flight + 2 * full_layer
+    else:
+        activations = full_layer * (layers * in_flight + 1)
+    logits = tokens * m.vocab_size / t * (4 + (width if bf16 else 0))
     return Estimate(layout, weights, grads, optimizer, activations, logits)
 
 
@@ -94,7 +109,7 @@ def candidates(m: ModelConfig, gpus: int, global_batch: int, on_gpu: bool = True
 
 def recommend(m: ModelConfig, gpus: int, gpu_mem_gib: float, global_batch: int) -> tuple[Estimate | None, list]:
     """The fitting layout with the least model parallelism, then no recompute, then the largest micro-batch."""
-    budget = (gpu_mem_gib - RUNTIME_OVERHEAD_GIB) * GIB
+    budget = (gpu_mem_gib - RUNTIME_OVERHEAD_GIB["gpu"]) * GIB
     estimates = [estimate(m, layout, global_batch) for layout in candidates(m, gpus, global_batch)]
     fitting = [e for e in estimates if e.total <= budget]
     fitting.sort(key=lambda e: (e.layout.tp * e.layout.pp, e.layout.recompute, -e.layout.micro_batch, e.total))
@@ -113,13 +128,13 @@ def main(argv=None) -> None:
     best, estimates = recommend(m, args.gpus, args.gpu_mem_gib, args.global_batch)
     print(f"{args.preset}: {m.num_parameters() / 1e9:.2f}B parameters, seq {m.seq_len}, global batch "
           f"{args.global_batch}, {args.gpus} GPUs x {args.gpu_mem_gib:g} GiB "
-          f"({RUNTIME_OVERHEAD_GIB:g} GiB reserved for the runtime)\n")
+          f"({RUNTIME_OVERHEAD_GIB['gpu']:g} GiB reserved for the runtime)\n")
     print(f"{'TP':>3} {'PP':>3} {'DP':>3} {'mb':>3} {'recomp':>6} {'distopt':>7} | {'weights':>8} {'grads':>7} "
           f"{'optim':>7} {'activ':>7} {'logits':>7} | {'GiB/GPU':>8}")
+    budget = (args.gpu_mem_gib - RUNTIME_OVERHEAD_GIB["gpu"]) * GIB
     for e in sorted(estimates, key=lambda e: e.total):
         L = e.layout
-        mark = "  <- recommended" if e is best else ("" if e.total <= (args.gpu_mem_gib - RUNTIME_OVERHEAD_GIB) * GIB
-                                                      else "  (does not fit)")
+        mark = "  <- recommended" if e is best else ("" if e.total <= budget else "  (does not fit)")
         print(f"{L.tp:>3} {L.pp:>3} {L.dp:>3} {L.micro_batch:>3} {str(L.recompute):>6} "
               f"{str(L.distributed_optimizer):>7} | {e.weights / GIB:8.1f} {e.grads / GIB:7.1f} "
               f"{e.optimizer / GIB:7.1f} {e.activations / GIB:7.1f} {e.logits / GIB:7.1f} | {e.total / GIB:8.1f}{mark}")

@@ -72,7 +72,8 @@ def open_metrics(path: Path, after_step: int):
 
 def peak_memory_gib(rss_before_model: int) -> float:
     """Peak memory this rank's training has used: the CUDA allocator's peak on GPU; on CPU, the growth of the
-    process's peak resident size since just before the model was built (libraries excluded)."""
+    process's peak resident size since just before the model was built (libraries and
+    the data loader excluded)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
@@ -116,6 +117,11 @@ def main(argv=None) -> None:
     log(f"layout: world {world} = TP {parallel.tensor_parallel} x PP {parallel.pipeline_parallel} x DP {dp}; "
         f"{'GPU bf16' if on_gpu else 'CPU fp32 (gloo, Megatron-Core via model/compat.py)'}", flush=True)
 
+    # ---- data: built before the model so that, on CPU, its host memory is not counted as training memory
+    # (on GPU it lives in host memory too, outside the CUDA allocator's peak)
+    valid = validation_rows(args.manifest, train.eval_batches * train.micro_batch)
+    samples = TrainSamples(args.manifest, seed=train.seed)
+
     # ---- model, optimizer, schedule
     rss_before_model = psutil.Process().memory_info().rss
     config = transformer_config(model_cfg, parallel, train)
@@ -135,7 +141,6 @@ def main(argv=None) -> None:
         end_wd=train.weight_decay, wd_incr_steps=train.steps, wd_incr_style="constant")
     log(f"model: {args.preset} {model_cfg.num_parameters() / 1e6:.1f}M parameters", flush=True)
 
-    valid = validation_rows(args.manifest, train.eval_batches * train.micro_batch)
     forward_backward = get_forward_backward_func()
     positions = torch.arange(model_cfg.seq_len).unsqueeze(0)
     device = torch.device("cuda") if on_gpu else torch.device("cpu")
@@ -190,7 +195,6 @@ def main(argv=None) -> None:
         state = load_checkpoint(checkpoint, gpt, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         log(f"resumed from {checkpoint} at step {state['step']}", flush=True)
-    samples = TrainSamples(args.manifest, seed=train.seed)
 
     def checkpoint_now() -> None:
         save_checkpoint(run_dir, gpt, optimizer, {**state, "scheduler": scheduler.state_dict()})
