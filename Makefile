@@ -4,7 +4,7 @@ PREFECT := .venv/bin/prefect
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test up down status data pretrain bench clean-artifacts
+.PHONY: setup run test up down status data pretrain pipeline bench clean-artifacts
 
 setup: .venv/.installed
 
@@ -18,9 +18,10 @@ setup: .venv/.installed
 	touch $@
 
 run: setup up
-	$(PREFECT) deployment run pretrain/tiny --watch
+	$(PREFECT) deployment run pipeline/default --watch
 	@echo "Prefect UI: http://127.0.0.1:4200  (flow runs, task runs and their artifacts)"
-	@echo "Training runs (checkpoints, metrics.jsonl, loss_curve.png): $(CURDIR)/runs/"
+	@echo "Training runs (checkpoints, metrics.jsonl, loss_curve.png, hf/ exports): $(CURDIR)/runs/"
+	@echo "Evaluation report: $$(ls -t $(CURDIR)/reports/*/report.md | head -1)"
 
 test: setup
 	$(PY) -m pytest -q
@@ -39,6 +40,9 @@ data: setup
 
 pretrain: setup
 	$(PY) -m flows.pretrain --preset tiny
+
+pipeline: setup
+	$(PY) -m flows.pipeline
 
 bench: setup
 	$(PY) bench/data.py

@@ -90,7 +90,7 @@ def plain_tokens_per_s(m: ModelConfig, samples: TrainSamples, steps: int, global
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
     timed = 0.0
     for step in range(steps):
-        batch = samples.batch(step * global_batch, global_batch)
+        batch = samples.batch(step * global_batch, global_batch)["tokens"]
         start = time.perf_counter()
         opt.zero_grad()
         for chunk in batch.split(micro):

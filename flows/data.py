@@ -1,4 +1,5 @@
-"""Data flow: download -> clean -> dedup -> tokenizer -> Parquet shards, every stage cached by content.
+"""Data flow: download -> clean -> dedup -> decontaminate -> tokenizer -> Parquet shards, every stage cached by
+content.
 
     python -m flows.data --spec data_specs/default.yaml
 """
@@ -11,6 +12,7 @@ from prefect import flow
 
 from tasks.artifacts import run_stage
 from tasks.clean import clean
+from tasks.decontaminate import decontaminate, reference_sets
 from tasks.dedup import dedup
 from tasks.download import download, resolve
 from tasks.report import report
@@ -36,13 +38,18 @@ def data_flow(spec_path: str = "data_specs/default.yaml") -> str:
         refs += [(source.name, downloaded), (source.name, cleaned[source.name])]
     deduped = run_stage(dedup, cleaned=cleaned, config=spec.dedup, executor=spec.executor,
                         artifacts_dir=artifacts_dir)
-    trained = run_stage(tokenizer, deduped=deduped, config=spec.tokenizer, artifacts_dir=artifacts_dir)
+    documents = deduped
+    if spec.decontamination.enabled:
+        documents = run_stage(decontaminate, documents=deduped, references=reference_sets(spec.decontamination),
+                              config=spec.decontamination, executor=spec.executor, artifacts_dir=artifacts_dir)
+        refs.append(("all sources", deduped))
+    trained = run_stage(tokenizer, documents=documents, config=spec.tokenizer, artifacts_dir=artifacts_dir)
     lineage = {"spec_path": str(resolve_path(spec_path)), "spec": spec.model_dump(mode="json"),
                "source_files": files, "upstream": {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}}
-    shards = run_stage(shard, deduped=deduped, tokenizer=trained, config=spec.sharding, lineage=lineage,
+    shards = run_stage(shard, documents=documents, tokenizer=trained, config=spec.sharding, lineage=lineage,
                        artifacts_dir=artifacts_dir)
     manifest = str(shards.dir / "manifest.json")
-    report(refs + [("all sources", deduped), ("all sources", trained), ("all sources", shards)], manifest)
+    report(refs + [("all sources", documents), ("all sources", trained), ("all sources", shards)], manifest)
     return manifest
 
 

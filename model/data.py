@@ -31,10 +31,23 @@ def load_manifest(manifest_dir: Path) -> dict:
     return json.loads((Path(manifest_dir) / "manifest.json").read_text())
 
 
-def token_rows(table) -> np.ndarray:
-    """The `tokens` column of a shard table (or row group) as a (rows, row_len) array."""
-    column = table.column("tokens").combine_chunks()
-    return column.flatten().to_numpy().reshape(len(column), -1)
+# Pretraining shards have `tokens`; SFT shards add a per-token `loss_mask` and `segments` (tasks/sft_data.py).
+COLUMNS = ("tokens", "loss_mask", "segments")
+
+
+def token_rows(table, column: str = "tokens") -> np.ndarray:
+    """One list column of a shard table (or row group) as a (rows, row_len) array."""
+    values = table.column(column).combine_chunks()
+    return values.flatten().to_numpy().reshape(len(values), -1)
+
+
+def read_rows(table) -> dict[str, np.ndarray]:
+    return {c: token_rows(table, c) for c in COLUMNS if c in table.column_names}
+
+
+def to_batch(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Stack rows into int64 tensors, one per column."""
+    return {c: torch.from_numpy(np.stack([r[c] for r in rows]).astype(np.int64)) for c in rows[0]}
 
 
 @dataclass
@@ -55,7 +68,7 @@ class SourceRows:
         self.total = sum(g.rows for g in self.groups)
         self.source_id, self.seed = source_id, seed
         self._epoch_order: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._cache: OrderedDict[tuple[Path, int], np.ndarray] = OrderedDict()
+        self._cache: OrderedDict[tuple[Path, int], dict[str, np.ndarray]] = OrderedDict()
         self._cache_groups = cache_groups
 
     def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,22 +78,23 @@ class SourceRows:
             self._epoch_order = {epoch: (perm, starts)}  # keep one epoch: draws move forward
         return self._epoch_order[epoch]
 
-    def _decode(self, group: RowGroup) -> np.ndarray:
+    def _decode(self, group: RowGroup) -> dict[str, np.ndarray]:
         key = (group.path, group.index)
         if key not in self._cache:
-            self._cache[key] = token_rows(pq.ParquetFile(group.path).read_row_group(group.index, columns=["tokens"]))
+            self._cache[key] = read_rows(pq.ParquetFile(group.path).read_row_group(group.index))
             if len(self._cache) > self._cache_groups:
                 self._cache.popitem(last=False)
         return self._cache[key]
 
-    def draw(self, k: int) -> np.ndarray:
+    def draw(self, k: int) -> dict[str, np.ndarray]:
         """The k-th row drawn from this source (epochs re-shuffle once every row has been seen)."""
         epoch, offset = divmod(k, self.total)
         perm, starts = self._order(epoch)
         pos = int(np.searchsorted(starts, offset, side="right")) - 1
         group = self.groups[perm[pos]]
         within = _rng(self.seed, self.source_id, epoch, int(perm[pos])).permutation(group.rows)
-        return self._decode(group)[within[offset - starts[pos]]]
+        row = within[offset - starts[pos]]
+        return {c: values[row] for c, values in self._decode(group).items()}
 
 
 class TrainSamples:
@@ -118,14 +132,14 @@ class TrainSamples:
             self._block_cache = {b: (slots, nth)}
         return self._block_cache[b]
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
         b, j = divmod(i, BLOCK)
         slots, nth = self._block(b)
         s = slots[j]
         return self.rows[s].draw(b * int(self.per_block[s]) + int(nth[j]))
 
-    def batch(self, start: int, size: int) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self[i] for i in range(start, start + size)]).astype(np.int64))
+    def batch(self, start: int, size: int) -> dict[str, torch.Tensor]:
+        return to_batch([self[i] for i in range(start, start + size)])
 
 
 def rank_slice(consumed: int, global_batch: int, dp_rank: int, dp_size: int) -> tuple[int, int]:
@@ -134,18 +148,19 @@ def rank_slice(consumed: int, global_batch: int, dp_rank: int, dp_size: int) -> 
     return consumed + dp_rank * per_rank, per_rank
 
 
-def validation_rows(manifest_dir: str | Path, limit: int) -> torch.Tensor:
+def validation_rows(manifest_dir: str | Path, limit: int) -> dict[str, torch.Tensor]:
     """The first `limit` validation rows across sources, always the same ones (for comparable eval losses)."""
     manifest_dir = Path(manifest_dir)
     manifest = load_manifest(manifest_dir)
-    rows = [token_rows(pq.read_table(manifest_dir / shard["path"], columns=["tokens"]))
-            for shard in sorted((x for x in manifest["shards"] if x["split"] == "valid"), key=lambda x: x["path"])]
-    if not rows:
+    tables = [read_rows(pq.read_table(manifest_dir / shard["path"]))
+              for shard in sorted((x for x in manifest["shards"] if x["split"] == "valid"), key=lambda x: x["path"])]
+    if not tables:
         raise ValueError(f"{manifest_dir}: no validation shards; set sharding.validation_fraction > 0")
-    data = np.concatenate(rows)
+    data = {c: np.concatenate([t[c] for t in tables]) for c in tables[0]}
     # Interleave sources evenly rather than taking the first source only.
-    picks = np.linspace(0, len(data) - 1, num=min(limit, len(data))).astype(int)
-    return torch.from_numpy(data[picks].astype(np.int64))
+    count = len(data["tokens"])
+    picks = np.linspace(0, count - 1, num=min(limit, count)).astype(int)
+    return {c: torch.from_numpy(values[picks].astype(np.int64)) for c, values in data.items()}
 
 
 def unigram_entropy(manifest_dir: str | Path) -> float:

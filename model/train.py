@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: known GPUs)")
+    p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (any TP/PP) with a fresh optimizer and schedule, "
+                        "e.g. instruction tuning from a pretrained model; ignored when the run dir can resume")
     p.add_argument("--eval-only", default=None, metavar="CHECKPOINT",
                    help="load this checkpoint (saved at any TP/PP) and print its validation loss as JSON")
     for f in dataclasses.fields(TrainConfig):
@@ -70,6 +73,14 @@ def open_metrics(path: Path, after_step: int):
     return open(path, "a")
 
 
+def segment_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] boolean mask, True where attention is blocked: causal, and never across packed examples."""
+    s = segments.shape[1]
+    future = torch.ones(s, s, dtype=torch.bool, device=segments.device).triu(1)
+    other_example = segments[:, :, None] != segments[:, None, :]
+    return (future | other_example).unsqueeze(1)
+
+
 def peak_memory_gib(rss_before_model: int) -> float:
     """Peak memory this rank's training has used: the CUDA allocator's peak on GPU; on CPU, the growth of the
     process's peak resident size since just before the model was built (libraries and
@@ -86,8 +97,12 @@ def main(argv=None) -> None:
     train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                            if f.name not in ("bf16", "adam_betas")}, bf16=on_gpu)
     manifest = load_manifest(args.manifest)
-    model_cfg = preset(args.preset, vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"],
-                       **json.loads(args.model_overrides))
+    overrides = json.loads(args.model_overrides)
+    from_data = {"vocab_size": manifest["vocab_size"], "seq_len": manifest["seq_len"]}
+    for key, value in from_data.items():
+        if overrides.get(key, value) != value:
+            raise ValueError(f"model {key} {overrides[key]} does not match the data's {value} ({args.manifest})")
+    model_cfg = preset(args.preset, **{**overrides, **from_data})
     parallel = ParallelConfig(args.tp, args.pp)
     run_dir = Path(args.run_dir)
 
@@ -120,6 +135,11 @@ def main(argv=None) -> None:
     # ---- data: built before the model so that, on CPU, its host memory is not counted as training memory
     # (on GPU it lives in host memory too, outside the CUDA allocator's peak)
     valid = validation_rows(args.manifest, train.eval_batches * train.micro_batch)
+    whole = len(valid["tokens"]) // train.micro_batch * train.micro_batch  # pipeline schedules need full micro-batches
+    if whole == 0:
+        raise ValueError(f"{args.manifest}: {len(valid['tokens'])} validation rows, fewer than one micro-batch "
+                         f"({train.micro_batch}); raise the validation fraction or lower --micro-batch")
+    valid = {k: v[:whole] for k, v in valid.items()}
     samples = TrainSamples(args.manifest, seed=train.seed)
 
     # ---- model, optimizer, schedule
@@ -149,20 +169,28 @@ def main(argv=None) -> None:
                                      if on_gpu and k in torch.cuda.get_device_name()), None)
 
     def forward_step(data_iterator, model):
-        batch = next(data_iterator).to(device)
-        tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
-        output = model(tokens, positions.expand(len(tokens), -1).to(device), None, labels=labels)
+        batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+        tokens, labels = batch["tokens"][:, :-1].contiguous(), batch["tokens"][:, 1:].contiguous()
+        segments = batch.get("segments")
+        mask = None if segments is None else segment_attention_mask(segments[:, :-1])
+        output = model(tokens, positions.expand(len(tokens), -1).to(device), mask, labels=labels)
+        loss_mask = batch.get("loss_mask")
 
         def loss_func(per_token_loss):
-            loss = per_token_loss.float().mean()
+            if loss_mask is None:
+                loss = per_token_loss.float().mean()
+            else:  # SFT: only the assistant's tokens count
+                weights = loss_mask[:, 1:].float()
+                loss = (per_token_loss.float() * weights).sum() / weights.sum().clamp(min=1)
             # clone: the schedule divides `loss` by the number of micro-batches in place
             return loss, {"loss": loss.detach().clone()}
 
         return output, loss_func
 
-    def run_batches(batch: torch.Tensor, forward_only: bool) -> float:
+    def run_batches(batch: dict[str, torch.Tensor], forward_only: bool) -> float:
         """Forward(/backward) over micro-batches; returns the mean loss across data-parallel ranks."""
-        micro = list(batch.split(train.micro_batch))
+        count = len(batch["tokens"])
+        micro = [{k: v[i:i + train.micro_batch] for k, v in batch.items()} for i in range(0, count, train.micro_batch)]
         losses = forward_backward(forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
                                   num_microbatches=len(micro), seq_length=model_cfg.seq_len,
                                   micro_batch_size=train.micro_batch, forward_only=forward_only)
@@ -189,15 +217,21 @@ def main(argv=None) -> None:
         return
 
     # ---- resume: same data order and optimizer state as if never interrupted
+    # What a checkpoint needs to be used without this command line (export, evaluation, lineage):
+    described = {"preset": args.preset, "model": dataclasses.asdict(model_cfg), "manifest": str(Path(args.manifest).resolve()),
+                 "init_from": args.init_from}
     state = {"step": 0, "consumed_samples": 0}
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, gpt, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         log(f"resumed from {checkpoint} at step {state['step']}", flush=True)
+    elif args.init_from:
+        loaded = load_checkpoint(Path(args.init_from), gpt)
+        log(f"initialised from {args.init_from} (step {loaded['step']} of its run)", flush=True)
 
     def checkpoint_now() -> None:
-        save_checkpoint(run_dir, gpt, optimizer, {**state, "scheduler": scheduler.state_dict()})
+        save_checkpoint(run_dir, gpt, optimizer, {**state, **described, "scheduler": scheduler.state_dict()})
         log(f"checkpoint: step {state['step']}", flush=True)
 
     # ---- the loop

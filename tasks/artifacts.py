@@ -10,6 +10,7 @@ still exists, `run_stage` verifies the directory first and bypasses the cache wh
 from __future__ import annotations
 
 import hashlib
+import importlib
 import inspect
 import json
 import logging
@@ -73,10 +74,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def stage_code_version(stage: str) -> str:
-    """Hash of the stage module's source: editing a stage invalidates its outputs (and everything downstream)."""
+    """Hash of the stage module's source, and of the modules it lists in CODE_DEPENDENCIES (code outside tasks/
+    that shapes its output): editing them invalidates the stage's outputs (and everything downstream)."""
     module = sys.modules.get(f"tasks.{stage}")
-    source = inspect.getsource(module) if module else ""
-    return hashlib.sha256(source.encode()).hexdigest()[:16]
+    if module is None:
+        raise KeyError(f"no stage module tasks.{stage}: a stage task's name must be its module's name")
+    sources = [inspect.getsource(module)] + [inspect.getsource(importlib.import_module(name))
+                                             for name in getattr(module, "CODE_DEPENDENCIES", ())]
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
 
 
 # Parameters that describe a run without changing its output: where it is stored, and lineage records that are

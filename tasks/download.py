@@ -180,16 +180,21 @@ def fetch_url(url: str, sha256: str | None, cache_dir: Path, name: str) -> Path:
 # ---------------------------------------------------------------- normalising
 
 
+def source_records(resolved: ResolvedSource, downloads_dir: Path) -> Iterator[Record]:
+    """Every raw record of a source, wherever it lives (local files, a URL, a Hugging Face dataset)."""
+    source = resolved.source
+    if source.kind == "hf":
+        return _hf_records(source)
+    paths = ([Path(p) for p, _ in resolved.files] if source.kind == "local"
+             else [fetch_url(source.url, source.sha256, downloads_dir, source.name)])
+    return (rec for p in paths for rec in read_records(p, _file_format(p, source.format), source.text_field))
+
+
 def normalise_source(resolved: ResolvedSource, out_dir: Path, num_files: int, downloads_dir: Path) -> dict:
     """Write `docs/NNNNN.jsonl.gz` (round-robin over num_files) and `quarantine.jsonl`; return the summary."""
     source = resolved.source
     log = get_logger()
-    if source.kind == "hf":
-        records: Iterator[Record] = _hf_records(source)
-    else:
-        paths = ([Path(p) for p, _ in resolved.files] if source.kind == "local"
-                 else [fetch_url(source.url, source.sha256, downloads_dir, source.name)])
-        records = (rec for p in paths for rec in read_records(p, _file_format(p, source.format), source.text_field))
+    records = source_records(resolved, downloads_dir)
 
     docs_dir = out_dir / "docs"
     docs_dir.mkdir()

@@ -50,8 +50,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(config: PretrainConfig, manifest_dir: Path, run_dir: Path) -> list[str]:
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in config.train.items()]
+def launch_command(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in config.train.items()] + list(extra)
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(config.ranks),
             "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
             "-m", "model.train", "--manifest", str(manifest_dir), "--run-dir", str(run_dir),
@@ -73,11 +73,11 @@ def check_resources(config: PretrainConfig) -> None:
             f"pretrain/tiny here.")
 
 
-def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path) -> list[dict]:
+def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> list[dict]:
     """Run torchrun to completion, streaming rank 0's lines to the log; returns the metrics records."""
     log = get_logger()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cmd = launch_command(config, manifest_dir, run_dir)
+    cmd = launch_command(config, manifest_dir, run_dir, extra)
     log.info("launching: " + " ".join(cmd))
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // config.ranks)),
            "PYTHONUNBUFFERED": "1"}
@@ -126,18 +126,19 @@ def final_validation(records: list[dict]) -> dict:
     return next((r for r in reversed(records) if r.get("val_loss") is not None), records[-1])
 
 
-def publish_training(records: list[dict], run_dir: Path, baseline: float) -> None:
+def publish_training(records: list[dict], run_dir: Path, baseline: float | None, stage: str = "pretrain") -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     shown = [r for r in records if "tokens_per_s" in r or r.get("val_loss") is not None]
-    create_table_artifact(key="pretrain-metrics", description="Pretraining metrics at each log step",
+    create_table_artifact(key=f"{stage}-metrics", description=f"{stage} metrics at each log step",
                           table=[{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
                                  for r in shown])
     png = loss_curve_png(records, run_dir / "loss_curve.png", baseline)
     final = final_validation(records)
-    create_markdown_artifact(key="pretrain-loss-curve", markdown=(
-        f"# Pretraining: {run_dir.name}\n\nFinal validation loss **{final.get('val_loss', float('nan')):.3f}** at "
-        f"step {final['step']} (unigram-entropy baseline {baseline:.3f}).\n\n"
+    reference = f" (unigram-entropy baseline {baseline:.3f})" if baseline is not None else ""
+    create_markdown_artifact(key=f"{stage}-loss-curve", markdown=(
+        f"# {stage}: {run_dir.name}\n\nFinal validation loss **{final.get('val_loss', float('nan')):.3f}** at "
+        f"step {final['step']}{reference}.\n\n"
         f"![loss curve](data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()})\n\n"
         f"Run directory: `{run_dir}`"))
 

@@ -17,7 +17,7 @@ def stage_rows(refs: list[tuple[str, ArtifactRef]]) -> list[dict]:
                      "docs in": s.get("docs_in", s.get("records", "")),
                      "docs out": s.get("docs_out", s.get("docs", s.get("docs_train", ""))),
                      "MB in": _mb(s.get("bytes_in")), "MB out": _mb(s.get("bytes_out", s.get("bytes"))),
-                     "quarantined/dropped": s.get("quarantined", s.get("dropped", "")),
+                     "quarantined/dropped": s.get("quarantined", s.get("dropped", s.get("removed", ""))),
                      "tokens": s.get("tokens", ""), "seconds": s.get("seconds", ""),
                      "built": meta["created"], "artifact": ref.fingerprint})
     return rows

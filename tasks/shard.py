@@ -154,11 +154,12 @@ def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig,
 
 
 @task(name="shard", **STAGE_TASK_OPTIONS)
-def shard(deduped: ArtifactRef, tokenizer: ArtifactRef, config: ShardingConfig, lineage: dict,
+def shard(documents: ArtifactRef, tokenizer: ArtifactRef, config: ShardingConfig, lineage: dict,
           artifacts_dir: str) -> ArtifactRef:
     """`lineage` (spec, source files, upstream fingerprints) is recorded in the manifest but not keyed on: it is
     implied by the upstream fingerprints."""
-    lineage = {**lineage, "dedup": deduped.fingerprint, "tokenizer": tokenizer.fingerprint}
-    return build_artifact("shard", dict(deduped=deduped, tokenizer=tokenizer, config=config, lineage=lineage,
+    lineage = {**lineage, "documents": documents.fingerprint, "tokenizer": tokenizer.fingerprint,
+               "tokenizer_dir": str(tokenizer.dir)}
+    return build_artifact("shard", dict(documents=documents, tokenizer=tokenizer, config=config, lineage=lineage,
                                         artifacts_dir=artifacts_dir),
-                          lambda out: shard_documents(deduped.dir / "docs", tokenizer.dir, config, lineage, out))
+                          lambda out: shard_documents(documents.dir / "docs", tokenizer.dir, config, lineage, out))

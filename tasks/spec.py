@@ -201,6 +201,15 @@ class ExecutorConfig(Strict):
     workers: int = Field(default=2, ge=1, description="Processes running tasks at once.")
 
 
+class DecontaminationConfig(Toggle):
+    """Remove pretraining documents that share an n-gram with the instruction or evaluation sets."""
+
+    n_grams: int = Field(default=13, ge=3, description="n-gram length in words (13 as in GPT-3's decontamination).")
+    against: list[str] = Field(
+        default=["data_specs/sft_default.yaml", "data_specs/eval_default.yaml"],
+        description="SFT and eval spec files whose sets must not leak into pretraining; relative to the root.")
+
+
 class DataSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     artifacts_dir: str = Field(default="artifacts", description="Stage outputs; relative to the project root.")
@@ -208,6 +217,7 @@ class DataSpec(Strict):
     sources: list[SourceSpec] = Field(min_length=1)
     cleaning: CleaningConfig = CleaningConfig()
     dedup: DedupConfig = DedupConfig()
+    decontamination: DecontaminationConfig = DecontaminationConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     sharding: ShardingConfig = ShardingConfig()
 
@@ -256,8 +266,10 @@ def _format_errors(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def load_spec(path: str | Path) -> DataSpec:
-    """Load and validate a data spec; raises SpecError naming the file and every bad field."""
+def load_spec(path: str | Path, model: type[BaseModel] | None = None):
+    """Load and validate a spec (a DataSpec unless `model` says otherwise); raises SpecError naming the file and
+    every bad field."""
+    model = model or DataSpec
     path = resolve_path(path)
     if not path.is_file():
         available = sorted(p.name for p in (PROJECT_ROOT / "data_specs").glob("*.yaml"))
@@ -269,8 +281,53 @@ def load_spec(path: str | Path) -> DataSpec:
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        return DataSpec.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as err:
         problems = "\n".join(
             f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors())
-        raise SpecError(f"{path}: {err.error_count()} invalid field(s):\n{problems}") from None
+        raise SpecError(f"{path}: {err.error_count()} invalid {model.__name__} field(s):\n{problems}") from None
+
+
+# ---------------------------------------------------------------- instruction tuning and evaluation sets
+
+
+class InstructionSourceSpec(SourceSpec):
+    """An instruction set: chat `messages` (a list of {role, content}) or prompt/response fields per record.
+    Location fields (kind, paths, dataset, url, ...) work as for corpus sources."""
+
+    layout: Literal["messages", "prompt_response"] = Field(
+        default="messages", description="How a record holds the conversation.")
+    messages_field: str = Field(default="messages", description="messages: list of {role, content} dicts.")
+    prompt_field: str = Field(default="prompt", description="prompt_response: the user's turn.")
+    response_field: str = Field(default="response", description="prompt_response: the assistant's answer.")
+    system_field: str | None = Field(default="system", description="prompt_response: optional system prompt.")
+
+
+class SFTSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    sources: list[InstructionSourceSpec] = Field(min_length=1)
+    system_prompt: str | None = Field(default=None, description="Prepended to conversations that have none.")
+    packing: bool = Field(default=True, description="Pack several examples per sequence (attention stays within "
+                                                    "each example); false pads one example per sequence.")
+    validation_fraction: float = Field(default=0.05, ge=0, lt=1, description="Share of conversations held out.")
+    seed: int = 1234
+
+
+class MultipleChoiceSpec(SourceSpec):
+    """A multiple-choice benchmark, scored by log-likelihood of each choice after the question."""
+
+    question_field: str = "question"
+    choices_field: str = "choices"
+    answer_field: str = Field(default="answer", description="Index of the correct choice, or its text.")
+    limit: int | None = Field(default=None, gt=0, description="Score only the first N items.")
+
+
+class EvalSpec(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    multiple_choice: list[MultipleChoiceSpec] = []
+    prompts: list[str] = Field(default=[], description="Fixed prompts for greedy and sampled generations.")
+    max_new_tokens: int = Field(default=40, gt=0)
+    temperature: float = Field(default=0.8, gt=0)
+    top_k: int = Field(default=50, gt=0)
+    seed: int = 0
+    perplexity_rows: int = Field(default=64, gt=0, description="Held-out rows for validation perplexity.")

@@ -1,7 +1,8 @@
 """Stage 4, tokenizer: train a sentencepiece model (Llama-style BPE) on a bounded sample of the deduplicated text.
 
 Outputs `tokenizer.model` (sentencepiece) and, converted from it, the Hugging Face files (`tokenizer.json`,
-`tokenizer_config.json`) so `transformers.AutoTokenizer.from_pretrained(<dir>)` gives the same ids.
+`tokenizer_config.json`, with the chat template of model/chat.py) so `transformers.AutoTokenizer.from_pretrained(<dir>)`
+gives the same ids and renders chats the same way.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Iterator
 import sentencepiece as spm
 from prefect import task
 
+from model.chat import CHAT_TEMPLATE
 from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
 from tasks.spec import TokenizerConfig
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
+CODE_DEPENDENCIES = ("model.chat",)  # the chat template is written into the tokenizer files
 
 
 def iter_documents(folder: Path) -> Iterator[dict]:
@@ -93,12 +96,13 @@ def write_hf_tokenizer(out_dir: Path) -> None:
     proto.ParseFromString((out_dir / "tokenizer.model").read_bytes())
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
-    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, unk_token=UNK)
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+                                 chat_template=CHAT_TEMPLATE)
     hf.save_pretrained(str(out_dir))
 
 
 @task(name="tokenizer", **STAGE_TASK_OPTIONS)
-def tokenizer(deduped: ArtifactRef, config: TokenizerConfig, artifacts_dir: str) -> ArtifactRef:
-    total_bytes = deduped.meta()["summary"]["bytes_out"]
-    return build_artifact("tokenizer", dict(deduped=deduped, config=config, artifacts_dir=artifacts_dir),
-                          lambda out: train_tokenizer(deduped.dir / "docs", config, total_bytes, out))
+def tokenizer(documents: ArtifactRef, config: TokenizerConfig, artifacts_dir: str) -> ArtifactRef:
+    total_bytes = documents.meta()["summary"]["bytes_out"]
+    return build_artifact("tokenizer", dict(documents=documents, config=config, artifacts_dir=artifacts_dir),
+                          lambda out: train_tokenizer(documents.dir / "docs", config, total_bytes, out))

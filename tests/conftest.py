@@ -89,5 +89,6 @@ def tiny_manifest(small_corpus, tmp_path_factory) -> Path:
     (root / "tokenizer").mkdir()
     train_tokenizer(docs, TokenizerConfig(vocab_size=1000), 10**9, root / "tokenizer")
     (root / "shard").mkdir()
-    shard_documents(docs, root / "tokenizer", ShardingConfig(seq_len=64, validation_fraction=0.05), {}, root / "shard")
+    shard_documents(docs, root / "tokenizer", ShardingConfig(seq_len=64, validation_fraction=0.05),
+                    {"tokenizer_dir": str(root / "tokenizer")}, root / "shard")
     return root / "shard"

@@ -2,18 +2,23 @@ from pathlib import Path
 
 import pytest
 
-from tasks.spec import PROJECT_ROOT, DataSpec, SpecError, load_spec
+from tasks.spec import PROJECT_ROOT, DataSpec, EvalSpec, SFTSpec, SpecError, load_spec
 
 SPEC_FILES = sorted((PROJECT_ROOT / "data_specs").glob("*.yaml"))
+KINDS = {"sft": SFTSpec, "eval": EvalSpec}  # by file-name prefix; anything else is a data spec
 
 
 @pytest.mark.parametrize("path", SPEC_FILES, ids=[p.name for p in SPEC_FILES])
 def test_every_shipped_spec_loads(path):
-    spec = load_spec(path)
-    assert spec.sources
-    for source in spec.sources:
-        spec.cleaning_for(source)
-        for pattern in source.paths:  # the bundled default must point at files that exist
+    spec = load_spec(path, KINDS.get(path.name.split("_")[0], DataSpec))
+    sources = spec.multiple_choice if isinstance(spec, EvalSpec) else spec.sources
+    assert sources
+    for source in sources:
+        if isinstance(spec, DataSpec):
+            spec.cleaning_for(source)
+            for other in spec.decontamination.against:
+                assert (PROJECT_ROOT / other).is_file(), other
+        for pattern in source.paths:  # the bundled defaults must point at files that exist
             assert list(PROJECT_ROOT.glob(pattern)), pattern
 
 

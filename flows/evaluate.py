@@ -1,0 +1,48 @@
+"""Evaluation flow: export the pretrained and the instruction-tuned checkpoints to Hugging Face format, score
+both (validation perplexity, multiple choice by log-likelihood, generations) and publish a comparison.
+
+    python -m flows.evaluate                      # default: the newest pretraining and SFT runs
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import flow
+
+from flows.data import require_server
+from tasks.evaluate import evaluate_model, export_hf, load_items, publish_report
+from tasks.sft import checkpoint_state, newest_run, resolve_checkpoint
+from tasks.spec import EvalSpec, load_spec, resolve_path
+
+
+@flow(name="evaluate")
+def evaluate_flow(pretrained: str | None = None, tuned: str | None = None,
+                  eval_spec_path: str = "data_specs/eval_default.yaml", runs_dir: str = "runs",
+                  reports_dir: str = "reports") -> str:
+    """Compare two checkpoints (run directories or checkpoint folders); returns the report directory."""
+    runs = resolve_path(runs_dir)
+    checkpoints = {
+        "pretrained": resolve_checkpoint(resolve_path(pretrained) if pretrained else newest_run(runs, "pretrain")),
+        "instruction-tuned": resolve_checkpoint(resolve_path(tuned) if tuned else newest_run(runs, "sft"))}
+    spec = load_spec(eval_spec_path, EvalSpec)
+    manifest = checkpoint_state(checkpoints["pretrained"])["manifest"]
+    sft_manifest = checkpoint_state(checkpoints["instruction-tuned"])["manifest"]
+    items, benchmarks = load_items(spec, Path(manifest).parents[1] / "_downloads")
+    results = {}
+    for label, checkpoint in checkpoints.items():
+        model_dir = export_hf(str(checkpoint), label)
+        results[label] = evaluate_model(model_dir, label, manifest, sft_manifest, spec, items)
+    return publish_report(results, benchmarks, {k: str(v) for k, v in checkpoints.items()},
+                          str(resolve_path(reports_dir)))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--tuned", default=None)
+    parser.add_argument("--spec", default="data_specs/eval_default.yaml")
+    args = parser.parse_args()
+    require_server()
+    print(evaluate_flow(args.pretrained, args.tuned, args.spec))

@@ -1,0 +1,39 @@
+"""The whole pipeline: data -> pretrain -> instruction tuning -> evaluation, each step cached or resumed.
+
+    python -m flows.pipeline                      # bundled data, tiny model, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from prefect import flow, get_run_logger
+
+from flows.data import require_server
+from flows.evaluate import evaluate_flow
+from flows.pretrain import pretrain_flow
+from flows.sft import sft_flow
+
+
+@flow(name="pipeline")
+def pipeline_flow(data_spec_path: str = "data_specs/default.yaml", sft_spec_path: str = "data_specs/sft_default.yaml",
+                  eval_spec_path: str = "data_specs/eval_default.yaml", preset: str = "tiny", tp: int = 1,
+                  pp: int = 1, nproc: int | None = None, gpus_required: bool = False,
+                  pretrain_train: dict | None = None, sft_train: dict | None = None, runs_dir: str = "runs",
+                  reports_dir: str = "reports") -> str:
+    """Returns the evaluation report directory (report.md, results.json)."""
+    pretrained = pretrain_flow(data_spec_path, preset, tp, pp, nproc, gpus_required, pretrain_train, runs_dir)
+    tuned = sft_flow(sft_spec_path, pretrained, tp, pp, nproc, gpus_required, sft_train, runs_dir)
+    report = evaluate_flow(pretrained, tuned, eval_spec_path, runs_dir, reports_dir)
+    get_run_logger().info(f"pipeline done; evaluation report: {report}/report.md")
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrain-steps", type=int, default=None)
+    parser.add_argument("--sft-steps", type=int, default=None)
+    args = parser.parse_args()
+    require_server()
+    print(pipeline_flow(pretrain_train={"steps": args.pretrain_steps} if args.pretrain_steps else None,
+                        sft_train={"steps": args.sft_steps} if args.sft_steps else None))

@@ -1,0 +1,52 @@
+"""Instruction-tuning flow: SFT shards from an instruction spec (cached), then fine-tuning from a pretraining
+checkpoint (saved at any TP/PP).
+
+    python -m flows.sft --pretrained runs/tiny-<hash>        # default: the newest pretraining run
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import flow
+
+from flows.data import require_server
+from model.data import load_manifest
+from model.export_hf import tokenizer_dir
+from tasks.artifacts import ArtifactRef, run_stage
+from tasks.download import resolve
+from tasks.pretrain import PretrainConfig, preflight
+from tasks.sft import checkpoint_state, newest_run, resolve_checkpoint, sft
+from tasks.sft_data import sft_data
+from tasks.spec import SFTSpec, load_spec, resolve_path
+
+
+@flow(name="sft")
+def sft_flow(sft_spec_path: str = "data_specs/sft_default.yaml", pretrained: str | None = None, tp: int = 1,
+             pp: int = 1, nproc: int | None = None, gpus_required: bool = False, train: dict | None = None,
+             runs_dir: str = "runs") -> str:
+    """Fine-tune `pretrained` (a run directory or checkpoint; default the newest pretraining run) on the
+    instruction set of `sft_spec_path`; returns the SFT run directory."""
+    config = PretrainConfig(tp=tp, pp=pp, nproc=nproc, gpus_required=gpus_required, train=train or {})
+    preflight(config)
+    runs = resolve_path(runs_dir)
+    checkpoint = resolve_checkpoint(resolve_path(pretrained) if pretrained else newest_run(runs, "pretrain"))
+    manifest_dir = Path(checkpoint_state(checkpoint)["manifest"])
+    manifest = load_manifest(manifest_dir)
+    spec = load_spec(sft_spec_path, SFTSpec)
+    tokenizer = ArtifactRef(stage="tokenizer", fingerprint=manifest["lineage"].get("tokenizer", "unknown"),
+                            path=str(tokenizer_dir(manifest_dir)))
+    shards = run_stage(sft_data, resolved=[resolve(s) for s in spec.sources], spec=spec, tokenizer=tokenizer,
+                       seq_len=manifest["seq_len"], artifacts_dir=str(manifest_dir.parents[1]))
+    return sft(str(shards.dir / "manifest.json"), str(checkpoint), config, str(runs))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", default="data_specs/sft_default.yaml")
+    parser.add_argument("--pretrained", default=None, help="run directory or checkpoint (default: newest run)")
+    parser.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args()
+    require_server()
+    print(sft_flow(args.spec, args.pretrained, train={"steps": args.steps} if args.steps else None))

@@ -1,0 +1,139 @@
+"""Stage 3b, decontaminate: drop pretraining documents that share an n-gram with the instruction or evaluation
+sets, so evaluation does not measure memorisation.
+
+The reference n-grams are hashed with datatrove's own text normalisation, word splitting and hash function, into
+its index format (`<set>.index.hashes`); datatrove's `NGramsDecontFilter` then scans the documents. (datatrove's
+index builder reads references only through lighteval's task registry, which downloads them; ours come from the
+specs.) As in datatrove, reference n-grams are those of the answer, and those straddling question and answer;
+we also index the question's own n-grams, since a training document quoting a benchmark question is contaminated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from datatrove.pipeline.decont import NGramsDecontConfig, NGramsDecontFilter
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.hashing import create_hash_func
+from datatrove.utils.text import ngrams, simplify_text
+from prefect import task
+from pydantic import BaseModel
+
+from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
+from tasks.blocks import RegexWordTokenizer, run_pipeline
+from tasks.dedup import _count
+from tasks.download import ResolvedSource, resolve_source, source_records
+from tasks.tokenizer import iter_documents
+from tasks.spec import DecontaminationConfig, EvalSpec, ExecutorConfig, SFTSpec, load_spec, resolve_path
+
+
+class ReferenceSet(BaseModel):
+    """One instruction or evaluation set, pinned to its content like a corpus source."""
+
+    name: str
+    kind: str  # "sft", "multiple_choice" or "prompts"
+    resolved: ResolvedSource | None = None
+    prompts: list[str] = []
+
+
+def reference_sets(config: DecontaminationConfig) -> list[ReferenceSet]:
+    """Every set named by the specs in `config.against` (an SFT spec has `sources`, an eval spec does not)."""
+    import yaml
+
+    sets = []
+    for path in config.against:
+        raw = yaml.safe_load(resolve_path(path).read_text()) if resolve_path(path).is_file() else {}
+        spec = load_spec(path, SFTSpec if "sources" in (raw or {}) else EvalSpec)
+        if isinstance(spec, SFTSpec):
+            sets += [ReferenceSet(name=f"sft/{s.name}", kind="sft", resolved=resolve_source(s)) for s in spec.sources]
+        else:
+            sets += [ReferenceSet(name=f"eval/{s.name}", kind="multiple_choice", resolved=resolve_source(s))
+                     for s in spec.multiple_choice]
+            if spec.prompts:
+                sets.append(ReferenceSet(name=f"eval/{spec.name}-prompts", kind="prompts", prompts=spec.prompts))
+    return sets
+
+
+def reference_pairs(ref: ReferenceSet, downloads_dir: Path) -> Iterator[tuple[str, str]]:
+    """(question, answer) texts of a set; unusable records are skipped here (the SFT and eval stages report
+    them)."""
+    from tasks.evaluate import multiple_choice_item
+    from tasks.sft_data import conversation
+
+    if ref.kind == "prompts":
+        yield from (("", p) for p in ref.prompts)
+        return
+    source = ref.resolved.source
+    for rec in source_records(ref.resolved, downloads_dir):
+        if ref.kind == "sft":
+            messages, _ = conversation(rec, source, None)
+            for prev, msg in zip([None, *(messages or [])], messages or []):
+                if msg["role"] == "assistant":
+                    yield (prev["content"] if prev else ""), msg["content"]
+        else:
+            item, _ = multiple_choice_item(rec, source)
+            if item:
+                yield item["question"], item["choices"][item["answer"]]
+
+
+def build_index(refs: list[ReferenceSet], config: NGramsDecontConfig, index_dir: Path, downloads_dir: Path) -> dict:
+    words, hash_func = RegexWordTokenizer(), create_hash_func(config.hash_config)
+
+    def tokens(text: str) -> list[str]:
+        return words.word_tokenize(simplify_text(text, config.norm_config))
+
+    n = config.n_grams
+    sizes = {}
+    index_dir.mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        hashes = set()
+        for question, answer in reference_pairs(ref, downloads_dir):
+            q, a = tokens(question), tokens(answer)
+            grams = list(ngrams(a, n)) + list(ngrams(q, n))
+            grams += [q[len(q) - n + 1 + i:] + a[:i + 1] for i in range(n - 1) if len(q) >= n - 1 - i and len(a) > i]
+            hashes.update(hash_func(" ".join(g)) for g in grams)
+        sizes[ref.name] = len(hashes)
+        np.array(sorted(hashes), dtype=config.hash_config.np_descr).tofile(
+            index_dir / f"{ref.name.replace('/', '__')}.index.hashes")
+    return sizes
+
+
+def decontaminate_documents(docs_dir: Path, refs: list[ReferenceSet], config: DecontaminationConfig,
+                            executor: ExecutorConfig, out_dir: Path) -> dict:
+    decont = NGramsDecontConfig(n_grams=config.n_grams, find_query_ngrams=True)
+    index_sizes = build_index(refs, decont, out_dir / "index", out_dir.parent / "_downloads")
+    tasks = max(1, len(list(docs_dir.glob("*/*.jsonl.gz"))))
+
+    def writer(folder: Path) -> JsonlWriter:
+        return JsonlWriter(str(folder), output_filename="${source}/${rank}.jsonl.gz", compression="gzip")
+
+    run_pipeline([JsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"),
+                  NGramsDecontFilter(str(out_dir / "index"), config=decont, language=RegexWordTokenizer(),
+                                     exclusion_writer=writer(out_dir / "removed")),
+                  writer(out_dir / "docs")], executor, out_dir / "_logs", tasks=tasks)
+    docs_in, _ = _count(docs_dir)
+    docs_out, bytes_out = _count(out_dir / "docs")
+    removed, _ = _count(out_dir / "removed")
+    by_set: dict[str, int] = {}
+    for doc in iter_documents(out_dir / "removed"):
+        name = doc["metadata"].get("contaminated_task", "?").replace("__", "/")
+        by_set[name] = by_set.get(name, 0) + 1
+    summary = {"docs_in": sum(docs_in.values()), "docs_out": sum(docs_out.values()),
+               "bytes_out": sum(bytes_out.values()), "removed": sum(removed.values()),
+               "removed_per_source": dict(removed), "removed_per_set": by_set, "n_grams": config.n_grams,
+               "index_ngrams": index_sizes}
+    get_logger().info(f"decontaminate: removed {summary['removed']} of {summary['docs_in']} documents sharing a "
+                      f"{config.n_grams}-gram with {len(refs)} reference sets {by_set or ''}")
+    return summary
+
+
+@task(name="decontaminate", **STAGE_TASK_OPTIONS)
+def decontaminate(documents: ArtifactRef, references: list[ReferenceSet], config: DecontaminationConfig,
+                  executor: ExecutorConfig, artifacts_dir: str) -> ArtifactRef:
+    return build_artifact("decontaminate", dict(documents=documents, references=references, config=config,
+                                                executor=executor, artifacts_dir=artifacts_dir),
+                          lambda out: decontaminate_documents(documents.dir / "docs", references, config, executor,
+                                                              out))

@@ -1,0 +1,80 @@
+"""Where a checkpoint came from: its run, the manifest it trained on (shards, tokenizer, mixture), the cleaning,
+dedup and decontamination settings, and the source files with their checksums. An instruction-tuned checkpoint
+also shows the pretraining checkpoint it started from, and that one's lineage.
+
+    python -m tasks.lineage runs/tiny-<hash>            # a run directory (its latest checkpoint) or a checkpoint
+    python -m tasks.lineage runs/tiny-<hash> --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from model.data import load_manifest
+from tasks.sft import checkpoint_state, resolve_checkpoint
+
+
+def lineage(path: str | Path) -> dict:
+    checkpoint = resolve_checkpoint(Path(path))
+    state = checkpoint_state(checkpoint)
+    manifest_dir = Path(state["manifest"])
+    manifest = load_manifest(manifest_dir)
+    meta = manifest["lineage"]
+    spec = meta.get("spec") or meta.get("sft_spec") or {}
+    out = {
+        "checkpoint": str(checkpoint), "step": state["step"], "consumed_samples": state["consumed_samples"],
+        "preset": state["preset"], "model": state["model"],
+        "manifest": {"path": str(manifest_dir / "manifest.json"), "version": manifest["version"],
+                     "seq_len": manifest["seq_len"], "vocab_size": manifest["vocab_size"],
+                     "mixture": manifest["mixture"], "totals": manifest["totals"],
+                     "shards": [f"{s['split']}/{s['source']}: {s['path']} ({s['rows']} rows, sha256 {s['sha256'][:12]})"
+                                for s in manifest["shards"]]},
+        "tokenizer": {"dir": meta.get("tokenizer_dir"), "fingerprint": meta.get("tokenizer"),
+                      "sha256": manifest["tokenizer_sha256"]},
+        "spec": {"path": meta.get("spec_path"), "name": spec.get("name")},
+        "settings": {k: spec[k] for k in ("cleaning", "dedup", "decontamination", "tokenizer", "sharding") if k in spec},
+        "per_source_cleaning": {s["name"]: s.get("cleaning") for s in spec.get("sources", []) if s.get("cleaning")},
+        "source_files": meta.get("source_files", {}),
+        "upstream_artifacts": meta.get("upstream", {}),
+    }
+    if state.get("init_from"):
+        out["initialised_from"] = lineage(state["init_from"])
+    return out
+
+
+def print_lineage(info: dict, indent: str = "") -> None:
+    p = lambda text: print(indent + text)  # noqa: E731
+    p(f"checkpoint  {info['checkpoint']} (step {info['step']}, {info['consumed_samples']:,} samples, "
+      f"preset {info['preset']})")
+    m = info["manifest"]
+    p(f"manifest    {m['path']} (version {m['version']}, seq {m['seq_len']}, vocab {m['vocab_size']})")
+    p(f"mixture     " + ", ".join(f"{k} {v:.3f}" for k, v in m["mixture"].items()))
+    p(f"tokenizer   {info['tokenizer']['dir']} (sha256 {info['tokenizer']['sha256'][:12]})")
+    p(f"spec        {info['spec']['path']} ({info['spec']['name']})")
+    for shard in m["shards"]:
+        p(f"  shard     {shard}")
+    for name, value in info["settings"].items():
+        p(f"{name:<11} {json.dumps(value, sort_keys=True)}")
+    for source, overrides in info["per_source_cleaning"].items():
+        p(f"cleaning[{source}] overrides {json.dumps(overrides, sort_keys=True)}")
+    for source, files in info["source_files"].items():
+        for file, digest in files:
+            p(f"source      {source}: {file} (sha256 {digest[:12]})")
+    if "initialised_from" in info:
+        p("initialised from:")
+        print_lineage(info["initialised_from"], indent + "    ")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="a run directory or a checkpoints/step-N directory")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    info = lineage(args.path)
+    print(json.dumps(info, indent=1)) if args.json else print_lineage(info)
+
+
+if __name__ == "__main__":
+    main()

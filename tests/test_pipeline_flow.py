@@ -1,0 +1,54 @@
+"""The whole pipeline on a real Prefect server: data -> pretrain -> SFT -> evaluation report."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+from flows.pipeline import pipeline_flow
+from tasks.lineage import lineage
+
+from conftest import small_spec, write_spec
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+PRETRAIN = {"steps": 40, "global_batch": 8, "micro_batch": 4, "warmup_steps": 4, "lr": 0.005, "eval_every": 20,
+            "eval_batches": 4, "log_every": 10, "save_every": 20}
+SFT = {"steps": 30, "global_batch": 8, "micro_batch": 4, "warmup_steps": 3, "eval_every": 15, "save_every": 15}
+
+
+@pytest.mark.slow
+def test_pipeline_pretrains_tunes_and_reports(small_corpus, tmp_path):
+    spec = small_spec(small_corpus, tmp_path / "artifacts", sharding={"seq_len": 128, "validation_fraction": 0.05})
+    spec_path = write_spec(tmp_path / "spec.yaml", spec)
+    state = pipeline_flow(str(spec_path), pretrain_train=PRETRAIN, sft_train=SFT, runs_dir=str(tmp_path / "runs"),
+                          reports_dir=str(tmp_path / "reports"), return_state=True)
+    assert state.is_completed(), state
+    report = Path(state.result())
+    results = json.loads((report / "results.json").read_text())
+    pre, tuned = results["results"]["pretrained"], results["results"]["instruction-tuned"]
+    # The tuned checkpoint was initialised from the pretrained one.
+    tuned_state = json.loads((Path(results["checkpoints"]["instruction-tuned"]) / "train_state.json").read_text())
+    assert tuned_state["init_from"] == results["checkpoints"]["pretrained"]
+    # Instruction tuning made held-out replies far more likely; both models still model the pretraining text.
+    assert tuned["sft_validation"]["loss"] < pre["sft_validation"]["loss"] - 0.5
+    assert math.isfinite(pre["validation"]["perplexity"]) and pre["validation"]["tokens"] > 1000
+    civics = pre["multiple_choice"]["civics"]
+    assert civics["items"] == 84 and 0 <= civics["acc"] <= 1 and abs(civics["chance"] - 0.2639) < 1e-3
+    assert len(tuned["generations"]) == 5 and all(isinstance(g["greedy"], str) for g in tuned["generations"])
+    markdown = (report / "report.md").read_text()
+    assert "| civics acc (84 items; chance 0.264)" in markdown and "instruction-tuned, greedy" in markdown
+    # Lineage of the tuned checkpoint reaches back through the pretrained one to the corpus files.
+    info = lineage(results["checkpoints"]["instruction-tuned"])
+    assert info["manifest"]["mixture"] == {"sft": 1.0}
+    pretrained = info["initialised_from"]
+    assert pretrained["checkpoint"] == results["checkpoints"]["pretrained"]
+    assert set(pretrained["source_files"]) == {"sotu", "kjv"} and pretrained["settings"]["decontamination"]["n_grams"] == 13
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["evaluation-report", "evaluation-metrics", "sft-loss-curve"])))}
+    assert keys == {"evaluation-report", "evaluation-metrics", "sft-loss-curve"}

@@ -1,0 +1,178 @@
+"""Instruction tuning (chat template, loss mask, packing without cross-attention, bad records), Hugging Face
+export with logits matching Megatron, and evaluation scoring."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import sentencepiece as spm
+import torch
+
+from model.chat import encode_chat
+from model.data import read_rows
+from tasks.download import resolve_source
+from tasks.sft_data import build_sft_shards
+from tasks.spec import SFTSpec
+
+from conftest import write_jsonl
+from test_model import FAST, metrics, torchrun
+
+ROOT = Path(__file__).resolve().parents[1]
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is AI?"},
+        {"role": "assistant", "content": "A field of science."}, {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "You're welcome!"}]
+
+
+@pytest.fixture(scope="module")
+def sp(tiny_manifest):
+    return spm.SentencePieceProcessor(model_file=str(tiny_manifest.parent / "tokenizer" / "tokenizer.model"))
+
+
+def test_loss_mask_covers_exactly_the_assistant_replies(sp, tiny_manifest):
+    ids, mask = encode_chat(sp, CHAT)
+    end = sp.piece_to_id("<|end|>")
+    # The masked tokens decode to the replies, each closed by <|end|> (which the model must learn to emit).
+    spans, current = [], []
+    for token, m in zip(ids.tolist(), mask.tolist()):
+        if m:
+            current.append(token)
+            if token == end:
+                spans.append(sp.decode(current[:-1]).strip())
+                current = []
+    assert spans == ["A field of science.", "You're welcome!"]
+    assert not mask[: list(ids).index(sp.piece_to_id("<|assistant|>")) + 1].any()  # system/user/role tokens
+    # The template stored with the tokenizer renders and tokenizes the same ids through transformers.
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(tiny_manifest.parent / "tokenizer")
+    assert list(hf.apply_chat_template(CHAT, tokenize=True)["input_ids"]) == ids.tolist()
+
+
+def sft_spec(path: Path, **overrides) -> SFTSpec:
+    return SFTSpec.model_validate({"name": "t", "sources": [{"name": "chat", "kind": "local", "paths": [str(path)],
+                                                            "license": "test"}], **overrides})
+
+
+def test_sft_rows_pack_examples_and_quarantine_bad_records(sp, tiny_manifest, tmp_path):
+    good = [{"id": i, "messages": [{"role": "user", "content": f"Question number {i}?"},
+                                  {"role": "assistant", "content": f"Answer number {i}."}]} for i in range(30)]
+    bad = ['{"id": "x", "messages": [', {"id": "no-messages"},
+           {"messages": [{"role": "robot", "content": "beep"}]},
+           {"messages": [{"role": "user", "content": "only a question"}]},
+           {"messages": [{"role": "user", "content": "long"}, {"role": "assistant", "content": "word " * 200}]}]
+    path = write_jsonl(tmp_path / "sft.jsonl", good[:10] + bad + good[10:])
+    out = tmp_path / "packed"
+    out.mkdir()
+    spec = sft_spec(path, validation_fraction=0.0)
+    summary = build_sft_shards([resolve_source(s) for s in spec.sources], spec, tiny_manifest.parent / "tokenizer",
+                               64, out)
+    quarantined = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [q["origin"].rsplit(":", 1)[1] for q in quarantined] == ["11", "12", "13", "14", "15"]
+    assert summary["quarantined"] == 5 and summary["examples_train"] == 30
+    assert any("too long" in q["reason"] for q in quarantined) and any("malformed JSON" in q["reason"]
+                                                                       for q in quarantined)
+
+    rows = read_rows(pq.read_table(out / "train/sft/shard-00000.parquet"))
+    assert summary["rows_train"] == len(rows["tokens"]) < 30  # packed: several examples per row
+    examples = 0
+    for tokens, mask, segments in zip(rows["tokens"], rows["loss_mask"], rows["segments"]):
+        for k in range(1, segments.max() + 1):
+            where = np.flatnonzero(segments == k)
+            assert (np.diff(where) == 1).all()  # an example is contiguous and never split across rows
+            text = sp.decode(tokens[where][mask[where] == 1].tolist())
+            assert text.startswith("Answer number")  # the loss falls on the reply only
+            examples += 1
+        assert not mask[segments == 0].any()  # padding never counts
+    assert examples == 30
+
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    spec = sft_spec(path, validation_fraction=0.0, packing=False)
+    summary = build_sft_shards([resolve_source(s) for s in spec.sources], spec, tiny_manifest.parent / "tokenizer",
+                               64, unpacked)
+    assert summary["rows_train"] == 30
+
+
+def test_packed_examples_do_not_attend_to_each_other(tiny_manifest, tmp_path, sp):
+    """In a packed row, the second example's logits equal its logits alone; without the mask they differ."""
+    torchrun(1, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / "run"), *FAST)
+    first, _ = encode_chat(sp, CHAT)
+    second, _ = encode_chat(sp, [{"role": "user", "content": "Tell me a joke."},
+                                 {"role": "assistant", "content": "Why did the chicken cross the road?"}])
+    packed = torch.tensor([np.concatenate([first, second]).tolist()])
+    segments = torch.tensor([[1] * len(first) + [2] * len(second)])
+    alone = torch.tensor([second.tolist()])
+
+    def logits(tokens, segs=None):
+        paths = [tmp_path / "tokens.pt", tmp_path / "out.pt", tmp_path / "segments.pt"]
+        torch.save(tokens, paths[0])
+        args = [str(paths[0]), str(paths[1])]
+        if segs is not None:
+            torch.save(segs, paths[2])
+            args.append(str(paths[2]))
+        proc = subprocess.run([sys.executable, str(ROOT / "tests/scripts/megatron_logits.py"),
+                               str(tmp_path / "run/checkpoints/step-000006"), *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return torch.load(paths[1])
+
+    reference = logits(alone)[0]
+    assert torch.allclose(logits(packed, segments)[0, len(first):], reference, atol=1e-5)
+    assert not torch.allclose(logits(packed)[0, len(first):], reference, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_export_from_tp2_checkpoint_matches_megatron_logits(tiny_manifest, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / "run"), "--tp", "2",
+             "--model-overrides", json.dumps({"num_query_groups": 2}), *FAST)
+    checkpoint = tmp_path / "run/checkpoints/step-000006"
+    out = tmp_path / "hf"
+    proc = subprocess.run([sys.executable, "-m", "model.export_hf", str(checkpoint), str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["max_logit_diff"] < 1e-4
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+            "generation_config.json"} <= {p.name for p in out.iterdir()}
+
+    # Independently of the export's own check: load the folder with transformers, compare with Megatron.
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert model.config.num_key_value_heads == 2 and not model.config.tie_word_embeddings
+    tokens = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/scripts/megatron_logits.py"), str(checkpoint),
+                           str(tmp_path / "tokens.pt"), str(tmp_path / "megatron.pt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with torch.no_grad():
+        hf_logits = model(tokens).logits
+    assert (hf_logits - torch.load(tmp_path / "megatron.pt")).abs().max() < 1e-4
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template and tok.convert_tokens_to_ids("<|end|>") in GenerationConfig.from_pretrained(out).eos_token_id
+
+
+@pytest.mark.slow
+def test_sft_from_a_tp2_checkpoint_trains_at_pp2_on_replies(tiny_manifest, tmp_path, sp):
+    """Instruction tuning starts from a pretraining checkpoint saved at another layout and learns the replies."""
+    torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / "pre"), "--tp", "2", *FAST)
+    replies = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
+                             {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
+               for a in range(12) for b in range(12)]
+    path = write_jsonl(tmp_path / "sft.jsonl", replies)
+    spec = sft_spec(path, validation_fraction=0.1)
+    (tmp_path / "sft").mkdir()
+    build_sft_shards([resolve_source(s) for s in spec.sources], spec, tiny_manifest.parent / "tokenizer", 64,
+                     tmp_path / "sft")
+    torchrun(2, "--manifest", str(tmp_path / "sft"), "--run-dir", str(tmp_path / "tuned"), "--pp", "2",
+             "--init-from", str(tmp_path / "pre/checkpoints/step-000006"),
+             *FAST[:FAST.index("--steps")], "--steps", "12", *FAST[FAST.index("--steps") + 2:])
+    m = metrics(tmp_path / "tuned")
+    assert m[0]["loss"] < metrics(tmp_path / "pre")[0]["loss"]  # it started from the pretrained weights
+    assert m[-1]["val_loss"] < m[2]["val_loss"] - 0.3  # and learned the reply format
+    state = json.loads((tmp_path / "tuned/checkpoints/step-000012/train_state.json").read_text())
+    assert state["init_from"].endswith("step-000006") and state["model"]["vocab_size"] == 1000
