@@ -17,10 +17,11 @@ from tasks.spec import resolve_path
 @flow(name="pretrain")
 def pretrain_flow(spec_path: str = "data_specs/default.yaml", preset: str = "tiny", tp: int = 1, pp: int = 1,
                   nproc: int | None = None, gpus_required: bool = False, train: dict | None = None,
-                  runs_dir: str = "runs") -> str:
-    """Build (or reuse) the shards for `spec_path`, then train `preset` on them; returns the run directory."""
+                  runs_dir: str = "runs", launch: dict | None = None) -> str:
+    """Build (or reuse) the shards for `spec_path`, then train `preset` on them; returns the run directory.
+    `launch` sets multi-node fields of PretrainConfig (nnodes, launcher, rdzv_endpoint, node_rank, slurm)."""
     config = PretrainConfig(preset=preset, tp=tp, pp=pp, nproc=nproc, gpus_required=gpus_required,
-                            train=train or {})
+                            train=train or {}, **(launch or {}))
     preflight(config)
     manifest = data_flow(spec_path)
     return pretrain(manifest, config, str(resolve_path(runs_dir)))

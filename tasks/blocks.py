@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import unicodedata
 from pathlib import Path
 
 import regex
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.formatters.base import BaseFormatter
+from datatrove.utils.stats import PipelineStats
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from tasks.spec import ExecutorConfig
@@ -79,8 +81,59 @@ def offline_lid_model() -> Path:
 
 
 def run_pipeline(pipeline: list, executor: ExecutorConfig, logging_dir: Path, tasks: int | None = None):
-    """Run datatrove steps with the configured executor and return its merged PipelineStats."""
+    """Run datatrove steps to completion with the configured executor; return the merged PipelineStats.
+
+    Ray runs block until done. Slurm jobs are submitted with sbatch, then polled with squeue until they leave
+    the queue, so a stage returns only once its output is complete, as with the other executors."""
     tasks = tasks or executor.tasks
-    runner = LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(executor.workers, tasks),
-                                   logging_dir=str(logging_dir), skip_completed=False)
-    return runner.run()
+    workers = min(executor.workers, tasks)
+    if executor.kind == "local":
+        runner = LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers,
+                                       logging_dir=str(logging_dir), skip_completed=False)
+        runner.run()
+    elif executor.kind == "ray":
+        import ray
+        from datatrove.executor import RayPipelineExecutor
+
+        if not ray.is_initialized():
+            ray.init(address=executor.ray_address, include_dashboard=False, log_to_driver=False,
+                     **({} if executor.ray_address else {"num_cpus": executor.workers * executor.cpus_per_task}))
+        runner = RayPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=workers, logging_dir=str(logging_dir),
+                                     skip_completed=False, cpus_per_task=executor.cpus_per_task,
+                                     mem_per_cpu_gb=executor.mem_per_cpu_gb)
+        runner.run()
+    else:
+        runner = slurm_executor(pipeline, executor, logging_dir, tasks, workers)
+        runner.run()
+        wait_for_slurm(runner, executor.poll_seconds)
+    missing = runner.get_incomplete_ranks(range(tasks), skip_completed=True)
+    if missing:
+        raise RuntimeError(f"datatrove tasks {missing} of {tasks} did not complete; logs: {logging_dir}")
+    return sum((PipelineStats.from_json(json.loads(p.read_text()))
+                for p in sorted((Path(logging_dir) / "stats").glob("*.json"))), PipelineStats())
+
+
+def slurm_executor(pipeline: list, executor: ExecutorConfig, logging_dir: Path, tasks: int, workers: int):
+    from datatrove.executor import SlurmPipelineExecutor
+
+    return SlurmPipelineExecutor(
+        pipeline=pipeline, tasks=tasks, workers=workers, time=executor.slurm_time,
+        partition=executor.slurm_partition, cpus_per_task=executor.cpus_per_task,
+        mem_per_cpu_gb=executor.mem_per_cpu_gb, job_name=f"llm-{Path(logging_dir).parent.name}-{Path(logging_dir).name}".replace("_", ""),
+        env_command=executor.slurm_env_command, sbatch_args=executor.slurm_sbatch_args,
+        logging_dir=str(logging_dir), skip_completed=False, requeue=False)
+
+
+def wait_for_slurm(runner, poll_seconds: float) -> None:
+    """Block until the array job (and the stats merge that depends on it) has left the Slurm queue."""
+    import subprocess
+    import time
+
+    if runner.job_id in (None, -1):
+        return
+    while True:
+        queued = subprocess.run(["squeue", "--noheader", "--format=%i", "--jobs", str(runner.job_id)],
+                                capture_output=True, text=True)
+        if queued.returncode != 0 or not queued.stdout.strip():
+            return  # squeue forgets finished jobs (and errors on unknown ids)
+        time.sleep(poll_seconds)

@@ -194,11 +194,28 @@ class ShardingConfig(Strict):
 
 
 class ExecutorConfig(Strict):
-    """Where datatrove runs its pipelines."""
+    """Where datatrove runs its pipelines: this machine's processes, a Ray cluster, or Slurm jobs. The output is
+    the same whichever runs it; with Ray or Slurm the artifacts directory must be on storage every node sees."""
 
-    kind: Literal["local"] = "local"
+    kind: Literal["local", "ray", "slurm"] = "local"
     tasks: int = Field(default=2, ge=1, description="datatrove tasks (input shards) per pipeline.")
-    workers: int = Field(default=2, ge=1, description="Processes running tasks at once.")
+    workers: int = Field(default=2, ge=1, description="Tasks running at once (processes, Ray tasks, array jobs).")
+    cpus_per_task: int = Field(default=1, ge=1, description="ray/slurm: CPUs reserved per task.")
+    mem_per_cpu_gb: float = Field(default=2, gt=0, description="ray/slurm: memory reserved per CPU.")
+    ray_address: str | None = Field(default=None, description="ray: cluster address ('auto' joins the running "
+                                                              "cluster); None starts Ray on this machine.")
+    slurm_partition: str | None = Field(default=None, description="slurm: partition to submit to (required).")
+    slurm_time: str = Field(default="04:00:00", description="slurm: time limit per array job.")
+    slurm_env_command: str | None = Field(default=None, description="slurm: shell line run before each task, "
+                                                                    "e.g. 'source /shared/project/.venv/bin/activate'.")
+    slurm_sbatch_args: dict[str, str] = Field(default={}, description="slurm: extra #SBATCH directives.")
+    poll_seconds: float = Field(default=15, gt=0, description="slurm: how often to check whether a job finished.")
+
+    @model_validator(mode="after")
+    def _slurm_needs_partition(self) -> ExecutorConfig:
+        if self.kind == "slurm" and not self.slurm_partition:
+            raise ValueError("executor kind 'slurm' needs `slurm_partition`")
+        return self
 
 
 class DecontaminationConfig(Toggle):

@@ -1,0 +1,73 @@
+"""Launching training beyond one process group: torchrun c10d across nodes, and Slurm job scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from model.config import llama2_7b
+from model.plan import recommend
+from tasks.pretrain import PretrainConfig, SlurmLaunch, free_port, launch_command, slurm_script
+
+from test_model import FAST, ROOT, metrics, torchrun
+
+
+def test_launch_command_per_layout(tmp_path):
+    one = launch_command(PretrainConfig(tp=2, pp=2), Path("m"), tmp_path / "run")
+    assert one[one.index("--nproc-per-node") + 1] == "4" and one[one.index("--master-addr") + 1] == "127.0.0.1"
+    with pytest.raises(ValueError, match="rdzv_endpoint"):
+        launch_command(PretrainConfig(nnodes=2), Path("m"), tmp_path / "run")
+    two = launch_command(PretrainConfig(tp=2, nproc=8, nnodes=2, node_rank=1, rdzv_endpoint="node0:29400"),
+                         Path("m"), tmp_path / "run")
+    flags = dict(zip(two[3:-1:2], two[4::2]))
+    assert {k: flags[k] for k in ("--nnodes", "--node-rank", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id")} == {
+        "--nnodes": "2", "--node-rank": "1", "--rdzv-backend": "c10d", "--rdzv-endpoint": "node0:29400",
+        "--rdzv-id": "run"}
+    assert "--master-addr" not in two
+
+
+def test_slurm_script_for_7b_on_two_nodes_of_eight_h100(tmp_path):
+    """The worked example of docs/scaling.md: the planner's layout for 16 x 80 GiB, as an sbatch script."""
+    best, _ = recommend(llama2_7b(), gpus=16, gpu_mem_gib=80, global_batch=256)
+    layout = best.layout
+    config = PretrainConfig(preset="7b", tp=layout.tp, pp=layout.pp, nproc=8, nnodes=2, gpus_required=True,
+                            launcher="slurm", train={"micro_batch": layout.micro_batch,
+                                                     "recompute_activations": layout.recompute},
+                            slurm=SlurmLaunch(partition="h100", sbatch_args={"account": "llm"}))
+    script = slurm_script(config, Path("/shared/artifacts/shard/abc"), tmp_path / "run")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --partition=h100", "#SBATCH --account=llm", f"#SBATCH --output={tmp_path}/run/slurm-%j.out"):
+        assert line in script.splitlines(), line
+    srun = next(line for line in script.splitlines() if line.startswith("srun "))
+    for part in ("--nnodes $SLURM_NNODES", "--node-rank $SLURM_NODEID", "--nproc-per-node 8", "--rdzv-backend c10d",
+                 '--rdzv-endpoint "$head":29500', "--rdzv-id $SLURM_JOB_ID", f"--tp {layout.tp}",
+                 "--preset 7b", f"--micro-batch={layout.micro_batch}"):
+        assert part in srun, part
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
+    with pytest.raises(ValueError, match="partition"):
+        slurm_script(config.model_copy(update={"slurm": SlurmLaunch()}), Path("m"), tmp_path)
+
+
+@pytest.mark.slow
+def test_two_nodes_over_loopback_train_like_one(tiny_manifest, tmp_path):
+    """Two torchrun agents (node ranks 0 and 1, one rank each) meet at a c10d rendezvous and train TP=2 with the
+    same losses as one agent running both ranks."""
+    torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / "one"), "--tp", "2", *FAST)
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = []
+    for node in (0, 1):
+        config = PretrainConfig(tp=2, nproc=1, nnodes=2, node_rank=node, rdzv_endpoint=endpoint)
+        cmd = launch_command(config, tiny_manifest, tmp_path / "two")
+        cmd = cmd[:cmd.index("--manifest")] + ["--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / "two"),
+                                                "--tp", "2", *FAST]
+        agents.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                       env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    outputs = [a.communicate(timeout=300)[0] for a in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "TP 2 x PP 1 x DP 1" in "".join(outputs)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["loss"] for r in two] == [r["loss"] for r in one]
+    assert [r["val_loss"] for r in two if "val_loss" in r] == [r["val_loss"] for r in one if "val_loss" in r]
