@@ -10,7 +10,7 @@ from pathlib import Path
 import regex
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.formatters.base import BaseFormatter
-from datatrove.utils.stats import PipelineStats
+from datatrove.utils.stats import MetricStats, MetricStatsDict, PipelineStats
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from tasks.spec import ExecutorConfig
@@ -109,8 +109,19 @@ def run_pipeline(pipeline: list, executor: ExecutorConfig, logging_dir: Path, ta
     missing = runner.get_incomplete_ranks(range(tasks), skip_completed=True)
     if missing:
         raise RuntimeError(f"datatrove tasks {missing} of {tasks} did not complete; logs: {logging_dir}")
-    return sum((PipelineStats.from_json(json.loads(p.read_text()))
-                for p in sorted((Path(logging_dir) / "stats").glob("*.json"))), PipelineStats())
+    return merged_stats(Path(logging_dir) / "stats")
+
+
+def merged_stats(stats_dir: Path) -> PipelineStats:
+    """Every task's stats file summed, as the local executor's own merge does."""
+    merged = PipelineStats()
+    for path in sorted(stats_dir.glob("*.json")):
+        stats = PipelineStats.from_json(json.loads(path.read_text()))
+        for step in stats.stats:  # from_json leaves metrics as saved (numbers, dicts); counting needs MetricStats
+            step.stats = MetricStatsDict(init={k: v if isinstance(v, MetricStats) else MetricStats.from_dict(v)
+                                               for k, v in step.stats.items()})
+        merged = merged + stats
+    return merged
 
 
 def slurm_executor(pipeline: list, executor: ExecutorConfig, logging_dir: Path, tasks: int, workers: int):

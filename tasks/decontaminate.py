@@ -24,7 +24,7 @@ from pydantic import BaseModel
 
 from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
 from tasks.blocks import RegexWordTokenizer, run_pipeline
-from tasks.dedup import _count
+from tasks.dedup import count_documents
 from tasks.download import ResolvedSource, resolve_source, source_records
 from tasks.tokenizer import iter_documents
 from tasks.spec import DecontaminationConfig, EvalSpec, ExecutorConfig, SFTSpec, load_spec, resolve_path
@@ -114,9 +114,9 @@ def decontaminate_documents(docs_dir: Path, refs: list[ReferenceSet], config: De
                   NGramsDecontFilter(str(out_dir / "index"), config=decont, language=RegexWordTokenizer(),
                                      exclusion_writer=writer(out_dir / "removed")),
                   writer(out_dir / "docs")], executor, out_dir / "_logs", tasks=tasks)
-    docs_in, _ = _count(docs_dir)
-    docs_out, bytes_out = _count(out_dir / "docs")
-    removed, _ = _count(out_dir / "removed")
+    docs_in, _ = count_documents(docs_dir)
+    docs_out, bytes_out = count_documents(out_dir / "docs")
+    removed, _ = count_documents(out_dir / "removed")
     by_set: dict[str, int] = {}
     for doc in iter_documents(out_dir / "removed"):
         name = doc["metadata"].get("contaminated_task", "?").replace("__", "/")

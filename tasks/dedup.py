@@ -89,19 +89,19 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
     else:
         shutil.copytree(stage_in, out_dir / "docs")
 
-    docs_in, bytes_in = _count(merged)
-    docs_out, bytes_out = _count(out_dir / "docs")
+    docs_in, bytes_in = count_documents(merged)
+    docs_out, bytes_out = count_documents(out_dir / "docs")
     summary = {"docs_in": sum(docs_in.values()), "docs_out": sum(docs_out.values()),
                "bytes_in": sum(bytes_in.values()), "bytes_out": sum(bytes_out.values()),
-               "removed_exact": sum(_count(out_dir / "removed/exact")[0].values()),
-               "removed_minhash": sum(_count(out_dir / "removed/minhash")[0].values()),
+               "removed_exact": sum(count_documents(out_dir / "removed/exact")[0].values()),
+               "removed_minhash": sum(count_documents(out_dir / "removed/minhash")[0].values()),
                "docs_per_source": dict(docs_out), "bytes_per_source": dict(bytes_out)}
     get_logger().info(f"dedup: {summary['docs_in']} -> {summary['docs_out']} documents "
                       f"({summary['removed_exact']} exact, {summary['removed_minhash']} near duplicates)")
     return summary
 
 
-def _count(folder: Path) -> tuple[Counter, Counter]:
+def count_documents(folder: Path) -> tuple[Counter, Counter]:
     """(documents, text bytes) per source sub-folder."""
     docs: Counter = Counter()
     nbytes: Counter = Counter()

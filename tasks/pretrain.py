@@ -135,7 +135,8 @@ def check_resources(config: PretrainConfig) -> None:
     if config.gpus_required and config.launcher == "torchrun" and have < config.ranks:
         dp = config.world_size // (config.tp * config.pp)
         raise RuntimeError(
-            f"preset '{config.preset}' is set to run on {config.ranks} GPUs per node x {config.nnodes} node(s) "
+            f"preset '{config.preset}' is set to run on {config.ranks} GPUs"
+            f"{f' on each of {config.nnodes} nodes' if config.nnodes > 1 else ''} "
             f"(TP {config.tp} x PP {config.pp} x DP {dp}), but this machine has {have} CUDA device(s). Run it "
             f"where {config.ranks} GPUs are available (see `python -m model.plan --preset {config.preset}` for "
             f"memory per GPU), submit it with launcher: slurm, or run pretrain/tiny here.")
