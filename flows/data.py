@@ -7,8 +7,10 @@ content.
 from __future__ import annotations
 
 import argparse
+import time
 
-from prefect import flow
+from prefect import flow, get_run_logger
+from prefect.events import emit_event
 
 from tasks.artifacts import run_stage
 from tasks.clean import clean
@@ -21,9 +23,17 @@ from tasks.spec import load_spec, resolve_path
 from tasks.tokenizer import tokenizer
 
 
+MANIFEST_EVENT = "llm-pipeline.manifest.created"
+
+
 @flow(name="data")
-def data_flow(spec_path: str = "data_specs/default.yaml") -> str:
-    """Build training shards for a data spec; returns the path of the shard manifest."""
+def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False) -> str:
+    """Build training shards for a data spec; returns the path of the shard manifest.
+
+    With `announce` (the data deployment sets it), a manifest built by this run, not reused, is announced as a
+    Prefect event, `llm-pipeline.manifest.created`, for automations and deployment triggers. Flows that call
+    this one as a step (pretrain, pipeline) leave it off, so they never trigger a second run of their own work."""
+    started = time.time()
     spec = load_spec(spec_path)
     artifacts_dir = str(spec.artifacts_path())
     refs, cleaned, files = [], {}, {}
@@ -50,6 +60,11 @@ def data_flow(spec_path: str = "data_specs/default.yaml") -> str:
                        artifacts_dir=artifacts_dir)
     manifest = str(shards.dir / "manifest.json")
     report(refs + [("all sources", documents), ("all sources", trained), ("all sources", shards)], manifest)
+    if announce and shards.meta().get("built_at", 0) >= started:
+        emit_event(event=MANIFEST_EVENT, resource={"prefect.resource.id": f"llm-pipeline.manifest.{shards.fingerprint}",
+                                                   "prefect.resource.name": spec.name},
+                   payload={"manifest": manifest, "spec_path": spec_path})
+        get_run_logger().info(f"announced new manifest {manifest} ({MANIFEST_EVENT})")
     return manifest
 
 

@@ -218,8 +218,8 @@ def main(argv=None) -> None:
 
     # ---- resume: same data order and optimizer state as if never interrupted
     # What a checkpoint needs to be used without this command line (export, evaluation, lineage):
-    described = {"preset": args.preset, "model": dataclasses.asdict(model_cfg), "manifest": str(Path(args.manifest).resolve()),
-                 "init_from": args.init_from}
+    described = {"preset": args.preset, "model": dataclasses.asdict(model_cfg),
+                 "manifest": str(Path(args.manifest).resolve()), "init_from": args.init_from}
     state = {"step": 0, "consumed_samples": 0}
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:

@@ -146,7 +146,8 @@ def build_artifact(stage: str, params: dict, build: Callable[[Path], dict], labe
         files = {str(p.relative_to(tmp)): (p.stat().st_size, sha256_file(p))
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = {"stage": stage, "fingerprint": final.name, "params": canonical(params),
-                "summary": summary, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                "summary": summary, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "built_at": time.time()}
         (tmp / MANIFEST_NAME).write_text(json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)

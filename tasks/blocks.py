@@ -130,7 +130,8 @@ def slurm_executor(pipeline: list, executor: ExecutorConfig, logging_dir: Path, 
     return SlurmPipelineExecutor(
         pipeline=pipeline, tasks=tasks, workers=workers, time=executor.slurm_time,
         partition=executor.slurm_partition, cpus_per_task=executor.cpus_per_task,
-        mem_per_cpu_gb=executor.mem_per_cpu_gb, job_name=f"llm-{Path(logging_dir).parent.name}-{Path(logging_dir).name}".replace("_", ""),
+        mem_per_cpu_gb=executor.mem_per_cpu_gb,
+        job_name=f"llm-{Path(logging_dir).parent.name}-{Path(logging_dir).name}".replace("_", ""),
         env_command=executor.slurm_env_command, sbatch_args=executor.slurm_sbatch_args,
         logging_dir=str(logging_dir), skip_completed=False, requeue=False)
 

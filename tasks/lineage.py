@@ -34,7 +34,8 @@ def lineage(path: str | Path) -> dict:
         "tokenizer": {"dir": meta.get("tokenizer_dir"), "fingerprint": meta.get("tokenizer"),
                       "sha256": manifest["tokenizer_sha256"]},
         "spec": {"path": meta.get("spec_path"), "name": spec.get("name")},
-        "settings": {k: spec[k] for k in ("cleaning", "dedup", "decontamination", "tokenizer", "sharding") if k in spec},
+        "settings": {k: spec[k] for k in ("cleaning", "dedup", "decontamination", "tokenizer", "sharding")
+                     if k in spec},
         "per_source_cleaning": {s["name"]: s.get("cleaning") for s in spec.get("sources", []) if s.get("cleaning")},
         "source_files": meta.get("source_files", {}),
         "upstream_artifacts": meta.get("upstream", {}),

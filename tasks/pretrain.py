@@ -171,7 +171,8 @@ def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extr
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_slurm_job(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...]) -> tuple[int, Path]:
+def run_slurm_job(config: PretrainConfig, manifest_dir: Path, run_dir: Path,
+                  extra: tuple[str, ...]) -> tuple[int, Path]:
     """Submit the training job with `sbatch --wait` and follow its output file into the log until it ends."""
     log = get_logger()
     script = run_dir / "pretrain.sbatch"

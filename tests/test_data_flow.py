@@ -87,3 +87,44 @@ def test_new_file_in_a_source_recomputes_that_source(small_corpus, tmp_path):
     _, states = run_flow(spec_path)
     assert states["download-sotu"] == "Completed" and states["clean-sotu"] == "Completed"
     assert states["download-kjv"] == "Cached" and states["clean-kjv"] == "Cached"
+
+
+@pytest.mark.slow
+def test_new_manifest_is_announced_once_and_triggers_one_run(small_corpus, tmp_path):
+    """The data deployment announces a newly built manifest; a deployment trigger on that event gets exactly one
+    run per new manifest: none for a cached re-run, none when the flow runs as a step of another flow."""
+    import time
+
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    from flows.data import MANIFEST_EVENT
+    from flows.pretrain import pretrain_flow
+
+    trigger = DeploymentEventTrigger(expect={MANIFEST_EVENT}, match={"prefect.resource.id": "llm-pipeline.manifest.*"},
+                                     parameters={"spec_path": "{{ event.payload.spec_path }}"})
+    deployment_id = pretrain_flow.to_deployment(name=f"on-new-data-{tmp_path.name}", triggers=[trigger]).apply()
+
+    def triggered_runs(expected: int) -> list:
+        for _ in range(30):  # the trigger fires within about a second of the event
+            with get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                    deployment_id={"any_": [deployment_id]}))
+            if len(runs) >= expected:
+                break
+            time.sleep(0.5)
+        time.sleep(2)  # and no more arrive
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [deployment_id]}))
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(small_corpus, corpus)
+    spec_path = write_spec(tmp_path / "spec.yaml", small_spec(corpus, tmp_path / "artifacts"))
+    data_flow(str(spec_path))  # as a step of another flow: built, not announced
+    assert triggered_runs(0) == []
+    (corpus / "sotu" / "part-1.jsonl").write_text(json.dumps({"id": "new", "text": (corpus / "sotu" / "part-0.jsonl")
+                                                              .read_text().splitlines()[3]}) + "\n")
+    manifest = data_flow(str(spec_path), announce=True)  # new data: a new manifest, announced
+    runs = triggered_runs(1)
+    assert len(runs) == 1 and runs[0].parameters["spec_path"] == str(spec_path)
+    assert data_flow(str(spec_path), announce=True) == manifest  # nothing new: cached, not announced
+    assert len(triggered_runs(1)) == 1
