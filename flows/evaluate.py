@@ -13,7 +13,8 @@ from prefect import flow
 
 from flows.data import require_server
 from tasks.evaluate import evaluate_model, export_hf, load_items, publish_report
-from tasks.sft import checkpoint_state, newest_run, resolve_checkpoint
+from model.checkpoint import read_train_state, resolve_checkpoint
+from tasks.sft import newest_run
 from tasks.spec import EvalSpec, load_spec, resolve_path
 
 
@@ -27,8 +28,8 @@ def evaluate_flow(pretrained: str | None = None, tuned: str | None = None,
         "pretrained": resolve_checkpoint(resolve_path(pretrained) if pretrained else newest_run(runs, "pretrain")),
         "instruction-tuned": resolve_checkpoint(resolve_path(tuned) if tuned else newest_run(runs, "sft"))}
     spec = load_spec(eval_spec_path, EvalSpec)
-    manifest = checkpoint_state(checkpoints["pretrained"])["manifest"]
-    sft_manifest = checkpoint_state(checkpoints["instruction-tuned"])["manifest"]
+    manifest = read_train_state(checkpoints["pretrained"])["manifest"]
+    sft_manifest = read_train_state(checkpoints["instruction-tuned"])["manifest"]
     items, benchmarks = load_items(spec, Path(manifest).parents[1] / "_downloads")
     results = {}
     for label, checkpoint in checkpoints.items():

@@ -12,12 +12,13 @@ from pathlib import Path
 from prefect import flow
 
 from flows.data import require_server
+from model.checkpoint import read_train_state, resolve_checkpoint
 from model.data import load_manifest
 from model.export_hf import tokenizer_dir
 from tasks.artifacts import ArtifactRef, run_stage
 from tasks.download import resolve
 from tasks.pretrain import PretrainConfig, preflight
-from tasks.sft import checkpoint_state, newest_run, resolve_checkpoint, sft
+from tasks.sft import newest_run, sft
 from tasks.sft_data import sft_data
 from tasks.spec import SFTSpec, load_spec, resolve_path
 
@@ -32,7 +33,7 @@ def sft_flow(sft_spec_path: str = "data_specs/sft_default.yaml", pretrained: str
     preflight(config)
     runs = resolve_path(runs_dir)
     checkpoint = resolve_checkpoint(resolve_path(pretrained) if pretrained else newest_run(runs, "pretrain"))
-    manifest_dir = Path(checkpoint_state(checkpoint)["manifest"])
+    manifest_dir = Path(read_train_state(checkpoint)["manifest"])
     manifest = load_manifest(manifest_dir)
     spec = load_spec(sft_spec_path, SFTSpec)
     tokenizer = ArtifactRef(stage="tokenizer", fingerprint=manifest["lineage"].get("tokenizer", "unknown"),

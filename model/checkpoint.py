@@ -15,10 +15,27 @@ import shutil
 from pathlib import Path
 
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 
 LATEST = "latest"
 STATE_FILE = "train_state.json"
+
+
+def read_train_state(checkpoint: Path) -> dict:
+    """What model/train.py recorded with a checkpoint: step, consumed samples, scheduler, and (since SFT) the
+    preset, model config, manifest and the checkpoint it was initialised from."""
+    return json.loads((Path(checkpoint) / STATE_FILE).read_text())
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, given either it or a run directory (whose newest checkpoint is used)."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint (no {STATE_FILE}) nor a run directory with "
+                                f"checkpoints/{LATEST}")
+    return latest
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -34,6 +51,8 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, model, optimizer, train_state: dict) -> Path:
     """Collective: every rank calls it. `train_state` (step, consumed samples, scheduler...) is JSON."""
+    from megatron.core import dist_checkpointing  # here, so reading train states does not import Megatron
+
     root = Path(run_dir) / "checkpoints"
     final = root / f"step-{train_state['step']:06d}"
     tmp = root / f"{final.name}.tmp"
@@ -58,6 +77,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, train_state: dict) -> Path:
 
 def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     """Load model (and optimizer) state saved at any TP/PP layout; returns the saved train_state."""
+    from megatron.core import dist_checkpointing
+
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
     if optimizer is not None:
@@ -66,4 +87,4 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    return read_train_state(path)

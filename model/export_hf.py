@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from model import compat
+from model.checkpoint import read_train_state
 from model.config import ModelConfig, ParallelConfig, TrainConfig
 from model.data import load_manifest, validation_rows
 
@@ -29,7 +30,7 @@ MAX_LOGIT_DIFF = 1e-4  # fp32
 
 def checkpoint_info(checkpoint: Path) -> dict:
     """What model/train.py recorded with the checkpoint: step, preset, model config, manifest."""
-    state = json.loads((checkpoint / "train_state.json").read_text())
+    state = read_train_state(checkpoint)
     if "model" not in state:
         raise ValueError(f"{checkpoint} does not record its model config (saved by an older model/train.py); "
                          f"re-save it by resuming training for one step")

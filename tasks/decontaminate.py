@@ -16,7 +16,6 @@ from typing import Iterator
 import numpy as np
 from datatrove.pipeline.decont import NGramsDecontConfig, NGramsDecontFilter
 from datatrove.pipeline.readers import JsonlReader
-from datatrove.pipeline.writers import JsonlWriter
 from datatrove.utils.hashing import create_hash_func
 from datatrove.utils.text import ngrams, simplify_text
 from prefect import task
@@ -24,7 +23,7 @@ from pydantic import BaseModel
 
 from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
 from tasks.blocks import RegexWordTokenizer, run_pipeline
-from tasks.dedup import count_documents
+from tasks.dedup import count_documents, per_source_writer
 from tasks.download import ResolvedSource, resolve_source, source_records
 from tasks.tokenizer import iter_documents
 from tasks.spec import DecontaminationConfig, EvalSpec, ExecutorConfig, SFTSpec, load_spec, resolve_path
@@ -107,13 +106,10 @@ def decontaminate_documents(docs_dir: Path, refs: list[ReferenceSet], config: De
     index_sizes = build_index(refs, decont, out_dir / "index", out_dir.parent / "_downloads")
     tasks = max(1, len(list(docs_dir.glob("*/*.jsonl.gz"))))
 
-    def writer(folder: Path) -> JsonlWriter:
-        return JsonlWriter(str(folder), output_filename="${source}/${rank}.jsonl.gz", compression="gzip")
-
     run_pipeline([JsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"),
                   NGramsDecontFilter(str(out_dir / "index"), config=decont, language=RegexWordTokenizer(),
-                                     exclusion_writer=writer(out_dir / "removed")),
-                  writer(out_dir / "docs")], executor, out_dir / "_logs", tasks=tasks)
+                                     exclusion_writer=per_source_writer(out_dir / "removed")),
+                  per_source_writer(out_dir / "docs")], executor, out_dir / "_logs", tasks=tasks)
     docs_in, _ = count_documents(docs_dir)
     docs_out, bytes_out = count_documents(out_dir / "docs")
     removed, _ = count_documents(out_dir / "removed")

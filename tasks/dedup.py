@@ -31,6 +31,11 @@ def document_text(doc) -> str:
     return doc.text
 
 
+def per_source_writer(folder: Path) -> JsonlWriter:
+    """Documents written per source, `<folder>/<source>/<rank>.jsonl.gz`, as later stages read them."""
+    return JsonlWriter(str(folder), output_filename="${source}/${rank}.jsonl.gz", compression="gzip")
+
+
 def dedup_documents(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfig, out_dir: Path) -> dict:
     """Deduplicate the documents under each `inputs[source]` folder into `out_dir/docs/<source>/`."""
     work = out_dir.parent / f".work-{out_dir.name}"  # scratch space, never part of the artifact
@@ -54,9 +59,6 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
     def reader(folder: Path) -> JsonlReader:
         return JsonlReader(str(folder), glob_pattern="*/*.jsonl.gz")
 
-    def writer(folder: Path) -> JsonlWriter:
-        return JsonlWriter(str(folder), output_filename="${source}/${rank}.jsonl.gz", compression="gzip")
-
     stage_in = merged
     if config.exact:
         exact = ExactDedupConfig(content_getter=document_text)
@@ -64,9 +66,10 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
                      executor, work / "logs/exact1", tasks=tasks)
         run_pipeline([ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact)],
                      executor, work / "logs/exact2", tasks=1)
+        removed = per_source_writer(out_dir / "removed/exact")
         run_pipeline([reader(stage_in), ExactDedupFilter(str(work / "exact_dups"), config=exact,
-                                                         exclusion_writer=writer(out_dir / "removed/exact")),
-                      writer(work / "after_exact")], executor, work / "logs/exact3", tasks=tasks)
+                                                         exclusion_writer=removed),
+                      per_source_writer(work / "after_exact")], executor, work / "logs/exact3", tasks=tasks)
         stage_in = work / "after_exact"
 
     if config.minhash.enabled:
@@ -83,9 +86,9 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
         run_pipeline([MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=minhash)],
                      executor, work / "logs/mh3", tasks=1)
         # Must use the same reader and task count as the signature step: removals are indexed by (rank, doc).
-        run_pipeline([reader(stage_in), MinhashDedupFilter(str(work / "mh_remove"),
-                                                           exclusion_writer=writer(out_dir / "removed/minhash")),
-                      writer(out_dir / "docs")], executor, work / "logs/mh4", tasks=tasks)
+        removed = per_source_writer(out_dir / "removed/minhash")
+        run_pipeline([reader(stage_in), MinhashDedupFilter(str(work / "mh_remove"), exclusion_writer=removed),
+                      per_source_writer(out_dir / "docs")], executor, work / "logs/mh4", tasks=tasks)
     else:
         shutil.copytree(stage_in, out_dir / "docs")
 

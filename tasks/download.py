@@ -17,7 +17,7 @@ import urllib.parse
 import urllib.request
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 import pyarrow.parquet as pq
 from prefect import task
@@ -187,7 +187,39 @@ def source_records(resolved: ResolvedSource, downloads_dir: Path) -> Iterator[Re
         return _hf_records(source)
     paths = ([Path(p) for p, _ in resolved.files] if source.kind == "local"
              else [fetch_url(source.url, source.sha256, downloads_dir, source.name)])
-    return (rec for p in paths for rec in read_records(p, _file_format(p, source.format), source.text_field))
+    return (rec for p in paths for rec in read_records(p, _file_format(p, source.format), source.record_field))
+
+
+class Quarantine:
+    """One source's unusable records: each is written to an open quarantine.jsonl with its origin, reason and a
+    preview, and counted by reason (the reason's text before any detail)."""
+
+    def __init__(self, file: IO[str], source: SourceSpec):
+        self.file, self.source = file, source
+        self.reasons: Counter[str] = Counter()
+
+    def add(self, rec: Record, problem: str) -> None:
+        self.reasons[problem.split(":")[0].split(" (")[0]] += 1
+        preview = rec.raw if isinstance(rec.raw, str) else json.dumps(rec.raw, ensure_ascii=False, default=str)
+        self.file.write(json.dumps({"origin": rec.origin, "reason": problem, "preview": preview[:PREVIEW_CHARS]},
+                                   ensure_ascii=False) + "\n")
+
+    @property
+    def count(self) -> int:
+        return sum(self.reasons.values())
+
+    def check(self, seen: int, what: str, fields: str) -> None:
+        """Fail the source if it held no records or more than max_bad_fraction unusable ones; else warn."""
+        name = self.source.name
+        if seen == 0:
+            raise SourceError(f"{what} '{name}': its inputs hold no records")
+        if self.count / seen > self.source.max_bad_fraction:
+            top = ", ".join(f"{r} x{n}" for r, n in self.reasons.most_common(3))
+            raise SourceError(f"{what} '{name}': {self.count} of {seen} records are unusable ({top}); this exceeds "
+                              f"max_bad_fraction={self.source.max_bad_fraction}. Check {fields} and the input "
+                              f"files; examples are in {self.file.name}")
+        if self.count:
+            get_logger().warning(f"{what} {name}: quarantined {self.count} of {seen} records: {dict(self.reasons)}")
 
 
 def normalise_source(resolved: ResolvedSource, out_dir: Path, num_files: int, downloads_dir: Path) -> dict:
@@ -200,40 +232,26 @@ def normalise_source(resolved: ResolvedSource, out_dir: Path, num_files: int, do
     docs_dir.mkdir()
     outs = [gzip.open(docs_dir / f"{i:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=3)
             for i in range(num_files)]
-    reasons: Counter[str] = Counter()
     seen = kept = kept_bytes = 0
-    with open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
+    with open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as file:
+        quarantine = Quarantine(file, source)
         for rec in records:
             seen += 1
             doc, problem = _to_document(rec, source)
             if problem:
-                reason = problem.split(":")[0].split(" (")[0]
-                reasons[reason] += 1
-                preview = rec.raw if isinstance(rec.raw, str) else json.dumps(rec.raw, ensure_ascii=False,
-                                                                              default=str)[:PREVIEW_CHARS]
-                quarantine.write(json.dumps({"origin": rec.origin, "reason": problem, "preview": preview[:PREVIEW_CHARS]},
-                                            ensure_ascii=False) + "\n")
+                quarantine.add(rec, problem)
                 continue
             outs[kept % num_files].write(json.dumps(doc, ensure_ascii=False) + "\n")
             kept += 1
             kept_bytes += len(doc["text"].encode("utf-8"))
             if kept % 50_000 == 0:
                 log.info(f"download {source.name}: {kept:,} documents so far")
-    for f in outs:
-        f.close()
-
-    bad = sum(reasons.values())
-    if seen == 0:
-        raise SourceError(f"source '{source.name}': its inputs hold no records")
-    if bad / seen > source.max_bad_fraction:
-        top = ", ".join(f"{r} x{n}" for r, n in reasons.most_common(3))
-        raise SourceError(f"source '{source.name}': {bad} of {seen} records are unusable ({top}); this exceeds "
-                          f"max_bad_fraction={source.max_bad_fraction}. Check `text_field` ({source.text_field!r}) "
-                          f"and the input files; examples are in {out_dir / 'quarantine.jsonl'}")
-    if bad:
-        log.warning(f"download {source.name}: quarantined {bad} of {seen} records: {dict(reasons)}")
+        for f in outs:
+            f.close()
+        quarantine.check(seen, "source", f"`text_field` ({source.text_field!r})")
     return {"source": source.name, "records": seen, "docs": kept, "bytes": kept_bytes,
-            "quarantined": bad, "quarantine_reasons": dict(reasons), "license": source.license}
+            "quarantined": quarantine.count, "quarantine_reasons": dict(quarantine.reasons),
+            "license": source.license}
 
 
 def _to_document(rec: Record, source: SourceSpec) -> tuple[dict | None, str | None]:

@@ -42,7 +42,7 @@ def load_items(spec: EvalSpec, downloads_dir: Path) -> tuple[dict[str, list[dict
     """Each benchmark's scorable items, and per benchmark how many records were unusable and why."""
     items, problems = {}, {}
     for source in spec.multiple_choice:
-        resolved = resolve_source(source.model_copy(update={"text_field": source.question_field}))
+        resolved = resolve_source(source)
         good, bad = [], Counter()
         for rec in source_records(resolved, downloads_dir):
             item, problem = multiple_choice_item(rec, source)

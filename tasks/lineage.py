@@ -13,12 +13,12 @@ import json
 from pathlib import Path
 
 from model.data import load_manifest
-from tasks.sft import checkpoint_state, resolve_checkpoint
+from model.checkpoint import read_train_state, resolve_checkpoint
 
 
 def lineage(path: str | Path) -> dict:
     checkpoint = resolve_checkpoint(Path(path))
-    state = checkpoint_state(checkpoint)
+    state = read_train_state(checkpoint)
     manifest_dir = Path(state["manifest"])
     manifest = load_manifest(manifest_dir)
     meta = manifest["lineage"]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from prefect import task
 
+from model.checkpoint import read_train_state
+
 from tasks.artifacts import canonical, get_logger
 from tasks.pretrain import PretrainConfig, check_resources, final_validation, publish_training, run_training
 
@@ -18,30 +20,12 @@ SFT_TRAIN_DEFAULTS = {"steps": 80, "global_batch": 16, "micro_batch": 4, "lr": 1
                       "warmup_steps": 8, "log_every": 10, "eval_every": 20, "save_every": 40, "eval_batches": 4}
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, given either it or a run directory (whose newest checkpoint is used)."""
-    from model.checkpoint import latest_checkpoint
-
-    path = Path(path)
-    if (path / "train_state.json").is_file():
-        return path
-    latest = latest_checkpoint(path)
-    if latest is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint (no train_state.json) nor a run directory with "
-                                f"checkpoints/latest")
-    return latest
-
-
-def checkpoint_state(checkpoint: Path) -> dict:
-    return json.loads((Path(checkpoint) / "train_state.json").read_text())
-
-
 @task(name="sft")
 def sft(sft_manifest: str, init_checkpoint: str, config: PretrainConfig, runs_dir: str) -> str:
     """Fine-tune from `init_checkpoint` on the SFT shards; returns the run directory. The architecture is the
     checkpoint's own, so it cannot drift from what was pretrained."""
     check_resources(config)
-    base = checkpoint_state(Path(init_checkpoint))
+    base = read_train_state(Path(init_checkpoint))
     config = config.model_copy(update={"preset": base["preset"], "model_overrides": base["model"],
                                        "train": {**SFT_TRAIN_DEFAULTS, **config.train}})
     manifest_dir = Path(sft_manifest).parent

@@ -9,7 +9,6 @@ other. Records that cannot be used are quarantined with file:line and reason, an
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from prefect import task
 
 from model.chat import ROLES, encode_chat
 from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger, sha256_file
-from tasks.download import PREVIEW_CHARS, Record, ResolvedSource, SourceError, source_records
+from tasks.download import Quarantine, Record, ResolvedSource, source_records
 from tasks.shard import ShardInfo, ShardManifest
 from tasks.spec import InstructionSourceSpec, SFTSpec
 from tasks.tokenizer import keep_in_sample
@@ -114,13 +113,11 @@ def build_sft_shards(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer_di
     reasons: Counter[str] = Counter()
     per_source: dict[str, dict] = {}
     stats = Counter()
-    with open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as quarantine:
+    with open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as file:
         for res in resolved:
             source = res.source
-            # read_records checks this field exists in Parquet inputs
-            res = res.model_copy(update={"source": source.model_copy(update={"text_field": (
-                source.messages_field if source.layout == "messages" else source.prompt_field)})})
-            seen = bad = 0
+            quarantine = Quarantine(file, source)
+            seen = 0
             for rec in source_records(res, out_dir.parent / "_downloads"):
                 seen += 1
                 messages, problem = conversation(rec, source, spec.system_prompt)
@@ -130,11 +127,7 @@ def build_sft_shards(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer_di
                     if len(ids) > row_len:
                         messages, problem = None, f"too long: {len(ids)} tokens > seq_len + 1 = {row_len}"
                 if messages is None:
-                    bad += 1
-                    reasons[problem.split(":")[0] if ":" in problem else problem] += 1
-                    preview = json.dumps(rec.raw, ensure_ascii=False, default=str)[:PREVIEW_CHARS]
-                    quarantine.write(json.dumps({"origin": rec.origin, "reason": problem, "preview": preview},
-                                                ensure_ascii=False) + "\n")
+                    quarantine.add(rec, problem)
                     continue
                 # Split by the record's id (else file name and line): the same wherever the files live.
                 raw_id = rec.raw.get(source.id_field) if source.id_field else None
@@ -144,14 +137,9 @@ def build_sft_shards(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer_di
                 stats[f"examples_{split}"] += 1
                 stats["tokens"] += len(ids)
                 stats["response_tokens"] += int(mask.sum())
-            if seen == 0:
-                raise SourceError(f"instruction source '{source.name}': its inputs hold no records")
-            if bad / seen > source.max_bad_fraction:
-                raise SourceError(f"instruction source '{source.name}': {bad} of {seen} records are unusable "
-                                  f"({dict(reasons)}); see {out_dir / 'quarantine.jsonl'}")
-            per_source[source.name] = {"records": seen, "quarantined": bad, "license": source.license}
-            if bad:
-                log.warning(f"sft data {source.name}: quarantined {bad} of {seen} records: {dict(reasons)}")
+            quarantine.check(seen, "instruction source", f"`layout` ({source.layout!r}) and its field names")
+            reasons.update(quarantine.reasons)
+            per_source[source.name] = {"records": seen, "quarantined": quarantine.count, "license": source.license}
 
     shards = []
     for split, packer in packers.items():

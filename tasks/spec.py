@@ -51,6 +51,11 @@ class SourceSpec(Strict):
                                     description="Fail the source if more than this share of records is quarantined.")
     cleaning: dict[str, Any] = Field(default={}, description="Overrides merged onto the spec-level `cleaning`.")
 
+    @property
+    def record_field(self) -> str:
+        """The field every record must have (a Parquet input without that column is rejected up front)."""
+        return self.text_field
+
     @model_validator(mode="after")
     def _location_matches_kind(self) -> SourceSpec:
         needed = {"local": ("paths",), "hf": ("dataset",), "url": ("url",)}[self.kind]
@@ -319,6 +324,10 @@ class InstructionSourceSpec(SourceSpec):
     response_field: str = Field(default="response", description="prompt_response: the assistant's answer.")
     system_field: str | None = Field(default="system", description="prompt_response: optional system prompt.")
 
+    @property
+    def record_field(self) -> str:
+        return self.messages_field if self.layout == "messages" else self.prompt_field
+
 
 class SFTSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -337,6 +346,10 @@ class MultipleChoiceSpec(SourceSpec):
     choices_field: str = "choices"
     answer_field: str = Field(default="answer", description="Index of the correct choice, or its text.")
     limit: int | None = Field(default=None, gt=0, description="Score only the first N items.")
+
+    @property
+    def record_field(self) -> str:
+        return self.question_field
 
 
 class EvalSpec(Strict):
