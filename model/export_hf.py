@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from model import compat
 from model.checkpoint import read_train_state
 from model.config import ModelConfig, ParallelConfig, TrainConfig
 from model.data import load_manifest, validation_rows
+from model.distributed import init_single_process
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "special_tokens_map.json")
@@ -46,25 +46,12 @@ def tokenizer_dir(manifest_dir: Path) -> Path:
 
 def load_megatron(checkpoint: Path):
     """(GPTModel at TP=1/PP=1 in fp32 with the checkpoint's weights, ModelConfig, checkpoint info)."""
-    import socket
-
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     from model.checkpoint import load_checkpoint
     from model.gpt import build_model, transformer_config
 
     info = checkpoint_info(checkpoint)
     model_cfg = ModelConfig(**info["model"])
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
-        compat.apply()
-        dist.init_process_group("gloo")
-        ps.initialize_model_parallel(1, 1)
-        compat.manual_seed(0)  # Megatron's RNG tracker must exist to build layers; the weights come from the checkpoint
+    init_single_process()
     config = transformer_config(model_cfg, ParallelConfig(), TrainConfig(bf16=False))
     gpt = build_model(model_cfg, config, pre_process=True, post_process=True)
     load_checkpoint(checkpoint, gpt)

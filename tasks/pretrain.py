@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from typing import Literal
 from prefect import task
 from pydantic import BaseModel, Field
 
+from model.distributed import free_port
 from tasks.artifacts import canonical, get_logger
 from tasks.spec import PROJECT_ROOT
 
@@ -67,13 +67,6 @@ class PretrainConfig(BaseModel):
     @property
     def world_size(self) -> int:
         return self.ranks * self.nnodes
-
-
-def free_port() -> int:
-    """torchrun's static rendezvous hangs with --master-port 0, so pick a free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_args(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:

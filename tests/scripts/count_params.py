@@ -1,7 +1,6 @@
 """Build a preset's GPTModel on the meta device in a one-rank gloo group and print its parameter count."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -10,19 +9,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 import torch.distributed as dist
 
-from model import compat
+from model.distributed import init_single_process
 from model.config import ParallelConfig, TrainConfig, preset
 from model.gpt import build_model, transformer_config
 
 if __name__ == "__main__":
-    compat.apply()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29531")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    from megatron.core import parallel_state
-
-    parallel_state.initialize_model_parallel()
-    compat.manual_seed(0)
+    init_single_process()
     cfg = preset(sys.argv[1])
     with torch.device("meta"):
         model = build_model(cfg, transformer_config(cfg, ParallelConfig(), TrainConfig()), pre_process=True,
