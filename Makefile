@@ -4,7 +4,7 @@ PREFECT := .venv/bin/prefect
 export DO_NOT_TRACK := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup run test up down status data pretrain pipeline bench clean-artifacts
+.PHONY: setup run test test-ui up down status data pretrain pipeline bench clean-artifacts
 
 setup: .venv/.installed
 
@@ -26,6 +26,10 @@ run: setup up
 test: setup
 	$(PY) -m pytest -q
 
+# Opt-in: the pipeline against its own Prefect server, checked in headless Chromium (Debian `chromium`).
+test-ui: setup
+	LLM_PIPELINE_UI_TEST=1 UI_SCREENSHOT_DIR=$(CURDIR)/reports/ui-screenshots $(PY) -m pytest -q -s tests/test_ui.py
+
 up: setup
 	scripts/stack.sh up
 
@@ -46,6 +50,7 @@ pipeline: setup
 
 bench: setup
 	$(PY) bench/data.py
+	$(PY) bench/incremental.py
 
 clean-artifacts:
 	rm -rf artifacts .prefect/storage

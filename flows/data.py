@@ -1,7 +1,8 @@
 """Data flow: download -> clean -> dedup -> decontaminate -> tokenizer -> Parquet shards, every stage cached by
-content.
+content; files added to a source later are ingested incrementally and appended as a new manifest version.
 
     python -m flows.data --spec data_specs/default.yaml
+    python -m flows.data --spec data_specs/default.yaml --full     # rebuild from all files, retrain the tokenizer
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import time
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
-from tasks.artifacts import run_stage
+from tasks.append import Base, append, find_base, settings_key
+from tasks.artifacts import ArtifactRef, run_stage
 from tasks.clean import clean
 from tasks.decontaminate import decontaminate, reference_sets
 from tasks.dedup import dedup
-from tasks.download import download, resolve
+from tasks.download import ResolvedSource, download, resolve
 from tasks.report import report
-from tasks.shard import shard
-from tasks.spec import load_spec, resolve_path
+from tasks.shard import ShardManifest, shard
+from tasks.spec import DataSpec, load_spec, resolve_path
 from tasks.tokenizer import tokenizer
 
 
@@ -27,45 +29,117 @@ MANIFEST_EVENT = "llm-pipeline.manifest.created"
 
 
 @flow(name="data")
-def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False) -> str:
+def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False, incremental: bool = True) -> str:
     """Build training shards for a data spec; returns the path of the shard manifest.
 
-    With `announce` (the data deployment sets it), a manifest built by this run, not reused, is announced as a
-    Prefect event, `llm-pipeline.manifest.created`, for automations and deployment triggers. Flows that call
-    this one as a step (pretrain, pipeline) leave it off, so they never trigger a second run of their own work."""
+    `incremental` (default): when the spec's sources have gained files since a manifest was built with the same
+    settings, only the new files are processed, deduplicated against the persistent index, tokenized with the
+    existing tokenizer, and appended as a new manifest version (tasks/append.py). False rebuilds everything from
+    all files (and retrains the tokenizer).
+
+    With `announce` (the data deployment sets it), a manifest built by this run, not reused, that holds new
+    training rows is announced as a Prefect event, `llm-pipeline.manifest.created`, for automations and
+    deployment triggers. Flows that call this one as a step (pretrain, pipeline) leave it off, so they never
+    trigger a second run of their own work."""
     started = time.time()
+    log = get_run_logger()
     spec = load_spec(spec_path)
+    artifacts_dir = spec.artifacts_path()
+    resolved = {source.name: resolve(source) for source in spec.sources}
+    files = {name: r.files for name, r in resolved.items()}
+    lineage = {"spec_path": str(resolve_path(spec_path)), "spec": spec.model_dump(mode="json"),
+               "source_files": files, "settings": settings_key(spec)}
+    base = find_base(artifacts_dir, lineage["settings"], files) if incremental else None
+    if base is not None and not base.new_files:
+        log.info(f"no new files since manifest version {base.manifest.data_version} ({base.manifest_dir}): "
+                 f"nothing to do")
+        return str(base.manifest_dir / "manifest.json")
+    if base is not None:
+        new = ", ".join(f"{len(fs)} in {s}" for s, fs in base.new_files.items())
+        log.info(f"incremental: new files ({new}) on top of manifest version {base.manifest.data_version} "
+                 f"({base.manifest_dir}); the tokenizer is reused")
+        shards, refs = ingest_new_files(spec, resolved, base, lineage)
+    else:
+        shards, refs = build_all(spec, resolved, lineage)
+    manifest = str(shards.dir / "manifest.json")
+    report(refs, manifest)
+    summary = shards.meta()["summary"]
+    if announce and shards.meta().get("built_at", 0) >= started and summary.get("rows_added", 1) > 0:
+        emit_event(event=MANIFEST_EVENT, resource={"prefect.resource.id": f"llm-pipeline.manifest.{shards.fingerprint}",
+                                                   "prefect.resource.name": spec.name},
+                   payload={"manifest": manifest, "spec_path": spec_path,
+                            "data_version": ShardManifest.load(shards.dir).data_version})
+        log.info(f"announced new manifest {manifest} ({MANIFEST_EVENT})")
+    return manifest
+
+
+def clean_sources(spec: DataSpec, resolved: dict[str, ResolvedSource]) -> tuple[dict[str, ArtifactRef], list]:
+    """Download and clean each given source; returns the cleaned artifacts and (label, artifact) report rows."""
     artifacts_dir = str(spec.artifacts_path())
-    refs, cleaned, files = [], {}, {}
+    cleaned, refs = {}, []
     for source in spec.sources:
-        resolved = resolve(source)
-        files[source.name] = resolved.files
-        downloaded = run_stage(download, resolved=resolved, num_files=spec.executor.tasks,
+        if source.name not in resolved:
+            continue
+        downloaded = run_stage(download, resolved=resolved[source.name], num_files=spec.executor.tasks,
                                artifacts_dir=artifacts_dir)
         cleaned[source.name] = run_stage(clean, downloaded=downloaded, source_name=source.name,
                                          cleaning=spec.cleaning_for(source), executor=spec.executor,
                                          artifacts_dir=artifacts_dir)
         refs += [(source.name, downloaded), (source.name, cleaned[source.name])]
-    deduped = run_stage(dedup, cleaned=cleaned, config=spec.dedup, executor=spec.executor,
+    return cleaned, refs
+
+
+def dedup_and_decontaminate(spec: DataSpec, cleaned: dict[str, ArtifactRef],
+                            base: ArtifactRef | None) -> tuple[ArtifactRef, ArtifactRef, list]:
+    """(dedup artifact, the documents to tokenize, report rows)."""
+    artifacts_dir = str(spec.artifacts_path())
+    deduped = run_stage(dedup, cleaned=cleaned, config=spec.dedup, executor=spec.executor, base=base,
                         artifacts_dir=artifacts_dir)
-    documents = deduped
-    if spec.decontamination.enabled:
-        documents = run_stage(decontaminate, documents=deduped, references=reference_sets(spec.decontamination),
-                              config=spec.decontamination, executor=spec.executor, artifacts_dir=artifacts_dir)
-        refs.append(("all sources", deduped))
+    if not spec.decontamination.enabled:
+        return deduped, deduped, [("all sources", deduped)]
+    documents = run_stage(decontaminate, documents=deduped, references=reference_sets(spec.decontamination),
+                          config=spec.decontamination, executor=spec.executor, artifacts_dir=artifacts_dir)
+    return deduped, documents, [("all sources", deduped), ("all sources", documents)]
+
+
+def build_all(spec: DataSpec, resolved: dict[str, ResolvedSource], lineage: dict) -> tuple[ArtifactRef, list]:
+    """A full build from every file: download -> clean -> dedup -> decontaminate -> tokenizer -> shard."""
+    artifacts_dir = str(spec.artifacts_path())
+    cleaned, refs = clean_sources(spec, resolved)
+    deduped, documents, more = dedup_and_decontaminate(spec, cleaned, base=None)
+    refs += more
     trained = run_stage(tokenizer, documents=documents, config=spec.tokenizer, artifacts_dir=artifacts_dir)
-    lineage = {"spec_path": str(resolve_path(spec_path)), "spec": spec.model_dump(mode="json"),
-               "source_files": files, "upstream": {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}}
+    lineage = {**lineage, "dedup_dir": str(deduped.dir),
+               "upstream": {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}}
     shards = run_stage(shard, documents=documents, tokenizer=trained, config=spec.sharding, lineage=lineage,
                        artifacts_dir=artifacts_dir)
-    manifest = str(shards.dir / "manifest.json")
-    report(refs + [("all sources", documents), ("all sources", trained), ("all sources", shards)], manifest)
-    if announce and shards.meta().get("built_at", 0) >= started:
-        emit_event(event=MANIFEST_EVENT, resource={"prefect.resource.id": f"llm-pipeline.manifest.{shards.fingerprint}",
-                                                   "prefect.resource.name": spec.name},
-                   payload={"manifest": manifest, "spec_path": spec_path})
-        get_run_logger().info(f"announced new manifest {manifest} ({MANIFEST_EVENT})")
-    return manifest
+    return shards, refs + [("all sources", trained), ("all sources", shards)]
+
+
+def ingest_new_files(spec: DataSpec, resolved: dict[str, ResolvedSource], base: Base,
+                     lineage: dict) -> tuple[ArtifactRef, list]:
+    """Only the new files: download -> clean -> dedup against the base's index -> decontaminate -> shard with
+    the base's tokenizer -> append to the base's manifest."""
+    artifacts_dir = str(spec.artifacts_path())
+    new = {name: r.model_copy(update={"files": base.new_files[name]})
+           for name, r in resolved.items() if name in base.new_files}
+    cleaned, refs = clean_sources(spec, new)
+    deduped, documents, more = dedup_and_decontaminate(spec, cleaned, base=base.dedup)
+    refs += more
+    tokenizer_ref = base.tokenizer
+    upstream = {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}
+    added = run_stage(shard, documents=documents, tokenizer=tokenizer_ref, config=spec.sharding, increment=True,
+                      lineage={"spec_path": lineage["spec_path"], "new_files": base.new_files, "upstream": upstream},
+                      artifacts_dir=artifacts_dir)
+    increments = base.manifest.lineage.get("increments", []) + [
+        {"data_version": base.manifest.data_version + 1, "new_files": base.new_files, "shards": str(added.dir),
+         "upstream": upstream}]
+    lineage = {**base.manifest.lineage, **lineage, "dedup_dir": str(deduped.dir), "increments": increments}
+    manifest_ref = ArtifactRef(stage=base.manifest_dir.parent.name, fingerprint=base.manifest_dir.name,
+                               path=str(base.manifest_dir))
+    appended = run_stage(append, base=manifest_ref, added=added, config=spec.sharding, lineage=lineage,
+                         artifacts_dir=artifacts_dir)
+    return appended, refs + [("new documents", added), ("all sources", appended)]
 
 
 def require_server() -> None:
@@ -87,6 +161,7 @@ def require_server() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default="data_specs/default.yaml", help="data spec YAML (default: %(default)s)")
+    parser.add_argument("--full", action="store_true", help="rebuild from all files instead of appending new ones")
     args = parser.parse_args()
     require_server()
-    print(data_flow(args.spec))
+    print(data_flow(args.spec, incremental=not args.full))

@@ -1,6 +1,7 @@
 """Pretraining flow: the (cached) data flow, then Megatron-Core training launched with torchrun.
 
     python -m flows.pretrain --preset tiny
+    python -m flows.pretrain --manifest artifacts/append/<fp>/manifest.json --continue-from latest
 """
 
 from __future__ import annotations
@@ -10,21 +11,30 @@ import argparse
 from prefect import flow
 
 from flows.data import data_flow, require_server
-from tasks.pretrain import PretrainConfig, preflight, pretrain
+from tasks.pretrain import PretrainConfig, continue_from_task, preflight, pretrain
 from tasks.spec import resolve_path
 
 
 @flow(name="pretrain")
 def pretrain_flow(spec_path: str = "data_specs/default.yaml", preset: str = "tiny", tp: int = 1, pp: int = 1,
                   nproc: int | None = None, gpus_required: bool = False, train: dict | None = None,
-                  runs_dir: str = "runs", launch: dict | None = None) -> str:
+                  runs_dir: str = "runs", launch: dict | None = None, manifest: str | None = None,
+                  continue_from: str | None = None) -> str:
     """Build (or reuse) the shards for `spec_path`, then train `preset` on them; returns the run directory.
-    `launch` sets multi-node fields of PretrainConfig (nnodes, launcher, rdzv_endpoint, node_rank, slurm)."""
+
+    `launch` sets multi-node fields of PretrainConfig (nnodes, launcher, rdzv_endpoint, node_rank, slurm).
+    `manifest`: train on this manifest.json instead of running the data flow (the new-manifest event passes it).
+    `continue_from`: continued pretraining from a run directory or checkpoint's weights; "latest" takes the
+    newest finished pretraining run on an earlier manifest with the same tokenizer (or trains from scratch)."""
     config = PretrainConfig(preset=preset, tp=tp, pp=pp, nproc=nproc, gpus_required=gpus_required,
                             train=train or {}, **(launch or {}))
     preflight(config)
-    manifest = data_flow(spec_path)
-    return pretrain(manifest, config, str(resolve_path(runs_dir)))
+    runs = str(resolve_path(runs_dir))
+    # A new string, not the subflow's return value itself: Prefect would record that as a `flow_run` input of the
+    # pretrain task, and the UI's task-run page cannot show those (it stays blank; Prefect 3.9).
+    manifest = str(resolve_path(manifest or data_flow(spec_path)))
+    init_from = continue_from_task(continue_from, manifest, runs) if continue_from else None
+    return pretrain(manifest, config, runs, init_from)
 
 
 if __name__ == "__main__":
@@ -34,7 +44,10 @@ if __name__ == "__main__":
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--manifest", default=None, help="train on this manifest.json (skips the data flow)")
+    parser.add_argument("--continue-from", default=None, metavar="RUN|CHECKPOINT|latest",
+                        help="continued pretraining from these weights")
     args = parser.parse_args()
     require_server()
-    print(pretrain_flow(args.spec, args.preset, args.tp, args.pp,
-                        train={"steps": args.steps} if args.steps else None))
+    print(pretrain_flow(args.spec, args.preset, args.tp, args.pp, train={"steps": args.steps} if args.steps else None,
+                        manifest=args.manifest, continue_from=args.continue_from))

@@ -206,7 +206,9 @@ STAGE_TASK_OPTIONS = dict(cache_key_fn=stage_cache_key, persist_result=True, ret
 
 def run_stage(stage_task, **params) -> ArtifactRef:
     """Call a stage task, trusting Prefect's cached result only if the artifact directory still verifies."""
-    problem = verify(artifact_path(stage_task.name, params))
+    bound = inspect.signature(stage_task.fn).bind(**params)
+    bound.apply_defaults()  # the fingerprint covers parameters left at their defaults too
+    problem = verify(artifact_path(stage_task.name, bound.arguments))
     if problem is not None:
         stage_task = stage_task.with_options(refresh_cache=True)
     return stage_task(**params)

@@ -19,7 +19,8 @@ from datatrove.pipeline.writers import JsonlWriter
 from prefect import task
 
 from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
-from tasks.blocks import RegexWordTokenizer, UnicodeNormalizer, offline_lid_model, run_pipeline
+from tasks.blocks import (RegexWordTokenizer, UnicodeNormalizer, in_process_if_small, offline_lid_model,
+                          run_pipeline)
 from tasks.spec import CleaningConfig, ExecutorConfig
 
 SAMPLE_PREVIEW_CHARS = 600
@@ -70,7 +71,7 @@ def clean_documents(docs_dir: Path, cleaning: CleaningConfig, executor: Executor
     steps = build_filters(cleaning, out_dir / "dropped")
     pipeline = [JsonlReader(str(docs_dir), glob_pattern="*.jsonl.gz"), *(step for _, step in steps),
                 JsonlWriter(str(out_dir / "docs"), output_filename="${rank}.jsonl.gz", compression="gzip")]
-    stats = run_pipeline(pipeline, executor, out_dir / "_logs")
+    stats = run_pipeline(pipeline, in_process_if_small(executor, docs_dir), out_dir / "_logs")
 
     def count(step_index: int, key: str) -> int:
         metric = stats.stats[step_index].stats.get(key)

@@ -22,7 +22,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
-from tasks.blocks import RegexWordTokenizer, run_pipeline
+from tasks.blocks import RegexWordTokenizer, in_process_if_small, run_pipeline
 from tasks.dedup import count_documents, per_source_writer
 from tasks.download import ResolvedSource, resolve_source, source_records
 from tasks.tokenizer import iter_documents
@@ -109,7 +109,8 @@ def decontaminate_documents(docs_dir: Path, refs: list[ReferenceSet], config: De
     run_pipeline([JsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"),
                   NGramsDecontFilter(str(out_dir / "index"), config=decont, language=RegexWordTokenizer(),
                                      exclusion_writer=per_source_writer(out_dir / "removed")),
-                  per_source_writer(out_dir / "docs")], executor, out_dir / "_logs", tasks=tasks)
+                  per_source_writer(out_dir / "docs")], in_process_if_small(executor, docs_dir), out_dir / "_logs",
+                 tasks=tasks)
     docs_in, _ = count_documents(docs_dir)
     docs_out, bytes_out = count_documents(out_dir / "docs")
     removed, _ = count_documents(out_dir / "removed")

@@ -3,6 +3,11 @@
 Input is every source's cleaned documents; output is `docs/<source>/NNNNN.jsonl.gz`, so later stages keep the
 per-source split (mixture weights). Removed documents go to `removed/exact/` and `removed/minhash/`, with the
 kept copy being the first one seen in source order.
+
+The artifact also holds a persistent dedup index, `index/exact/` and `index/minhash/bucket_NNN/`: datatrove index
+files of the signatures of every document this artifact and its `base` saw, one part per ingest. Given a `base`
+(the dedup artifact of earlier data), only the new documents are read, and they are deduplicated against each
+other and against that index; the new artifact's index is the base's parts (hard links) plus one new part.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from datatrove.pipeline.dedup.exact_dedup import ExactDedupBuildIndex
 from datatrove.pipeline.dedup import (ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups,
                                       MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster,
                                       MinhashDedupFilter, MinhashDedupSignature)
@@ -22,13 +28,8 @@ from datatrove.pipeline.writers import JsonlWriter
 from prefect import task
 
 from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
-from tasks.blocks import RegexWordTokenizer, run_pipeline
+from tasks.blocks import RegexWordTokenizer, document_text, in_process_if_small, run_pipeline
 from tasks.spec import DedupConfig, ExecutorConfig
-
-
-def document_text(doc) -> str:
-    """What exact dedup compares (module-level so datatrove can pickle it into worker processes)."""
-    return doc.text
 
 
 def per_source_writer(folder: Path) -> JsonlWriter:
@@ -36,17 +37,32 @@ def per_source_writer(folder: Path) -> JsonlWriter:
     return JsonlWriter(str(folder), output_filename="${source}/${rank}.jsonl.gz", compression="gzip")
 
 
-def dedup_documents(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfig, out_dir: Path) -> dict:
-    """Deduplicate the documents under each `inputs[source]` folder into `out_dir/docs/<source>/`."""
+def dedup_documents(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfig, out_dir: Path,
+                    base_index: Path | None = None) -> dict:
+    """Deduplicate the documents under each `inputs[source]` folder into `out_dir/docs/<source>/`, also against
+    the documents behind `base_index` (an earlier dedup artifact's `index/`), if given."""
     work = out_dir.parent / f".work-{out_dir.name}"  # scratch space, never part of the artifact
     shutil.rmtree(work, ignore_errors=True)
+    index = out_dir / "index"
+    parts = 0
+    if base_index is not None:
+        for f in sorted(base_index.rglob("*")):
+            if f.is_file():
+                (index / f.relative_to(base_index)).parent.mkdir(parents=True, exist_ok=True)
+                os.link(f, index / f.relative_to(base_index))
+        parts = len(list((base_index / "parts").iterdir()))
+    part = f"part-{parts + 1:04d}"  # this ingest's index files
+    (index / "parts").mkdir(parents=True, exist_ok=True)
     try:
-        return _dedup(inputs, config, executor, out_dir, work)
+        summary = _dedup(inputs, config, executor, out_dir, work, index, part)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    (index / "parts" / part).write_text(json.dumps({"docs_in": summary["docs_in"], "sources": sorted(inputs)}))
+    return {**summary, "index_parts": parts + 1}
 
 
-def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfig, out_dir: Path, work: Path) -> dict:
+def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfig, out_dir: Path, work: Path,
+           index: Path, part: str) -> dict:
     # One reader over all sources: hard links put every cleaned file under one folder without copying bytes.
     merged = work / "input"
     for source, folder in inputs.items():
@@ -55,17 +71,25 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
             os.link(f, merged / source / f.name)
     files = sorted(merged.glob("*/*.jsonl.gz"))
     tasks = max(1, len(files))
+    executor = in_process_if_small(executor, merged)
 
     def reader(folder: Path) -> JsonlReader:
         return JsonlReader(str(folder), glob_pattern="*/*.jsonl.gz")
 
     stage_in = merged
     if config.exact:
-        exact = ExactDedupConfig(content_getter=document_text)
+        # only_dedup_in_index=False: new documents are also deduplicated among themselves, not only vs the index.
+        exact = ExactDedupConfig(content_getter=document_text, only_dedup_in_index=False)
+        (index / "exact").mkdir(parents=True, exist_ok=True)
         run_pipeline([reader(stage_in), ExactDedupSignature(str(work / "exact_sigs"), config=exact)],
                      executor, work / "logs/exact1", tasks=tasks)
-        run_pipeline([ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact)],
+        run_pipeline([ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact,
+                                      index_folder=str(index / "exact"))],
                      executor, work / "logs/exact2", tasks=1)
+        for empty in (p for p in (work / "exact_sigs").rglob("*") if p.is_file() and p.stat().st_size == 0):
+            empty.unlink()  # a task that read no documents; datatrove's index builder cannot read empty files
+        run_pipeline([ExactDedupBuildIndex(str(work / "exact_sigs"), str(index / "exact"), index_name=part,
+                                           config=exact)], executor, work / "logs/exact_index", tasks=1)
         removed = per_source_writer(out_dir / "removed/exact")
         run_pipeline([reader(stage_in), ExactDedupFilter(str(work / "exact_dups"), config=exact,
                                                          exclusion_writer=removed),
@@ -81,7 +105,11 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
         words = RegexWordTokenizer()
         run_pipeline([reader(stage_in), MinhashDedupSignature(str(work / "mh_sigs"), config=minhash, language=words)],
                      executor, work / "logs/mh1", tasks=tasks)
-        run_pipeline([MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=minhash)],
+        # Matches against the index remove the new document; signatures not in the index are added to it.
+        (index / "minhash").mkdir(parents=True, exist_ok=True)
+        run_pipeline([MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=minhash,
+                                          index_folder=str(index / "minhash"), only_dedup_in_index=False,
+                                          create_index_name=part)],
                      executor, work / "logs/mh2", tasks=mh.num_buckets)
         run_pipeline([MinhashDedupCluster(str(work / "mh_buckets"), str(work / "mh_remove"), config=minhash)],
                      executor, work / "logs/mh3", tasks=1)
@@ -118,8 +146,9 @@ def count_documents(folder: Path) -> tuple[Counter, Counter]:
 
 @task(name="dedup", **STAGE_TASK_OPTIONS)
 def dedup(cleaned: dict[str, ArtifactRef], config: DedupConfig, executor: ExecutorConfig,
-          artifacts_dir: str) -> ArtifactRef:
-    return build_artifact("dedup", dict(cleaned=cleaned, config=config, executor=executor,
+          artifacts_dir: str, base: ArtifactRef | None = None) -> ArtifactRef:
+    """`base`: the dedup artifact of the data ingested before `cleaned` (incremental runs), or None."""
+    return build_artifact("dedup", dict(cleaned=cleaned, config=config, executor=executor, base=base,
                                         artifacts_dir=artifacts_dir),
                           lambda out: dedup_documents({s: r.dir / "docs" for s, r in cleaned.items()},
-                                                      config, executor, out))
+                                                      config, executor, out, base.dir / "index" if base else None))

@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field
 
 from model.distributed import free_port
 from tasks.artifacts import canonical, get_logger
-from tasks.spec import PROJECT_ROOT
+from tasks.spec import PROJECT_ROOT, resolve_path
 
 FAILURE = re.compile(r"^\[rank (\d+)\] training failed:\n(.*?)(?=^\[rank \d+\] training failed:|\Z)", re.M | re.S)
 
@@ -135,12 +135,43 @@ def check_resources(config: PretrainConfig) -> None:
             f"memory per GPU), submit it with launcher: slurm, or run pretrain/tiny here.")
 
 
-def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> list[dict]:
-    """Run training to completion, streaming rank 0's lines to the log; returns the metrics records."""
+class TrainingProgress:
+    """A Prefect progress artifact (`<stage>-progress`, percent of steps done) that follows rank 0's `step=N`
+    lines; a no-op outside a Prefect run."""
+
+    STEP = re.compile(r"^step=(\d+) ")
+
+    def __init__(self, stage: str, total_steps: int):
+        self.total, self.id = total_steps, None
+        try:
+            from prefect.artifacts import create_progress_artifact
+            from prefect.context import get_run_context
+
+            get_run_context()
+        except Exception:
+            return
+        self.id = create_progress_artifact(progress=0.0, key=f"{stage}-progress",
+                                           description=f"{stage}: percent of {total_steps} steps done")
+
+    def line(self, text: str) -> None:
+        match = self.STEP.match(text)
+        if self.id and match:
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self.id, progress=min(100.0, 100.0 * int(match.group(1)) / self.total))
+
+
+def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...] = (),
+                 stage: str = "pretrain") -> list[dict]:
+    """Run training to completion, streaming rank 0's lines to the log and a progress artifact; returns the
+    metrics records."""
+    from model.config import TrainConfig
+
     log = get_logger()
     run_dir.mkdir(parents=True, exist_ok=True)
+    progress = TrainingProgress(stage, config.train.get("steps", TrainConfig.steps))
     if config.launcher == "slurm":
-        code, output = run_slurm_job(config, manifest_dir, run_dir, extra)
+        code, output = run_slurm_job(config, manifest_dir, run_dir, extra, progress)
     else:
         cmd = launch_command(config, manifest_dir, run_dir, extra)
         log.info("launching: " + " ".join(cmd))
@@ -152,6 +183,7 @@ def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extr
                                     bufsize=1, env=env)
             for line in iter(proc.stdout.readline, ""):
                 log.info(line.rstrip())
+                progress.line(line)
             code = proc.wait()
     if code != 0:
         failures = FAILURE.findall(output.read_text())
@@ -164,8 +196,8 @@ def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extr
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_slurm_job(config: PretrainConfig, manifest_dir: Path, run_dir: Path,
-                  extra: tuple[str, ...]) -> tuple[int, Path]:
+def run_slurm_job(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...],
+                  progress: TrainingProgress) -> tuple[int, Path]:
     """Submit the training job with `sbatch --wait` and follow its output file into the log until it ends."""
     log = get_logger()
     script = run_dir / "pretrain.sbatch"
@@ -183,6 +215,7 @@ def run_slurm_job(config: PretrainConfig, manifest_dir: Path, run_dir: Path,
                 f.seek(position)
                 for line in f:
                     log.info(line.rstrip())
+                    progress.line(line)
                 position = f.tell()
         if finished:
             return proc.returncode, output
@@ -239,22 +272,72 @@ def preflight(config: PretrainConfig) -> None:
     check_resources(config)
 
 
+def continuation_checkpoint(continue_from: str, manifest_path: str, runs_dir: str) -> str | None:
+    """The checkpoint continued pretraining on `manifest_path` starts from: `continue_from` (a run directory or
+    checkpoint), or for "latest" the newest finished pretraining run on another manifest with the same tokenizer
+    (None when there is none: the run trains from scratch). Fails when the tokenizers differ: the ids would mean
+    other pieces."""
+    from model.checkpoint import read_train_state, resolve_checkpoint
+    from model.data import load_manifest
+    from tasks.sft import newest_run
+
+    log = get_logger()
+    manifest_dir = Path(manifest_path).parent.resolve()
+    tokenizer = load_manifest(manifest_dir)["tokenizer_sha256"]
+
+    def trained_on(checkpoint: Path) -> Path:
+        return Path(read_train_state(checkpoint)["manifest"]).resolve()
+
+    if continue_from != "latest":
+        checkpoint = resolve_checkpoint(resolve_path(continue_from))
+        if load_manifest(trained_on(checkpoint))["tokenizer_sha256"] != tokenizer:
+            raise ValueError(f"cannot continue {checkpoint} on {manifest_path}: it was trained with another "
+                             f"tokenizer (a rebuilt manifest retrains it). Continue on a manifest that extends "
+                             f"the one it trained on ({trained_on(checkpoint)}), or pretrain from scratch.")
+        return str(checkpoint)
+    candidates = []
+    for summary in Path(runs_dir).glob("*/summary.json"):
+        if "init_checkpoint" in json.loads(summary.read_text()):
+            continue  # instruction tuning, not pretraining
+        checkpoint = resolve_checkpoint(summary.parent)
+        source = trained_on(checkpoint)
+        # Not a run on this very manifest: a repeated trigger must resume the same continuation, not chain one.
+        if source != manifest_dir and source.is_dir() and load_manifest(source)["tokenizer_sha256"] == tokenizer:
+            candidates.append((summary.stat().st_mtime, checkpoint))
+    if not candidates:
+        log.warning(f"continue_from=latest: no finished pretraining run under {runs_dir} used this manifest's "
+                    f"tokenizer; training from scratch")
+        return None
+    checkpoint = max(candidates)[1]
+    log.info(f"continued pretraining from {checkpoint}")
+    return str(checkpoint)
+
+
+continue_from_task = task(name="continue-from")(continuation_checkpoint)
+
+
 @task(name="pretrain")
-def pretrain(manifest_path: str, config: PretrainConfig, runs_dir: str) -> str:
-    """Train (or resume) on the shards of `manifest_path`; returns the run directory."""
+def pretrain(manifest_path: str, config: PretrainConfig, runs_dir: str, init_from: str | None = None) -> str:
+    """Train (or resume) on the shards of `manifest_path`, from scratch or (continued pretraining) from the
+    weights of checkpoint `init_from`; returns the run directory."""
+    from model.checkpoint import read_train_state
     from model.data import unigram_entropy
 
     check_resources(config)
+    if init_from:  # the architecture is the checkpoint's own
+        base = read_train_state(Path(init_from))
+        config = config.model_copy(update={"preset": base["preset"], "model_overrides": base["model"]})
     manifest_dir = Path(manifest_path).parent
-    key = hashlib.sha256(json.dumps(canonical({"manifest": str(manifest_dir), "config": config}),
+    key = hashlib.sha256(json.dumps(canonical({"manifest": str(manifest_dir), "config": config,
+                                               **({"init": init_from} if init_from else {})}),
                                     sort_keys=True).encode()).hexdigest()[:16]
     run_dir = Path(runs_dir) / f"{config.preset}-{key}"
-    records = run_training(config, manifest_dir, run_dir)
+    records = run_training(config, manifest_dir, run_dir, extra=("--init-from", init_from) if init_from else ())
     baseline = unigram_entropy(manifest_dir)
     publish_training(records, run_dir, baseline)
     summary = {"run_dir": str(run_dir), "steps": records[-1]["step"],
                "final_val_loss": final_validation(records).get("val_loss"),
-               "unigram_entropy": baseline}
+               "unigram_entropy": baseline, **({"continued_from": init_from} if init_from else {})}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     get_logger().info(f"pretrain: {summary}")
     return str(run_dir)

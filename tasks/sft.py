@@ -32,7 +32,7 @@ def sft(sft_manifest: str, init_checkpoint: str, config: PretrainConfig, runs_di
     key = hashlib.sha256(json.dumps(canonical({"manifest": str(manifest_dir), "init": str(init_checkpoint),
                                                "config": config}), sort_keys=True).encode()).hexdigest()[:16]
     run_dir = Path(runs_dir) / f"sft-{config.preset}-{key}"
-    records = run_training(config, manifest_dir, run_dir, extra=("--init-from", str(init_checkpoint)))
+    records = run_training(config, manifest_dir, run_dir, extra=("--init-from", str(init_checkpoint)), stage="sft")
     publish_training(records, run_dir, baseline=None, stage="sft")
     summary = {"run_dir": str(run_dir), "init_checkpoint": str(init_checkpoint), "steps": records[-1]["step"],
                "final_val_loss": final_validation(records).get("val_loss")}

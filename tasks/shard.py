@@ -38,7 +38,9 @@ class ShardInfo(BaseModel):
 class ShardManifest(BaseModel):
     """What training reads: the shards, their shapes, and where they came from."""
 
-    version: int = MANIFEST_VERSION
+    version: int = MANIFEST_VERSION  # of this file's format
+    data_version: int = 1  # 1 for a full build; each incremental ingest appends shards and adds one
+    parent: str | None = None  # the manifest directory this one appended to
     seq_len: int
     row_len: int
     vocab_size: int
@@ -92,13 +94,16 @@ class RowPacker:
         return self.pending_len
 
 
-def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig, lineage: dict, out_dir: Path) -> dict:
+def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig, lineage: dict, out_dir: Path,
+                    increment: bool = False) -> dict:
+    """Tokenize and pack `docs_dir/<source>/*.jsonl.gz`. An `increment` (new documents to append to an existing
+    manifest) may hold no full row; a full build must."""
     log = get_logger()
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
     eos = sp.eos_id()
     row_len = config.seq_len + 1
     dtype = np.int32
-    sources = sorted(p.name for p in docs_dir.iterdir() if p.is_dir())
+    sources = sorted(p.name for p in docs_dir.iterdir() if p.is_dir()) if docs_dir.is_dir() else []
     shards: list[ShardInfo] = []
     docs = {"train": 0, "valid": 0}
     tail_tokens = 0
@@ -135,31 +140,39 @@ def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig,
         log.info(f"shard {source}: {sum(s.rows for s in shards if s.source == source)} rows")
     seconds = time.perf_counter() - started
 
-    train_tokens = {s: sum(x.tokens for x in shards if x.source == s and x.split == "train") for s in sources}
-    weights = {s: config.mixture.get(s, train_tokens[s] / max(1, sum(train_tokens.values()))) for s in sources}
-    norm = sum(weights.values()) or 1.0
     totals = {"docs_train": docs["train"], "docs_valid": docs["valid"], "tokens": total_tokens,
               "rows_train": sum(s.rows for s in shards if s.split == "train"),
               "rows_valid": sum(s.rows for s in shards if s.split == "valid"), "tail_tokens_dropped": tail_tokens}
-    if totals["rows_train"] == 0:
+    if totals["rows_train"] == 0 and not increment:
         raise ValueError(f"no training rows: {total_tokens} tokens do not fill one row of seq_len+1={row_len}; "
                          f"lower sharding.seq_len or add data")
     manifest = ShardManifest(seq_len=config.seq_len, row_len=row_len, vocab_size=sp.vocab_size(), eos_id=eos,
                              tokenizer_sha256=sha256_file(tokenizer_dir / "tokenizer.model"),
-                             mixture={s: w / norm for s, w in weights.items()}, shards=shards, totals=totals,
+                             mixture=mixture_weights(shards, config), shards=shards, totals=totals,
                              lineage=lineage)
     (out_dir / "manifest.json").write_text(manifest.model_dump_json(indent=1))
-    log.info(f"shard: {total_tokens:,} tokens in {seconds:.1f} s ({total_tokens / seconds / 1e6:.2f} M tokens/s)")
-    return {**totals, "shards": len(shards), "tokens_per_s": round(total_tokens / seconds)}
+    log.info(f"shard: {total_tokens:,} tokens in {seconds:.1f} s ({total_tokens / max(seconds, 1e-9) / 1e6:.2f} M "
+             f"tokens/s)")
+    return {**totals, "shards": len(shards), "tokens_per_s": round(total_tokens / max(seconds, 1e-9))}
+
+
+def mixture_weights(shards: list[ShardInfo], config: ShardingConfig) -> dict[str, float]:
+    """Normalised sampling weight per source: the spec's, else the source's share of training tokens."""
+    sources = sorted({x.source for x in shards})
+    train_tokens = {s: sum(x.tokens for x in shards if x.source == s and x.split == "train") for s in sources}
+    weights = {s: config.mixture.get(s, train_tokens[s] / max(1, sum(train_tokens.values()))) for s in sources}
+    norm = sum(weights.values()) or 1.0
+    return {s: w / norm for s, w in weights.items()}
 
 
 @task(name="shard", **STAGE_TASK_OPTIONS)
 def shard(documents: ArtifactRef, tokenizer: ArtifactRef, config: ShardingConfig, lineage: dict,
-          artifacts_dir: str) -> ArtifactRef:
+          artifacts_dir: str, increment: bool = False) -> ArtifactRef:
     """`lineage` (spec, source files, upstream fingerprints) is recorded in the manifest but not keyed on: it is
-    implied by the upstream fingerprints."""
+    implied by the upstream fingerprints. `increment`: shards of new documents, to be appended (tasks/append.py)."""
     lineage = {**lineage, "documents": documents.fingerprint, "tokenizer": tokenizer.fingerprint,
                "tokenizer_dir": str(tokenizer.dir)}
     return build_artifact("shard", dict(documents=documents, tokenizer=tokenizer, config=config, lineage=lineage,
-                                        artifacts_dir=artifacts_dir),
-                          lambda out: shard_documents(documents.dir / "docs", tokenizer.dir, config, lineage, out))
+                                        increment=increment, artifacts_dir=artifacts_dir),
+                          lambda out: shard_documents(documents.dir / "docs", tokenizer.dir, config, lineage, out,
+                                                      increment))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -13,22 +14,27 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from flows.data import data_flow
 from tasks.shard import ShardManifest
 
-from conftest import small_spec, write_spec
+from conftest import bundled_docs, small_spec, write_jsonl, write_spec
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-def run_flow(spec_path: Path) -> tuple[str, dict[str, str]]:
+def run_flow(spec_path: Path, incremental: bool = True) -> tuple[str, dict[str, str]]:
     """Run the data flow; return the manifest path and {task run name prefix: final state name}."""
-    state = data_flow(str(spec_path), return_state=True)
+    state = data_flow(str(spec_path), incremental=incremental, return_state=True)
     assert state.is_completed(), state
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     names = {}
     for run in runs:
-        name = run.name.rsplit("-", 1)[0] if run.name.split("-")[0] in ("dedup", "tokenizer", "shard", "report") else run.name
+        name = run.name.rsplit("-", 1)[0] if run.name.split("-")[0] in ("dedup", "tokenizer", "shard", "append",
+                                                                          "report") else run.name
         names[name] = run.state.name
     return state.result(), names
+
+
+def run_flow_full(spec_path: Path) -> tuple[str, dict[str, str]]:
+    return run_flow(spec_path, incremental=False)
 
 
 STAGES = ["download-sotu", "download-kjv", "clean-sotu", "clean-kjv", "dedup", "tokenizer", "shard"]
@@ -45,10 +51,10 @@ def test_caching_recomputes_exactly_what_changed(small_corpus, tmp_path):
     assert manifest.totals["rows_train"] > 0
     assert set(manifest.lineage["source_files"]) == {"sotu", "kjv"}
 
-    # 1. Nothing changed: every stage is a cache hit and the same manifest comes back.
+    # 1. Nothing changed: the same manifest comes back and no stage runs.
     again, states = run_flow(spec_path)
     assert again == manifest_path
-    assert {s: states[s] for s in STAGES} == {s: "Cached" for s in STAGES}
+    assert not set(STAGES) & set(states)
 
     # 2. One cleaning threshold of one source: that source's cleaning and everything after it recompute.
     spec["sources"][1]["cleaning"]["gopher_quality"]["min_doc_words"] = 200
@@ -75,40 +81,89 @@ def test_caching_recomputes_exactly_what_changed(small_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_new_file_in_a_source_recomputes_that_source(small_corpus, tmp_path):
+def test_new_files_are_ingested_incrementally(small_corpus, tmp_path):
+    """A file added to a source: only it is downloaded and cleaned, its documents are deduplicated against
+    everything ingested before, tokenized with the existing tokenizer, and appended as manifest version 2."""
+    from model.data import TrainSamples
+    from tasks.dedup import count_documents
+
     corpus = tmp_path / "corpus"
     shutil.copytree(small_corpus, corpus)
     spec_path = write_spec(tmp_path / "spec.yaml", small_spec(corpus, tmp_path / "artifacts"))
-    run_flow(spec_path)
-    extra = json.loads((corpus / "sotu" / "part-0.jsonl").read_text().splitlines()[0])
-    extra["id"] = "new-speech"
-    extra["text"] = extra["text"].replace("Senate", "Congress")[: len(extra["text"]) // 2]
-    (corpus / "sotu" / "part-1.jsonl").write_text(json.dumps(extra) + "\n")
-    _, states = run_flow(spec_path)
-    assert states["download-sotu"] == "Completed" and states["clean-sotu"] == "Completed"
-    assert states["download-kjv"] == "Cached" and states["clean-kjv"] == "Cached"
+    first_path, _ = run_flow(spec_path)
+    first = ShardManifest.load(Path(first_path).parent)
+
+    old = [json.loads(line) for line in (corpus / "sotu" / "part-0.jsonl").read_text().splitlines()]
+    new = bundled_docs("sotu", 46)[40:] + [{**old[2], "id": "reposted-speech"}]
+    write_jsonl(corpus / "sotu" / "part-1.jsonl", new)
+    second_path, states = run_flow(spec_path)
+    assert states["download-sotu"] == states["clean-sotu"] == "Completed"
+    assert states["dedup"] == states["shard"] == states["append"] == "Completed"
+    assert not {"download-kjv", "clean-kjv", "tokenizer"} & set(states)  # untouched source, tokenizer reused
+
+    second = ShardManifest.load(Path(second_path).parent)
+    assert (second.data_version, second.parent) == (2, str(Path(first_path).parent))
+    assert second.tokenizer_sha256 == first.tokenizer_sha256
+    old_shards = [(Path(first_path).parent / s.path).resolve() for s in first.shards]
+    assert [(Path(second_path).parent / s.path).resolve() for s in second.shards][:len(old_shards)] == old_shards
+    assert all(p.resolve().is_file() for p in (Path(second_path).parent / s.path for s in second.shards))
+    assert second.totals["rows_train"] > first.totals["rows_train"]
+    assert second.totals["docs_train"] + second.totals["docs_valid"] == \
+        first.totals["docs_train"] + first.totals["docs_valid"] + len(new) - 1
+    assert second.lineage["source_files"]["sotu"][-1][0] == str(corpus / "sotu" / "part-1.jsonl")
+    assert second.lineage["increments"][0]["new_files"]["sotu"][0][0] == str(corpus / "sotu" / "part-1.jsonl")
+
+    dedup_dir = Path(second.lineage["dedup_dir"])
+    assert sum(count_documents(dedup_dir / "docs")[0].values()) == len(new) - 1  # only the new file was read
+    removed = [json.loads(line)["id"] for p in (dedup_dir / "removed/exact").rglob("*.jsonl.gz")
+               for line in gzip.open(p, "rt")]
+    assert removed == ["sotu/reposted-speech"]  # a repeat of an already-ingested speech
+    TrainSamples(Path(second_path).parent, seed=0).batch(0, 64)  # training reads old and new shards
+
+    again, states = run_flow(spec_path)  # nothing new since version 2
+    assert again == second_path and not {"dedup", "shard", "append"} & set(states)
+
+    rebuilt, states = run_flow_full(spec_path)  # asked to: everything from all files, new tokenizer
+    assert states["tokenizer"] == "Completed" and ShardManifest.load(Path(rebuilt).parent).data_version == 1
+
+
+def deployment(name: str) -> dict:
+    """A deployment of prefect.yaml, by its `flow/name`."""
+    import yaml
+
+    from tasks.spec import PROJECT_ROOT
+
+    flow_of = {"data_flow": "data", "pretrain_flow": "pretrain"}
+    for d in yaml.safe_load((PROJECT_ROOT / "prefect.yaml").read_text())["deployments"]:
+        if f"{flow_of.get(d['entrypoint'].split(':')[1])}/{d['name']}" == name:
+            return d
+    raise KeyError(name)
 
 
 @pytest.mark.slow
-def test_new_manifest_is_announced_once_and_triggers_one_run(small_corpus, tmp_path):
-    """The data deployment announces a newly built manifest; a deployment trigger on that event gets exactly one
-    run per new manifest: none for a cached re-run, none when the flow runs as a step of another flow."""
+def test_new_data_triggers_exactly_one_continued_pretraining(small_corpus, tmp_path):
+    """prefect.yaml's pretrain/continue trigger, on a real server: adding a file and running the data deployment
+    announces the new manifest version once, which schedules exactly one continued-pretraining run with it; that
+    run starts from the latest checkpoint. Cached re-runs and the data flow as a step announce nothing."""
     import time
 
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-    from flows.data import MANIFEST_EVENT
     from flows.pretrain import pretrain_flow
+    from model.checkpoint import read_train_state, resolve_checkpoint
+    from tasks.lineage import lineage
 
-    trigger = DeploymentEventTrigger(expect={MANIFEST_EVENT}, match={"prefect.resource.id": "llm-pipeline.manifest.*"},
-                                     parameters={"spec_path": "{{ event.payload.spec_path }}"})
-    deployment_id = pretrain_flow.to_deployment(name=f"on-new-data-{tmp_path.name}", triggers=[trigger]).apply()
+    continued = deployment("pretrain/continue")
+    (trigger,) = [DeploymentEventTrigger(**{k: v for k, v in t.items() if k != "type"})
+                  for t in continued["triggers"]]
+    deployment_id = pretrain_flow.to_deployment(name=f"continue-{tmp_path.name}", triggers=[trigger],
+                                                parameters=continued["parameters"]).apply()
+    announce = deployment("data/default")["parameters"]["announce"]
 
     def triggered_runs(expected: int) -> list:
         for _ in range(30):  # the trigger fires within about a second of the event
             with get_client(sync_client=True) as client:
-                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                    deployment_id={"any_": [deployment_id]}))
+                runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(deployment_id={"any_": [deployment_id]}))
             if len(runs) >= expected:
                 break
             time.sleep(0.5)
@@ -118,13 +173,43 @@ def test_new_manifest_is_announced_once_and_triggers_one_run(small_corpus, tmp_p
 
     corpus = tmp_path / "corpus"
     shutil.copytree(small_corpus, corpus)
-    spec_path = write_spec(tmp_path / "spec.yaml", small_spec(corpus, tmp_path / "artifacts"))
-    data_flow(str(spec_path))  # as a step of another flow: built, not announced
+    spec = small_spec(corpus, tmp_path / "artifacts", sharding={"seq_len": 64, "validation_fraction": 0.05})
+    spec_path = write_spec(tmp_path / "spec.yaml", spec)
+    runs_dir = str(tmp_path / "runs")
+    train = {"steps": 12, "global_batch": 8, "micro_batch": 4, "warmup_steps": 2, "eval_every": 6,
+             "eval_batches": 2, "log_every": 6, "save_every": 6}
+    first_run = pretrain_flow(str(spec_path), train=train, runs_dir=runs_dir)  # data flow as a step: no event
     assert triggered_runs(0) == []
-    (corpus / "sotu" / "part-1.jsonl").write_text(json.dumps({"id": "new", "text": (corpus / "sotu" / "part-0.jsonl")
-                                                              .read_text().splitlines()[3]}) + "\n")
-    manifest = data_flow(str(spec_path), announce=True)  # new data: a new manifest, announced
-    runs = triggered_runs(1)
-    assert len(runs) == 1 and runs[0].parameters["spec_path"] == str(spec_path)
-    assert data_flow(str(spec_path), announce=True) == manifest  # nothing new: cached, not announced
+
+    write_jsonl(corpus / "sotu" / "part-1.jsonl", bundled_docs("sotu", 44)[40:])
+    manifest = data_flow(str(spec_path), announce=announce)  # new data: manifest version 2, announced
+    assert ShardManifest.load(Path(manifest).parent).data_version == 2
+    (run,) = triggered_runs(1)
+    assert run.parameters["manifest"] == manifest and run.parameters["continue_from"] == "latest"
+    assert data_flow(str(spec_path), announce=announce) == manifest  # nothing new: not announced again
     assert len(triggered_runs(1)) == 1
+
+    # What the worker would run: the deployment's parameters with the event's filled in.
+    params = {**run.parameters, "train": train, "runs_dir": runs_dir}
+    second_run = pretrain_flow(**params)
+    state = read_train_state(resolve_checkpoint(second_run))
+    assert (state["step"], Path(state["manifest"])) == (12, Path(manifest).parent)
+    assert Path(state["init_from"]) == resolve_checkpoint(first_run)
+    assert lineage(second_run)["initialised_from"]["checkpoint"] == state["init_from"]
+    assert pretrain_flow(**params) == second_run  # the same event again resumes that run, it does not chain
+
+
+def test_continuing_across_tokenizers_is_refused(tmp_path, tiny_manifest):
+    """A checkpoint cannot continue on a manifest tokenized differently; the error says why and what to do."""
+    from tasks.pretrain import continuation_checkpoint
+
+    other = tmp_path / "other"
+    other.mkdir()
+    manifest = json.loads((tiny_manifest / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "tokenizer_sha256": "0" * 64}))
+    checkpoint = tmp_path / "runs" / "tiny-x" / "checkpoints" / "step-1"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "train_state.json").write_text(json.dumps({"step": 1, "manifest": str(tiny_manifest)}))
+    with pytest.raises(ValueError, match="trained with another tokenizer"):
+        continuation_checkpoint(str(checkpoint), str(other / "manifest.json"), str(tmp_path / "runs"))
+    assert continuation_checkpoint(str(checkpoint), str(tiny_manifest / "manifest.json"), "") == str(checkpoint)

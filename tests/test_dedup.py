@@ -78,3 +78,48 @@ def test_minhash_recall_and_precision_on_planted_near_duplicates(tmp_path):
     print(f"recall={recall:.3f} precision={precision:.3f} removed={len(removed)}")
     assert recall >= 0.9, sorted(set(original_of) - set(caught))
     assert precision >= 0.95, sorted(removed - in_planted_cluster)
+
+
+def write_source(folder: Path, docs: list[dict], source: str) -> Path:
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "00000.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({**d, "metadata": {"source": source}}) + "\n" for d in docs)
+    return folder
+
+
+def test_incremental_dedup_against_the_persistent_index(tmp_path):
+    """A second ingest reads only the new documents and removes those that duplicate (exactly or nearly) the
+    first ingest's, or each other; the index grows by one part and a third ingest still sees the first."""
+    rng = random.Random(1)
+    old = bundled_docs("sotu", 60)
+    fresh = bundled_docs("kjv", 200)[::10]
+    exact_copy = {**old[3], "id": "copy-of-old-3"}
+    near_copy = {"id": "near-old-7", "text": small_edits(old[7]["text"], rng)}
+    unseen = bundled_docs("kjv", 251)[-1]["text"]
+    twin_a, twin_b = {"id": "twin-a", "text": unseen}, {"id": "twin-b", "text": unseen}
+    config = DedupConfig()
+    first = tmp_path / "first"
+    first.mkdir()
+    dedup_documents({"sotu": write_source(tmp_path / "in1/sotu", old, "sotu")}, config, SERIAL, first)
+    assert read_ids(first / "docs") == {d["id"] for d in old}
+    assert sorted(p.name for p in (first / "index/parts").iterdir()) == ["part-0001"]
+
+    second = tmp_path / "second"
+    second.mkdir()
+    new_docs = fresh + [exact_copy, near_copy, twin_a, twin_b]
+    summary = dedup_documents({"sotu": write_source(tmp_path / "in2/sotu", new_docs, "sotu")}, config, SERIAL,
+                              second, base_index=first / "index")
+    assert summary["docs_in"] == len(new_docs)  # only the new documents are read
+    assert read_ids(second / "removed/exact") == {"copy-of-old-3", "twin-b"}
+    assert read_ids(second / "removed/minhash") == {"near-old-7"}
+    assert read_ids(second / "docs") == {d["id"] for d in fresh} | {"twin-a"}
+    assert summary["index_parts"] == 2
+    assert (first / "index/parts/part-0001").samefile(second / "index/parts/part-0001")  # hard links, no copies
+
+    # A third ingest deduplicates against both earlier parts: an old document and one from the second ingest.
+    third = tmp_path / "third"
+    third.mkdir()
+    repeats = [{**old[0], "id": "old-0-again"}, {**fresh[5], "id": "fresh-5-again"}, bundled_docs("kjv", 203)[-1]]
+    dedup_documents({"sotu": write_source(tmp_path / "in3/sotu", repeats, "sotu")}, config, SERIAL, third,
+                    base_index=second / "index")
+    assert read_ids(third / "docs") == {repeats[2]["id"]}

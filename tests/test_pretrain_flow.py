@@ -34,9 +34,12 @@ def test_pretrain_flow_learns_and_publishes(small_corpus, tmp_path):
     assert (run_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pretrain-metrics", "pretrain-loss-curve"])),
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pretrain-metrics", "pretrain-loss-curve",
+                                                                       "pretrain-progress"])),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    assert {a.key for a in arts} == {"pretrain-metrics", "pretrain-loss-curve"}
+    by_key = {a.key: a for a in arts}
+    assert set(by_key) == {"pretrain-metrics", "pretrain-loss-curve", "pretrain-progress"}
+    assert by_key["pretrain-progress"].data == 100.0  # followed rank 0's steps to the end
 
     # Same inputs again: the finished run is found and nothing retrains (data cached, training at its last step).
     started = time.perf_counter()
