@@ -104,13 +104,15 @@ def decontaminate_documents(docs_dir: Path, refs: list[ReferenceSet], config: De
                             executor: ExecutorConfig, out_dir: Path) -> dict:
     decont = NGramsDecontConfig(n_grams=config.n_grams, find_query_ngrams=True)
     index_sizes = build_index(refs, decont, out_dir / "index", out_dir.parent / "_downloads")
-    tasks = max(1, len(list(docs_dir.glob("*/*.jsonl.gz"))))
-
-    run_pipeline([JsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"),
-                  NGramsDecontFilter(str(out_dir / "index"), config=decont, language=RegexWordTokenizer(),
-                                     exclusion_writer=per_source_writer(out_dir / "removed")),
-                  per_source_writer(out_dir / "docs")], in_process_if_small(executor, docs_dir), out_dir / "_logs",
-                 tasks=tasks)
+    tasks = len(list(docs_dir.glob("*/*.jsonl.gz")))
+    if tasks == 0:  # no documents reached this stage (an increment that dedup or cleaning emptied)
+        (out_dir / "docs").mkdir()
+    else:
+        run_pipeline([JsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"),
+                      NGramsDecontFilter(str(out_dir / "index"), config=decont, language=RegexWordTokenizer(),
+                                         exclusion_writer=per_source_writer(out_dir / "removed")),
+                      per_source_writer(out_dir / "docs")], in_process_if_small(executor, docs_dir),
+                     out_dir / "_logs", tasks=tasks)
     docs_in, _ = count_documents(docs_dir)
     docs_out, bytes_out = count_documents(out_dir / "docs")
     removed, _ = count_documents(out_dir / "removed")

@@ -70,7 +70,10 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
         for f in sorted(folder.glob("*.jsonl.gz")):
             os.link(f, merged / source / f.name)
     files = sorted(merged.glob("*/*.jsonl.gz"))
-    tasks = max(1, len(files))
+    if not files:  # cleaning kept no document (say, every new one failed a filter): nothing to deduplicate
+        (out_dir / "docs").mkdir()
+        return dedup_summary(merged, out_dir)
+    tasks = len(files)
     executor = in_process_if_small(executor, merged)
 
     def reader(folder: Path) -> JsonlReader:
@@ -120,7 +123,11 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
     else:
         shutil.copytree(stage_in, out_dir / "docs")
 
-    docs_in, bytes_in = count_documents(merged)
+    return dedup_summary(merged, out_dir)
+
+
+def dedup_summary(input_dir: Path, out_dir: Path) -> dict:
+    docs_in, bytes_in = count_documents(input_dir)
     docs_out, bytes_out = count_documents(out_dir / "docs")
     summary = {"docs_in": sum(docs_in.values()), "docs_out": sum(docs_out.values()),
                "bytes_in": sum(bytes_in.values()), "bytes_out": sum(bytes_out.values()),

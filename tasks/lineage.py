@@ -1,5 +1,6 @@
-"""Where a checkpoint came from: its run, the manifest it trained on (shards, tokenizer, mixture), the cleaning,
-dedup and decontamination settings, and the source files with their checksums. An instruction-tuned checkpoint
+"""Where a checkpoint came from: its run, the manifest it trained on (data version, shards, tokenizer, mixture),
+the cleaning, dedup and decontamination settings, and the source files with their checksums (and, for an
+incrementally grown manifest, which files each version appended). An instruction-tuned checkpoint
 also shows the pretraining checkpoint it started from, and that one's lineage.
 
     python -m tasks.lineage runs/tiny-<hash>            # a run directory (its latest checkpoint) or a checkpoint
@@ -27,6 +28,7 @@ def lineage(path: str | Path) -> dict:
         "checkpoint": str(checkpoint), "step": state["step"], "consumed_samples": state["consumed_samples"],
         "preset": state["preset"], "model": state["model"],
         "manifest": {"path": str(manifest_dir / "manifest.json"), "version": manifest["version"],
+                     "data_version": manifest.get("data_version", 1), "parent": manifest.get("parent"),
                      "seq_len": manifest["seq_len"], "vocab_size": manifest["vocab_size"],
                      "mixture": manifest["mixture"], "totals": manifest["totals"],
                      "shards": [f"{s['split']}/{s['source']}: {s['path']} ({s['rows']} rows, sha256 {s['sha256'][:12]})"
@@ -38,6 +40,8 @@ def lineage(path: str | Path) -> dict:
                      if k in spec},
         "per_source_cleaning": {s["name"]: s.get("cleaning") for s in spec.get("sources", []) if s.get("cleaning")},
         "source_files": meta.get("source_files", {}),
+        "increments": [{"data_version": i["data_version"], "new_files": i["new_files"]}
+                       for i in meta.get("increments", [])],
         "upstream_artifacts": meta.get("upstream", {}),
     }
     if state.get("init_from"):
@@ -50,7 +54,7 @@ def print_lineage(info: dict, indent: str = "") -> None:
     p(f"checkpoint  {info['checkpoint']} (step {info['step']}, {info['consumed_samples']:,} samples, "
       f"preset {info['preset']})")
     m = info["manifest"]
-    p(f"manifest    {m['path']} (version {m['version']}, seq {m['seq_len']}, vocab {m['vocab_size']})")
+    p(f"manifest    {m['path']} (data version {m['data_version']}, seq {m['seq_len']}, vocab {m['vocab_size']})")
     p(f"mixture     " + ", ".join(f"{k} {v:.3f}" for k, v in m["mixture"].items()))
     p(f"tokenizer   {info['tokenizer']['dir']} (sha256 {info['tokenizer']['sha256'][:12]})")
     p(f"spec        {info['spec']['path']} ({info['spec']['name']})")
@@ -63,6 +67,10 @@ def print_lineage(info: dict, indent: str = "") -> None:
     for source, files in info["source_files"].items():
         for file, digest in files:
             p(f"source      {source}: {file} (sha256 {digest[:12]})")
+    for increment in info["increments"]:
+        for source, files in increment["new_files"].items():
+            for file, digest in files:
+                p(f"appended    v{increment['data_version']} {source}: {file} (sha256 {digest[:12]})")
     if "initialised_from" in info:
         p("initialised from:")
         print_lineage(info["initialised_from"], indent + "    ")

@@ -120,8 +120,14 @@ def test_new_files_are_ingested_incrementally(small_corpus, tmp_path):
     assert removed == ["sotu/reposted-speech"]  # a repeat of an already-ingested speech
     TrainSamples(Path(second_path).parent, seed=0).batch(0, 64)  # training reads old and new shards
 
-    again, states = run_flow(spec_path)  # nothing new since version 2
-    assert again == second_path and not {"dedup", "shard", "append"} & set(states)
+    # A file whose every document fails cleaning: version 3 records the file, adds no rows, and does not fail.
+    write_jsonl(corpus / "kjv" / "part-1.jsonl", [{"id": "junk", "text": "Click here. Click here now."}])
+    third_path, states = run_flow(spec_path)
+    third = ShardManifest.load(Path(third_path).parent)
+    assert (third.data_version, third.totals, len(third.shards)) == (3, second.totals, len(second.shards))
+
+    again, states = run_flow(spec_path)  # nothing new since version 3
+    assert again == third_path and not {"dedup", "shard", "append"} & set(states)
 
     rebuilt, states = run_flow_full(spec_path)  # asked to: everything from all files, new tokenizer
     assert states["tokenizer"] == "Completed" and ShardManifest.load(Path(rebuilt).parent).data_version == 1
@@ -195,7 +201,10 @@ def test_new_data_triggers_exactly_one_continued_pretraining(small_corpus, tmp_p
     state = read_train_state(resolve_checkpoint(second_run))
     assert (state["step"], Path(state["manifest"])) == (12, Path(manifest).parent)
     assert Path(state["init_from"]) == resolve_checkpoint(first_run)
-    assert lineage(second_run)["initialised_from"]["checkpoint"] == state["init_from"]
+    info = lineage(second_run)
+    assert info["initialised_from"]["checkpoint"] == state["init_from"]
+    assert info["manifest"]["data_version"] == 2
+    assert info["increments"][0]["new_files"]["sotu"][0][0] == str(corpus / "sotu" / "part-1.jsonl")
     assert pretrain_flow(**params) == second_run  # the same event again resumes that run, it does not chain
 
 
