@@ -4,7 +4,7 @@ In one run, on the bundled corpus (data_specs/default.yaml, ~29 MB):
   bare          the stages' plain functions (datatrove pipelines, sentencepiece) called one after another:
                 no Prefect, no artifact store, no checksums, no cache.
   orchestrated  the Prefect data flow, cold (fresh artifacts directory, against a temporary local server).
-  re-run        the same flow again with nothing changed (every stage a verified cache hit).
+  re-run        the same flow again with nothing changed (the newest manifest verified, no stage runs).
 Prints per-stage docs/s and MB/s, the bare/orchestrated throughput ratio (goal >= 0.9), and tokenization
 tokens/s (goal >= 1M on 2 cores).
 
