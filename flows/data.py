@@ -63,8 +63,8 @@ def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False
         shards, refs = build_all(spec, resolved, lineage)
     manifest = str(shards.dir / "manifest.json")
     report(refs, manifest)
-    summary = shards.meta()["summary"]
-    if announce and shards.meta().get("built_at", 0) >= started and summary.get("rows_added", 1) > 0:
+    meta = shards.meta()
+    if announce and meta.get("built_at", 0) >= started and meta["summary"].get("rows_added", 1) > 0:
         emit_event(event=MANIFEST_EVENT, resource={"prefect.resource.id": f"llm-pipeline.manifest.{shards.fingerprint}",
                                                    "prefect.resource.name": spec.name},
                    payload={"manifest": manifest, "spec_path": spec_path,
@@ -126,18 +126,15 @@ def ingest_new_files(spec: DataSpec, resolved: dict[str, ResolvedSource], base: 
     cleaned, refs = clean_sources(spec, new)
     deduped, documents, more = dedup_and_decontaminate(spec, cleaned, base=base.dedup)
     refs += more
-    tokenizer_ref = base.tokenizer
     upstream = {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}
-    added = run_stage(shard, documents=documents, tokenizer=tokenizer_ref, config=spec.sharding, increment=True,
+    added = run_stage(shard, documents=documents, tokenizer=base.tokenizer, config=spec.sharding, increment=True,
                       lineage={"spec_path": lineage["spec_path"], "new_files": base.new_files, "upstream": upstream},
                       artifacts_dir=artifacts_dir)
     increments = base.manifest.lineage.get("increments", []) + [
         {"data_version": base.manifest.data_version + 1, "new_files": base.new_files, "shards": str(added.dir),
          "upstream": upstream}]
     lineage = {**base.manifest.lineage, **lineage, "dedup_dir": str(deduped.dir), "increments": increments}
-    manifest_ref = ArtifactRef(stage=base.manifest_dir.parent.name, fingerprint=base.manifest_dir.name,
-                               path=str(base.manifest_dir))
-    appended = run_stage(append, base=manifest_ref, added=added, config=spec.sharding, lineage=lineage,
+    appended = run_stage(append, base=base.artifact, added=added, config=spec.sharding, lineage=lineage,
                          artifacts_dir=artifacts_dir)
     return appended, refs + [("new documents", added), ("all sources", appended)]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.artifacts import MANIFEST_NAME, STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger, sha256_file
-from tasks.artifacts import stage_code_version
+from tasks.artifacts import stage_code_version, verify
 from tasks.shard import ShardManifest, mixture_weights
 from tasks.spec import DataSpec, ShardingConfig
 
@@ -48,6 +48,12 @@ class Base:
     def tokenizer(self) -> ArtifactRef:
         lineage = self.manifest.lineage
         return ArtifactRef(stage="tokenizer", fingerprint=lineage["tokenizer"], path=lineage["tokenizer_dir"])
+
+    @property
+    def artifact(self) -> ArtifactRef:
+        """The base manifest's own artifact (a `shard` or an `append` directory)."""
+        return ArtifactRef(stage=self.manifest_dir.parent.name, fingerprint=self.manifest_dir.name,
+                           path=str(self.manifest_dir))
 
     @property
     def dedup(self) -> ArtifactRef:
@@ -84,7 +90,8 @@ def find_base(artifacts_dir: Path, settings: str, files: dict[str, list[tuple[st
 
 
 def check_intact(manifest_dir: Path, manifest: ShardManifest) -> str | None:
-    """None if every shard, the tokenizer and the dedup index a manifest relies on are present and unmodified."""
+    """None if every shard, the tokenizer and the dedup index a manifest relies on are present and unmodified;
+    else what is wrong."""
     for shard in manifest.shards:
         path = manifest_dir / shard.path
         if not path.is_file() or sha256_file(path) != shard.sha256:
@@ -92,10 +99,7 @@ def check_intact(manifest_dir: Path, manifest: ShardManifest) -> str | None:
     tokenizer = Path(manifest.lineage.get("tokenizer_dir", "")) / "tokenizer.model"
     if not tokenizer.is_file() or sha256_file(tokenizer) != manifest.tokenizer_sha256:
         return f"tokenizer {tokenizer} is missing or modified"
-    dedup = Path(manifest.lineage.get("dedup_dir", ""))
-    if not (dedup / "index" / "parts").is_dir():
-        return f"dedup index {dedup / 'index'} is missing"
-    return None
+    return verify(Path(manifest.lineage.get("dedup_dir", "")))  # the dedup artifact, with its index
 
 
 def append_shards(base_dir: Path, added_dir: Path, config: ShardingConfig, lineage: dict, out_dir: Path) -> dict:

@@ -279,7 +279,7 @@ def continuation_checkpoint(continue_from: str, manifest_path: str, runs_dir: st
     other pieces."""
     from model.checkpoint import read_train_state, resolve_checkpoint
     from model.data import load_manifest
-    from tasks.sft import newest_run
+    from tasks.sft import finished_runs
 
     log = get_logger()
     manifest_dir = Path(manifest_path).parent.resolve()
@@ -295,42 +295,46 @@ def continuation_checkpoint(continue_from: str, manifest_path: str, runs_dir: st
                              f"tokenizer (a rebuilt manifest retrains it). Continue on a manifest that extends "
                              f"the one it trained on ({trained_on(checkpoint)}), or pretrain from scratch.")
         return str(checkpoint)
-    candidates = []
-    for summary in Path(runs_dir).glob("*/summary.json"):
-        if "init_checkpoint" in json.loads(summary.read_text()):
-            continue  # instruction tuning, not pretraining
-        checkpoint = resolve_checkpoint(summary.parent)
+    for run in finished_runs(runs_dir, "pretrain"):
+        checkpoint = resolve_checkpoint(run)
         source = trained_on(checkpoint)
         # Not a run on this very manifest: a repeated trigger must resume the same continuation, not chain one.
         if source != manifest_dir and source.is_dir() and load_manifest(source)["tokenizer_sha256"] == tokenizer:
-            candidates.append((summary.stat().st_mtime, checkpoint))
-    if not candidates:
-        log.warning(f"continue_from=latest: no finished pretraining run under {runs_dir} used this manifest's "
-                    f"tokenizer; training from scratch")
-        return None
-    checkpoint = max(candidates)[1]
-    log.info(f"continued pretraining from {checkpoint}")
-    return str(checkpoint)
+            log.info(f"continued pretraining from {checkpoint}")
+            return str(checkpoint)
+    log.warning(f"continue_from=latest: no finished pretraining run under {runs_dir} used this manifest's "
+                f"tokenizer; training from scratch")
+    return None
 
 
 continue_from_task = task(name="continue-from")(continuation_checkpoint)
+
+
+def checkpoint_architecture(config: PretrainConfig, checkpoint: str | Path) -> PretrainConfig:
+    """`config` with the checkpoint's own preset and model, so a run started from it cannot drift from it."""
+    from model.checkpoint import read_train_state
+
+    state = read_train_state(Path(checkpoint))
+    return config.model_copy(update={"preset": state["preset"], "model_overrides": state["model"]})
+
+
+def run_key(**parts) -> str:
+    """A run directory's key: the hash of what decides its result (manifest, config, starting checkpoint), so
+    the same request finds (and resumes or returns) the same run."""
+    return hashlib.sha256(json.dumps(canonical(parts), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @task(name="pretrain")
 def pretrain(manifest_path: str, config: PretrainConfig, runs_dir: str, init_from: str | None = None) -> str:
     """Train (or resume) on the shards of `manifest_path`, from scratch or (continued pretraining) from the
     weights of checkpoint `init_from`; returns the run directory."""
-    from model.checkpoint import read_train_state
     from model.data import unigram_entropy
 
     check_resources(config)
-    if init_from:  # the architecture is the checkpoint's own
-        base = read_train_state(Path(init_from))
-        config = config.model_copy(update={"preset": base["preset"], "model_overrides": base["model"]})
+    if init_from:
+        config = checkpoint_architecture(config, init_from)
     manifest_dir = Path(manifest_path).parent
-    key = hashlib.sha256(json.dumps(canonical({"manifest": str(manifest_dir), "config": config,
-                                               **({"init": init_from} if init_from else {})}),
-                                    sort_keys=True).encode()).hexdigest()[:16]
+    key = run_key(manifest=str(manifest_dir), config=config, **({"init": init_from} if init_from else {}))
     run_dir = Path(runs_dir) / f"{config.preset}-{key}"
     records = run_training(config, manifest_dir, run_dir, extra=("--init-from", init_from) if init_from else ())
     baseline = unigram_entropy(manifest_dir)

@@ -4,16 +4,14 @@ apart), starting from a pretraining checkpoint's weights. Checkpoints and resume
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from prefect import task
 
-from model.checkpoint import read_train_state
-
-from tasks.artifacts import canonical, get_logger
-from tasks.pretrain import PretrainConfig, check_resources, final_validation, publish_training, run_training
+from tasks.artifacts import get_logger
+from tasks.pretrain import (PretrainConfig, check_resources, checkpoint_architecture, final_validation,
+                           publish_training, run_key, run_training)
 
 # A short run with a lower peak learning rate than pretraining: the data is small and the model already trained.
 SFT_TRAIN_DEFAULTS = {"steps": 80, "global_batch": 16, "micro_batch": 4, "lr": 1e-3, "min_lr": 1e-4,
@@ -25,12 +23,10 @@ def sft(sft_manifest: str, init_checkpoint: str, config: PretrainConfig, runs_di
     """Fine-tune from `init_checkpoint` on the SFT shards; returns the run directory. The architecture is the
     checkpoint's own, so it cannot drift from what was pretrained."""
     check_resources(config)
-    base = read_train_state(Path(init_checkpoint))
-    config = config.model_copy(update={"preset": base["preset"], "model_overrides": base["model"],
-                                       "train": {**SFT_TRAIN_DEFAULTS, **config.train}})
+    config = checkpoint_architecture(config, init_checkpoint).model_copy(
+        update={"train": {**SFT_TRAIN_DEFAULTS, **config.train}})
     manifest_dir = Path(sft_manifest).parent
-    key = hashlib.sha256(json.dumps(canonical({"manifest": str(manifest_dir), "init": str(init_checkpoint),
-                                               "config": config}), sort_keys=True).encode()).hexdigest()[:16]
+    key = run_key(manifest=str(manifest_dir), init=str(init_checkpoint), config=config)
     run_dir = Path(runs_dir) / f"sft-{config.preset}-{key}"
     records = run_training(config, manifest_dir, run_dir, extra=("--init-from", str(init_checkpoint)), stage="sft")
     publish_training(records, run_dir, baseline=None, stage="sft")
@@ -41,12 +37,18 @@ def sft(sft_manifest: str, init_checkpoint: str, config: PretrainConfig, runs_di
     return str(run_dir)
 
 
-def newest_run(runs_dir: str | Path, kind: str) -> Path:
-    """The most recently finished run of a kind ("pretrain" or "sft") under runs_dir, for flows given no run."""
+def finished_runs(runs_dir: str | Path, kind: str) -> list[Path]:
+    """The finished runs of a kind ("pretrain" or "sft") under runs_dir, newest first."""
     runs = [p.parent for p in Path(runs_dir).glob("*/summary.json")
             if ("init_checkpoint" in json.loads(p.read_text())) == (kind == "sft")]
+    return sorted(runs, key=lambda p: (p / "summary.json").stat().st_mtime, reverse=True)
+
+
+def newest_run(runs_dir: str | Path, kind: str) -> Path:
+    """The most recently finished run of a kind under runs_dir, for flows given no run."""
+    runs = finished_runs(runs_dir, kind)
     if not runs:
         raise FileNotFoundError(f"no finished {kind} run under {runs_dir}: run `prefect deployment run "
                                 f"{'pretrain/tiny' if kind == 'pretrain' else 'sft/default'}` (or pipeline/default) "
                                 f"first, or pass the run directory explicitly")
-    return max(runs, key=lambda p: (p / "summary.json").stat().st_mtime)
+    return runs[0]
