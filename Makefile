@@ -21,6 +21,7 @@ run: setup up
 	$(PREFECT) deployment run pipeline/default --watch
 	@echo "Prefect UI: http://127.0.0.1:4200  (flow runs, task runs and their artifacts)"
 	@echo "Training runs (checkpoints, metrics.jsonl, loss_curve.png, hf/ exports): $(CURDIR)/runs/"
+	@echo "Training curves: .venv/bin/tensorboard --logdir runs"
 	@echo "Evaluation report: $$(ls -t $(CURDIR)/reports/*/report.md | head -1)"
 
 test: setup

@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from model.config import ModelConfig, tiny  # noqa: E402
 from model.data import TrainSamples, load_manifest  # noqa: E402
-from tasks.pretrain import PretrainConfig, launch_command  # noqa: E402
+from tasks.lib.launch import PretrainConfig, launch_command  # noqa: E402
 
 
 class RMSNorm(nn.Module):

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.events import emit_event
 
 from tasks.append import Base, append, find_base, settings_key
-from tasks.artifacts import ArtifactRef, run_stage
+from tasks.lib.artifacts import ArtifactRef, run_stage
+from tasks.lib.log import progress
 from tasks.clean import clean
 from tasks.decontaminate import decontaminate, reference_sets
 from tasks.dedup import dedup
@@ -42,7 +43,6 @@ def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False
     deployment triggers. Flows that call this one as a step (pretrain, pipeline) leave it off, so they never
     trigger a second run of their own work."""
     started = time.time()
-    log = get_run_logger()
     spec = load_spec(spec_path)
     artifacts_dir = spec.artifacts_path()
     resolved = {source.name: resolve(source) for source in spec.sources}
@@ -51,12 +51,12 @@ def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False
                "source_files": files, "settings": settings_key(spec)}
     base = find_base(artifacts_dir, lineage["settings"], files) if incremental else None
     if base is not None and not base.new_files:
-        log.info(f"no new files since manifest version {base.manifest.data_version} ({base.manifest_dir}): "
+        progress(f"no new files since manifest version {base.manifest.data_version} ({base.manifest_dir}): "
                  f"nothing to do")
         return str(base.manifest_dir / "manifest.json")
     if base is not None:
         new = ", ".join(f"{len(fs)} in {s}" for s, fs in base.new_files.items())
-        log.info(f"incremental: new files ({new}) on top of manifest version {base.manifest.data_version} "
+        progress(f"incremental: new files ({new}) on top of manifest version {base.manifest.data_version} "
                  f"({base.manifest_dir}); the tokenizer is reused")
         shards, refs = ingest_new_files(spec, resolved, base, lineage)
     else:
@@ -69,7 +69,7 @@ def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False
                                                    "prefect.resource.name": spec.name},
                    payload={"manifest": manifest, "spec_path": spec_path,
                             "data_version": ShardManifest.load(shards.dir).data_version})
-        log.info(f"announced new manifest {manifest} ({MANIFEST_EVENT})")
+        progress(f"announced new manifest {manifest} ({MANIFEST_EVENT})")
     return manifest
 
 

@@ -1,5 +1,5 @@
 """Evaluation flow: export the pretrained and the instruction-tuned checkpoints to Hugging Face format, score
-both (validation perplexity, multiple choice by log-likelihood, generations) and publish a comparison.
+both (lm-evaluation-harness tasks, validation perplexity, generations) and publish a comparison.
 
     python -m flows.evaluate                      # default: the newest pretraining and SFT runs
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 from prefect import flow
 
 from flows.data import require_server
-from tasks.evaluate import evaluate_model, export_hf, load_items, publish_report
+from tasks.evaluate import evaluate_model, export_hf, load_items, prepare_lm_eval, publish_report
 from model.checkpoint import read_train_state, resolve_checkpoint
-from tasks.sft import newest_run
+from tasks.lib.runs import newest_run
 from tasks.spec import EvalSpec, load_spec, resolve_path
 
 
@@ -31,10 +31,12 @@ def evaluate_flow(pretrained: str | None = None, tuned: str | None = None,
     manifest = read_train_state(checkpoints["pretrained"])["manifest"]
     sft_manifest = read_train_state(checkpoints["instruction-tuned"])["manifest"]
     items, benchmarks = load_items(spec, Path(manifest).parents[1] / "_downloads")
+    task_dir = str(resolve_path(reports_dir) / "lm_eval_tasks" / spec.name)
+    task_names = prepare_lm_eval(spec, items, task_dir)
     results = {}
     for label, checkpoint in checkpoints.items():
         model_dir = export_hf(str(checkpoint), label)
-        results[label] = evaluate_model(model_dir, label, manifest, sft_manifest, spec, items)
+        results[label] = evaluate_model(model_dir, label, manifest, sft_manifest, spec, task_names, task_dir)
     return publish_report(results, benchmarks, {k: str(v) for k, v in checkpoints.items()},
                           str(resolve_path(reports_dir)))
 

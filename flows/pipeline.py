@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 
-from prefect import flow, get_run_logger
+from prefect import flow
 
 from flows.data import require_server
 from flows.evaluate import evaluate_flow
 from flows.pretrain import pretrain_flow
 from flows.sft import sft_flow
+from tasks.lib.log import progress
 
 
 @flow(name="pipeline")
@@ -25,7 +26,7 @@ def pipeline_flow(data_spec_path: str = "data_specs/default.yaml", sft_spec_path
     pretrained = pretrain_flow(data_spec_path, preset, tp, pp, nproc, gpus_required, pretrain_train, runs_dir)
     tuned = sft_flow(sft_spec_path, pretrained, tp, pp, nproc, gpus_required, sft_train, runs_dir)
     report = evaluate_flow(pretrained, tuned, eval_spec_path, runs_dir, reports_dir)
-    get_run_logger().info(f"pipeline done; evaluation report: {report}/report.md")
+    progress(f"pipeline done; evaluation report: {report}/report.md")
     return report
 
 

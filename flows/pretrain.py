@@ -11,7 +11,8 @@ import argparse
 from prefect import flow
 
 from flows.data import data_flow, require_server
-from tasks.pretrain import PretrainConfig, continue_from_task, preflight, pretrain
+from tasks.lib.launch import PretrainConfig
+from tasks.pretrain import continue_from_task, preflight, pretrain
 from tasks.spec import resolve_path
 
 

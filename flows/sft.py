@@ -15,10 +15,12 @@ from flows.data import require_server
 from model.checkpoint import read_train_state, resolve_checkpoint
 from model.data import load_manifest
 from model.export_hf import tokenizer_dir
-from tasks.artifacts import ArtifactRef, run_stage
+from tasks.lib.artifacts import ArtifactRef, run_stage
 from tasks.download import resolve
-from tasks.pretrain import PretrainConfig, preflight
-from tasks.sft import newest_run, sft
+from tasks.lib.launch import PretrainConfig
+from tasks.lib.runs import newest_run
+from tasks.pretrain import preflight
+from tasks.sft import sft
 from tasks.sft_data import sft_data
 from tasks.spec import SFTSpec, load_spec, resolve_path
 

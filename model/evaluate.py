@@ -1,11 +1,14 @@
-"""Evaluate an exported Hugging Face model folder (model/export_hf.py): validation perplexity, multiple-choice
-accuracy by log-likelihood, and generations for fixed prompts. Plain PyTorch + transformers, one process.
+"""Evaluate an exported Hugging Face model folder (model/export_hf.py): lm-evaluation-harness tasks (multiple
+choice by log-likelihood, or any task in lm-eval's registry), validation perplexity on held-out shards, and
+generations for fixed prompts. One process; no Prefect.
 
-    python -m model.evaluate exports/tiny --manifest artifacts/shard/<fp> --items civics.jsonl --prompt "Hi"
+    python -m model.evaluate runs/<run>/hf/step-000300 --manifest artifacts/shard/<fp> \
+        --items civics.jsonl --lm-eval-task arc_easy --prompt "Hi"
 
-Multiple choice is scored as lm-evaluation-harness scores its log-likelihood tasks: for each choice, the sum of
-the log-probabilities of " <choice>" after "Question: <q>\\nAnswer:"; `acc` takes the highest sum, `acc_norm`
-the highest sum per byte of the choice.
+A multiple-choice set becomes a local lm-eval task (`write_lm_eval_task`): its items as a JSON-lines file and a
+task YAML that reads it, so nothing is fetched and the same task runs from the command line
+(`lm_eval --model hf --model_args pretrained=<folder> --include_path <task dir> --tasks <name>`). Perplexity stays
+here because it is measured on token rows (with the SFT loss mask), which lm-eval has no way to read.
 """
 
 from __future__ import annotations
@@ -13,13 +16,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import socket
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from model.chat import encode_chat
 from model.data import validation_rows
+
+# The prompt of the multiple-choice tasks written here; lm-eval scores " <choice>" after it.
+MC_PROMPT = "Question: {{question}}\nAnswer:"
+
+
+class LMEvalTaskError(RuntimeError):
+    """A named lm-eval task that cannot run here: unknown, or its dataset cannot be had."""
 
 
 def load(model_dir: Path):
@@ -47,29 +60,92 @@ def heldout_loss(model, manifest_dir: Path, rows: int, batch: int = 8) -> dict:
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "rows": len(data["tokens"])}
 
 
-@torch.no_grad()
-def continuation_logprob(model, sp, context: str, continuation: str) -> float:
-    """Sum of log p(continuation tokens | context); the tokens are those where encode(context + continuation)
-    departs from encode(context)."""
-    ctx, full = sp.encode(context), sp.encode(context + continuation)
-    shared = next((i for i, (a, b) in enumerate(zip(ctx, full)) if a != b), min(len(ctx), len(full)))
-    ids = torch.tensor([full])
-    logprobs = model(ids[:, :-1]).logits.float().log_softmax(-1)[0]
-    return float(logprobs[shared - 1:].gather(-1, ids[0, shared:, None]).sum())
+def write_lm_eval_task(name: str, items: list[dict], task_dir: Path) -> str:
+    """`<task_dir>/<name>.jsonl` (question, choices, answer index) and `<name>.yaml`, a local lm-eval
+    multiple-choice task over it with acc and acc_norm; returns the task's name."""
+    task_dir.mkdir(parents=True, exist_ok=True)
+    data = task_dir / f"{name}.jsonl"
+    tmp = data.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps({k: item[k] for k in ("id", "question", "choices", "answer")},
+                                      ensure_ascii=False) + "\n" for item in items))
+    os.replace(tmp, data)
+    config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
+              "test_split": "test", "output_type": "multiple_choice", "doc_to_text": MC_PROMPT,
+              "doc_to_choice": "{{choices}}", "doc_to_target": "answer",
+              "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
+                              for m in ("acc", "acc_norm")],
+              "metadata": {"version": 1.0}}
+    (task_dir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    return name
 
 
-def multiple_choice(model, sp, items: list[dict]) -> dict:
-    correct = correct_norm = 0
-    chance = 0.0
-    for item in items:
-        context = f"Question: {item['question']}\nAnswer:"
-        scores = [continuation_logprob(model, sp, context, f" {c}") for c in item["choices"]]
-        normed = [s / len(f" {c}".encode()) for s, c in zip(scores, item["choices"])]
-        correct += max(range(len(scores)), key=scores.__getitem__) == item["answer"]
-        correct_norm += max(range(len(normed)), key=normed.__getitem__) == item["answer"]
-        chance += 1 / len(item["choices"])
-    n = max(len(items), 1)
-    return {"items": len(items), "acc": correct / n, "acc_norm": correct_norm / n, "chance": chance / n}
+def lm_eval_tasks(names: list[str], task_dir: Path | None):
+    """An lm-eval TaskManager that knows the local tasks in `task_dir` and lm-eval's registry, once every task in
+    `names` has loaded with its data. Fails fast, naming the task, when one is unknown or its dataset cannot be
+    had (no network and not cached)."""
+    import difflib
+
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(task_dir) if task_dir else None)
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        hints = {n: difflib.get_close_matches(n, manager.all_tasks, n=3) for n in unknown}
+        raise LMEvalTaskError("unknown lm-eval task(s): " + "; ".join(
+            f"{n!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for n, h in hints.items())
+            + ". Names are lm-eval's (`lm_eval ls tasks`); fix `lm_eval_tasks` in the eval spec.")
+    local = {n for n in names if task_dir and (task_dir / f"{n}.yaml").is_file()}
+    remote = [n for n in names if n not in local]
+    if remote and not hub_reachable():
+        # Offline, datasets reads its local cache only, so a task whose data was fetched before still runs.
+        import datasets.config
+        import huggingface_hub.constants
+
+        datasets.config.HF_DATASETS_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    for name in names:
+        try:
+            manager.load([name])
+        except Exception as err:
+            if name in local:
+                raise
+            raise LMEvalTaskError(
+                f"lm-eval task {name!r} needs its dataset from the Hugging Face Hub, and it could not be loaded "
+                f"({type(err).__name__}: {str(err)[:300]}). The Hub is {'reachable' if hub_reachable() else 'not reachable from this machine'}; "
+                f"run once where it is (datasets caches it under HF_HOME={os.environ.get('HF_HOME')}), or remove "
+                f"{name!r} from `lm_eval_tasks` in the eval spec.") from None
+    return manager
+
+
+def hub_reachable(host: str = "huggingface.co", port: int = 443) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def run_lm_eval(model, tokenizer, names: list[str], tasks, batch_size: int = 8, limit: int | None = None,
+                log_samples: bool = False) -> dict:
+    """lm-eval's `simple_evaluate` of tasks `names` (known to the TaskManager `tasks`) on an already loaded
+    transformers model; returns its results dict."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+    return simple_evaluate(model=lm, tasks=names, task_manager=tasks, limit=limit, log_samples=log_samples,
+                           bootstrap_iters=1000, verbosity="WARNING")
+
+
+def task_scores(results: dict) -> dict[str, dict]:
+    """{task: {metric: value, metric_stderr: value, items: n}} from lm-eval's results ("acc,none" -> "acc")."""
+    scores = {}
+    for task, metrics in results["results"].items():
+        row = {k.split(",")[0]: v for k, v in metrics.items() if "," in k and isinstance(v, (int, float))}
+        n = results.get("n-samples", {}).get(task, {})
+        scores[task] = {**row, **({"items": n["effective"]} if "effective" in n else {})}
+    return scores
 
 
 @torch.no_grad()
@@ -92,15 +168,24 @@ def generate(model, sp, prompts: list[str], max_new_tokens: int, temperature: fl
     return out
 
 
-def evaluate(model_dir: Path, manifest_dir: Path, items: dict[str, list[dict]], prompts: list[str],
-             perplexity_rows: int = 64, sft_manifest_dir: Path | None = None, max_new_tokens: int = 40,
-             temperature: float = 0.8, top_k: int = 50, seed: int = 0) -> dict:
+def evaluate(model_dir: Path, manifest_dir: Path, task_names: list[str], task_dir: Path | None,
+             prompts: list[str], perplexity_rows: int = 64, sft_manifest_dir: Path | None = None,
+             max_new_tokens: int = 40, temperature: float = 0.8, top_k: int = 50, seed: int = 0,
+             lm_eval_limit: int | None = None) -> dict:
+    """Every measure of one model folder; `task_names` are lm-eval tasks, local ones in `task_dir`."""
+    import lm_eval
+
+    tasks = lm_eval_tasks(task_names, task_dir) if task_names else None  # fails fast, before the model loads
     model, sp = load(model_dir)
     results = {"model": str(model_dir), "validation": heldout_loss(model, manifest_dir, perplexity_rows),
-               "multiple_choice": {name: multiple_choice(model, sp, its) for name, its in items.items()},
                "generations": generate(model, sp, prompts, max_new_tokens, temperature, top_k, seed)}
     if sft_manifest_dir is not None:
         results["sft_validation"] = heldout_loss(model, sft_manifest_dir, perplexity_rows)
+    if task_names:
+        from transformers import AutoTokenizer
+
+        raw = run_lm_eval(model, AutoTokenizer.from_pretrained(model_dir), task_names, tasks, limit=lm_eval_limit)
+        results["lm_eval"] = {"version": lm_eval.__version__, "tasks": task_scores(raw)}
     return results
 
 
@@ -109,12 +194,15 @@ def main(argv=None) -> None:
     p.add_argument("model_dir", type=Path)
     p.add_argument("--manifest", type=Path, required=True, help="shard manifest directory (validation rows)")
     p.add_argument("--items", type=Path, action="append", default=[],
-                   help="multiple-choice jsonl with question, choices, answer (index)")
+                   help="multiple-choice jsonl with id, question, choices, answer (index): a local lm-eval task")
+    p.add_argument("--lm-eval-task", action="append", default=[], help="a task of lm-eval's registry")
     p.add_argument("--prompt", action="append", default=[])
     args = p.parse_args(argv)
-    items = {path.stem: [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-             for path in args.items}
-    print(json.dumps(evaluate(args.model_dir, args.manifest, items, args.prompt), indent=1))
+    task_dir = args.model_dir / "lm_eval_tasks"
+    names = [write_lm_eval_task(path.stem, [json.loads(line) for line in path.read_text().splitlines()
+                                            if line.strip()], task_dir) for path in args.items]
+    print(json.dumps(evaluate(args.model_dir, args.manifest, names + args.lm_eval_task, task_dir, args.prompt),
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
     torchrun --nproc-per-node 4 -m model.train --manifest artifacts/shard/<fp> --run-dir runs/tiny \
         --preset tiny --tp 2 --pp 2 --steps 200
 
-Writes `<run-dir>/metrics.jsonl` (one line per log step, rank 0) and checkpoints (model/checkpoint.py). If the
-run directory has a checkpoint, training resumes from it: same data order, same losses as an uninterrupted run.
+Writes `<run-dir>/metrics.jsonl` (one line per step, rank 0), TensorBoard scalars in `<run-dir>/tensorboard/`
+(`tensorboard --logdir runs`) and checkpoints (model/checkpoint.py). If the run directory has a checkpoint,
+training resumes from it: same data order, same losses as an uninterrupted run, and the TensorBoard curves
+continue without repeating the steps the crashed run logged after that checkpoint.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from model import compat
-from model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from model.checkpoint import latest_checkpoint, load_checkpoint, read_train_state, save_checkpoint
 from model.config import ModelConfig, ParallelConfig, TrainConfig, preset
 from model.data import TrainSamples, load_manifest, rank_slice, validation_rows
 
@@ -71,6 +73,26 @@ def open_metrics(path: Path, after_step: int):
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, path)
     return open(path, "a")
+
+
+def open_tensorboard(run_dir: Path, first_step: int):
+    """Rank 0's TensorBoard writer. A resumed run purges whatever the crashed run logged from `first_step` on
+    (TensorBoard hides those events), so each curve has one point per step."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_dir = run_dir / "tensorboard"
+    resumed = log_dir.is_dir() and any(log_dir.iterdir())
+    return SummaryWriter(str(log_dir), purge_step=first_step if resumed else None, flush_secs=30)
+
+
+# metrics.jsonl key -> TensorBoard tag
+TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "val_loss": "val/loss",
+                    "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "peak_mem_gib": "perf/peak_mem_gib"}
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def segment_attention_mask(segments: torch.Tensor) -> torch.Tensor:
@@ -229,6 +251,13 @@ def main(argv=None) -> None:
     elif args.init_from:
         loaded = load_checkpoint(Path(args.init_from), gpt)
         log(f"initialised from {args.init_from} (step {loaded['step']} of its run)", flush=True)
+    # TensorBoard's step axis counts from the first run of the model's lineage: a run started from a checkpoint
+    # (continued pretraining, SFT) draws its curves after that checkpoint's own.
+    offset = 0
+    if args.init_from:
+        parent = read_train_state(Path(args.init_from))
+        offset = parent.get("step_offset", 0) + parent["step"]
+    described["step_offset"] = offset
 
     def checkpoint_now() -> None:
         save_checkpoint(run_dir, gpt, optimizer, {**state, **described, "scheduler": scheduler.state_dict()})
@@ -236,6 +265,7 @@ def main(argv=None) -> None:
 
     # ---- the loop
     metrics = open_metrics(run_dir / "metrics.jsonl", after_step=state["step"]) if rank0 else None
+    tensorboard = open_tensorboard(run_dir, first_step=offset + state["step"] + 1) if rank0 else None
     model.train()
     tick = time.perf_counter()
     while state["step"] < train.steps:
@@ -254,23 +284,33 @@ def main(argv=None) -> None:
                   "grad_norm": float(grad_norm) if grad_norm is not None else None}
         if step % train.eval_every == 0 or step == train.steps:
             record["val_loss"] = evaluate()
-        if step % train.log_every == 0 or "val_loss" in record:
+        logged = step % train.log_every == 0 or "val_loss" in record
+        if logged:
             elapsed = time.perf_counter() - tick
             steps_done = step % train.log_every or train.log_every
             tps = tokens_per_step * steps_done / elapsed
             record["tokens_per_s"] = tps
             record["mfu"] = tps * flops_per_token(model_cfg) / (peak * 1e12 * world) if peak else None
             record["peak_mem_gib"] = peak_memory_gib(rss_before_model)
-            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                         if v is not None), flush=True)
-            tick = time.perf_counter()
-        if metrics:
+        if metrics:  # recorded before the step's line is printed: a line seen means a step on disk
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            for key, tag in TENSORBOARD_TAGS.items():
+                if record.get(key) is not None:
+                    tensorboard.add_scalar(tag, record[key], global_step=offset + step)
+            if logged:
+                tensorboard.flush()
+        if logged:
+            eta = duration(elapsed / steps_done * (train.steps - step))
+            log(f"step={step}/{train.steps} " + " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                if v is not None and k != "step") + f" eta={eta}", flush=True)
+            tick = time.perf_counter()
         if step % train.save_every == 0 or step == train.steps:
             checkpoint_now()
     if metrics:
         metrics.close()
+        tensorboard.close()
     dist.barrier()
     dist.destroy_process_group()
 

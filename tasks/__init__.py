@@ -1,4 +1,5 @@
-"""Prefect tasks, one pipeline stage per module; each wraps a plain function that runs without a server."""
+"""Prefect tasks, one pipeline stage per module; each wraps a plain function that runs without a server. What the
+stages share (and no stage itself) is in tasks/lib/."""
 
 import os
 from pathlib import Path

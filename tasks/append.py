@@ -16,8 +16,9 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.artifacts import MANIFEST_NAME, STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger, sha256_file
-from tasks.artifacts import stage_code_version, verify
+from tasks.lib.artifacts import MANIFEST_NAME, STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
+from tasks.lib.log import get_logger
+from tasks.lib.artifacts import stage_code_version, verify
 from tasks.shard import ShardManifest, mixture_weights
 from tasks.spec import DataSpec, ShardingConfig
 

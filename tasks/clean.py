@@ -18,8 +18,9 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 from prefect import task
 
-from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
-from tasks.blocks import (RegexWordTokenizer, UnicodeNormalizer, in_process_if_small, offline_lid_model,
+from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
+from tasks.lib.log import get_logger
+from tasks.lib.blocks import (RegexWordTokenizer, UnicodeNormalizer, in_process_if_small, offline_lid_model,
                           run_pipeline)
 from tasks.spec import CleaningConfig, ExecutorConfig
 

@@ -21,8 +21,9 @@ from datatrove.utils.text import ngrams, simplify_text
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
-from tasks.blocks import RegexWordTokenizer, in_process_if_small, run_pipeline
+from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
+from tasks.lib.log import get_logger
+from tasks.lib.blocks import RegexWordTokenizer, in_process_if_small, run_pipeline
 from tasks.dedup import count_documents, per_source_writer
 from tasks.download import ResolvedSource, resolve_source, source_records
 from tasks.tokenizer import iter_documents

@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger, sha256_file
+from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
+from tasks.lib.log import get_logger
 from tasks.spec import SourceSpec, resolve_path
 
 PREVIEW_CHARS = 500

@@ -1,5 +1,5 @@
-"""Evaluation stage: export each checkpoint to Hugging Face format, score it (model/evaluate.py), and publish a
-report comparing them.
+"""Evaluation stage: export each checkpoint to Hugging Face format, score it with lm-evaluation-harness and the
+held-out perplexities (model/evaluate.py), and publish a report comparing them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.artifacts import get_logger
+from tasks.lib.log import get_logger, progress
 from tasks.download import Record, SourceError, resolve_source, source_records
 from tasks.spec import EvalSpec, MultipleChoiceSpec
 
@@ -54,10 +54,25 @@ def load_items(spec: EvalSpec, downloads_dir: Path) -> tuple[dict[str, list[dict
             raise SourceError(f"benchmark '{source.name}': no usable items ({dict(bad)})")
         items[source.name] = good[:source.limit]
         problems[source.name] = {"items": len(items[source.name]), "unusable": sum(bad.values()),
-                                 "reasons": dict(bad), "license": source.license}
+                                 "reasons": dict(bad), "license": source.license,
+                                 "chance": sum(1 / len(i["choices"]) for i in items[source.name]) / len(items[source.name])}
         if bad:
             get_logger().warning(f"benchmark {source.name}: {sum(bad.values())} unusable records: {dict(bad)}")
     return items, problems
+
+
+@task(name="prepare-lm-eval")
+def prepare_lm_eval(spec: EvalSpec, items: dict[str, list[dict]], task_dir: str) -> list[str]:
+    """Write each multiple-choice set as a local lm-eval task in `task_dir`, and load every task the spec names,
+    so that a task that cannot run (unknown, or its dataset out of reach) fails now, before any export. Returns
+    the task names to evaluate."""
+    from model.evaluate import lm_eval_tasks, write_lm_eval_task
+
+    names = [write_lm_eval_task(name, its, Path(task_dir)) for name, its in items.items()]
+    names += [n for n in spec.lm_eval_tasks if n not in names]
+    lm_eval_tasks(names, Path(task_dir))
+    get_logger().info(f"lm-eval tasks: {', '.join(names)} (local ones in {task_dir})")
+    return names
 
 
 @task(name="export-hf", task_run_name="export-{label}")
@@ -78,14 +93,16 @@ def export_hf(checkpoint: str, label: str) -> str:
 
 @task(name="evaluate", task_run_name="evaluate-{label}")
 def evaluate_model(model_dir: str, label: str, manifest: str, sft_manifest: str | None, spec: EvalSpec,
-                   items: dict[str, list[dict]]) -> dict:
+                   task_names: list[str], task_dir: str) -> dict:
     from model.evaluate import evaluate
 
-    results = evaluate(Path(model_dir), Path(manifest), items, spec.prompts, spec.perplexity_rows,
-                       Path(sft_manifest) if sft_manifest else None, spec.max_new_tokens, spec.temperature,
-                       spec.top_k, spec.seed)
-    get_logger().info(f"evaluate {label}: perplexity {results['validation']['perplexity']:.2f}, " + ", ".join(
-        f"{name} acc {r['acc']:.3f} (chance {r['chance']:.3f})" for name, r in results["multiple_choice"].items()))
+    results = evaluate(Path(model_dir), Path(manifest), task_names, Path(task_dir), spec.prompts,
+                       spec.perplexity_rows, Path(sft_manifest) if sft_manifest else None, spec.max_new_tokens,
+                       spec.temperature, spec.top_k, spec.seed, spec.lm_eval_limit)
+    scores = results.get("lm_eval", {}).get("tasks", {})
+    progress(f"evaluate {label}: perplexity {results['validation']['perplexity']:.2f}" + "".join(
+        f", {name} " + ", ".join(f"{m} {v:.3f}" for m, v in r.items() if m in ("acc", "acc_norm"))
+        for name, r in scores.items()))
     return results
 
 
@@ -100,19 +117,28 @@ def report_markdown(results: dict[str, dict], benchmarks: dict) -> str:
     row("validation loss (nats/token)", lambda r: f"{r['validation']['loss']:.3f}")
     if all("sft_validation" in r for r in results.values()):
         row("reply perplexity (held-out SFT replies)", lambda r: f"{r['sft_validation']['perplexity']:.2f}")
-    for name, info in benchmarks.items():
-        row(f"{name} acc ({info['items']} items; chance "
-            f"{next(iter(results.values()))['multiple_choice'][name]['chance']:.3f})",
-            lambda r: f"{r['multiple_choice'][name]['acc']:.3f}")
-        row(f"{name} acc_norm", lambda r: f"{r['multiple_choice'][name]['acc_norm']:.3f}")
+    first = next(iter(results.values()))
+    for task, scores in first.get("lm_eval", {}).get("tasks", {}).items():
+        about = (f"{benchmarks[task]['items']} items; chance {benchmarks[task]['chance']:.3f}" if task in benchmarks
+                 else f"{scores.get('items', '?')} items")
+        for metric in [m for m in scores if m != "items" and not m.endswith("_stderr")]:
+            row(f"{task} {metric} ({about})" if metric == "acc" or task not in benchmarks else f"{task} {metric}",
+                lambda r, t=task, m=metric: _with_stderr(r["lm_eval"]["tasks"][t], m))
+    if "lm_eval" in first:
+        lines += ["", f"Scored by lm-evaluation-harness {first['lm_eval']['version']} (± its standard error)."]
     lines += ["", "## Generations", ""]
-    for i, prompt_row in enumerate(next(iter(results.values()))["generations"]):
+    for i, prompt_row in enumerate(first["generations"]):
         lines.append(f"**{prompt_row['prompt']}**\n")
         for label in labels:
             gen = results[label]["generations"][i]
             lines.append(f"- {label}, greedy: {gen['greedy']!r}\n- {label}, sampled: {gen['sampled']!r}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _with_stderr(scores: dict, metric: str) -> str:
+    stderr = scores.get(f"{metric}_stderr")
+    return f"{scores[metric]:.3f}" + (f" ± {stderr:.3f}" if isinstance(stderr, (int, float)) else "")
 
 
 @task(name="eval-report")
@@ -132,8 +158,9 @@ def publish_report(results: dict[str, dict], benchmarks: dict, checkpoints: dict
     create_markdown_artifact(key="evaluation-report", markdown=markdown + f"\n\nFiles: `{out}`")
     create_table_artifact(key="evaluation-metrics", table=[
         {"checkpoint": label, "perplexity": round(r["validation"]["perplexity"], 3),
-         **{f"{n} acc": round(m["acc"], 3) for n, m in r["multiple_choice"].items()},
-         **{f"{n} chance": round(m["chance"], 3) for n, m in r["multiple_choice"].items()}}
+         **{f"{task} {m}": round(v, 4) for task, scores in r.get("lm_eval", {}).get("tasks", {}).items()
+            for m, v in scores.items() if m != "items"},
+         **{f"{n} chance": round(b["chance"], 3) for n, b in benchmarks.items()}}
         for label, r in results.items()])
-    get_logger().info(f"evaluation report: {out / 'report.md'}")
+    progress(f"evaluation report: {out / 'report.md'}")
     return str(out)

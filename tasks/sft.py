@@ -9,9 +9,10 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.artifacts import get_logger
-from tasks.pretrain import (PretrainConfig, check_resources, checkpoint_architecture, final_validation,
-                           publish_training, run_key, run_training)
+from tasks.lib.log import progress
+from tasks.lib.launch import PretrainConfig, check_resources, run_training
+from tasks.lib.runs import checkpoint_architecture, run_key
+from tasks.lib.training_report import final_validation, publish_training
 
 # A short run with a lower peak learning rate than pretraining: the data is small and the model already trained.
 SFT_TRAIN_DEFAULTS = {"steps": 80, "global_batch": 16, "micro_batch": 4, "lr": 1e-3, "min_lr": 1e-4,
@@ -33,22 +34,6 @@ def sft(sft_manifest: str, init_checkpoint: str, config: PretrainConfig, runs_di
     summary = {"run_dir": str(run_dir), "init_checkpoint": str(init_checkpoint), "steps": records[-1]["step"],
                "final_val_loss": final_validation(records).get("val_loss")}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    get_logger().info(f"sft: {summary}")
+    progress(f"sft: {run_dir} finished at step {summary['steps']}, held-out reply loss "
+             f"{summary['final_val_loss']:.3f}; curves: tensorboard --logdir {runs_dir}")
     return str(run_dir)
-
-
-def finished_runs(runs_dir: str | Path, kind: str) -> list[Path]:
-    """The finished runs of a kind ("pretrain" or "sft") under runs_dir, newest first."""
-    runs = [p.parent for p in Path(runs_dir).glob("*/summary.json")
-            if ("init_checkpoint" in json.loads(p.read_text())) == (kind == "sft")]
-    return sorted(runs, key=lambda p: (p / "summary.json").stat().st_mtime, reverse=True)
-
-
-def newest_run(runs_dir: str | Path, kind: str) -> Path:
-    """The most recently finished run of a kind under runs_dir, for flows given no run."""
-    runs = finished_runs(runs_dir, kind)
-    if not runs:
-        raise FileNotFoundError(f"no finished {kind} run under {runs_dir}: run `prefect deployment run "
-                                f"{'pretrain/tiny' if kind == 'pretrain' else 'sft/default'}` (or pipeline/default) "
-                                f"first, or pass the run directory explicitly")
-    return runs[0]

@@ -19,7 +19,8 @@ import sentencepiece as spm
 from prefect import task
 
 from model.chat import ROLES, encode_chat
-from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger, sha256_file
+from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
+from tasks.lib.log import get_logger
 from tasks.download import Quarantine, Record, ResolvedSource, source_records
 from tasks.shard import ShardInfo, ShardManifest
 from tasks.spec import InstructionSourceSpec, SFTSpec

@@ -19,7 +19,8 @@ import sentencepiece as spm
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger, sha256_file
+from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
+from tasks.lib.log import get_logger
 from tasks.spec import ShardingConfig
 from tasks.tokenizer import iter_documents, keep_in_sample
 

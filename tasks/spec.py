@@ -340,7 +340,8 @@ class SFTSpec(Strict):
 
 
 class MultipleChoiceSpec(SourceSpec):
-    """A multiple-choice benchmark, scored by log-likelihood of each choice after the question."""
+    """A multiple-choice benchmark of your own, run as a local lm-eval task: each choice scored by its
+    log-likelihood after "Question: <question>\\nAnswer:" (acc, and acc_norm per byte of the choice)."""
 
     question_field: str = "question"
     choices_field: str = "choices"
@@ -355,6 +356,12 @@ class MultipleChoiceSpec(SourceSpec):
 class EvalSpec(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     multiple_choice: list[MultipleChoiceSpec] = []
+    lm_eval_tasks: list[str] = Field(
+        default=[], description="Tasks of lm-evaluation-harness's registry by name (hellaswag, arc_easy, ...). "
+                                "Their datasets come from the Hugging Face Hub (cached under HF_HOME); without a "
+                                "network and a cached copy the evaluation fails, naming the task.")
+    lm_eval_limit: int | None = Field(default=None, gt=0, description="Score only the first N items of each "
+                                                                       "lm-eval task (a quick look on CPU).")
     prompts: list[str] = Field(default=[], description="Fixed prompts for greedy and sampled generations.")
     max_new_tokens: int = Field(default=40, gt=0)
     temperature: float = Field(default=0.8, gt=0)

@@ -18,7 +18,8 @@ import sentencepiece as spm
 from prefect import task
 
 from model.chat import CHAT_TEMPLATE
-from tasks.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, get_logger
+from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
+from tasks.lib.log import get_logger
 from tasks.spec import TokenizerConfig
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"

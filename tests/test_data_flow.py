@@ -210,7 +210,7 @@ def test_new_data_triggers_exactly_one_continued_pretraining(small_corpus, tmp_p
 
 def test_continuing_across_tokenizers_is_refused(tmp_path, tiny_manifest):
     """A checkpoint cannot continue on a manifest tokenized differently; the error says why and what to do."""
-    from tasks.pretrain import continuation_checkpoint
+    from tasks.lib.runs import continuation_checkpoint
 
     other = tmp_path / "other"
     other.mkdir()

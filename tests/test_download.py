@@ -14,9 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.artifacts import build_artifact, verify
+from tasks.lib.artifacts import build_artifact, verify
 from tasks.download import SourceError, fetch_url, normalise_source, resolve_source
-from tasks.spec import SourceSpec
+from tasks.spec import SourceSpec, load_spec
 
 from conftest import bundled_docs, write_jsonl
 
@@ -117,6 +117,29 @@ def test_hf_datasets_source_from_local_files(tmp_path):
     summary = run(src, tmp_path / "out", num_files=1)
     assert summary["docs"] == 5
     assert read_docs(tmp_path / "out")[0]["text"].startswith("Genesis 1")
+
+
+def test_fineweb_edu_spec_reads_its_schema_through_datasets(tmp_path):
+    """The pretrain/7b corpus source as shipped, pointed at a local Parquet file with FineWeb-Edu's columns instead
+    of the Hub: the same `datasets` streaming path, ids and metadata taken from those columns."""
+    (shipped,) = load_spec("data_specs/fineweb_edu_7b.yaml").sources
+    assert (shipped.kind, shipped.dataset, shipped.config) == ("hf", "HuggingFaceFW/fineweb-edu", "sample-10BT")
+    rows = [{"text": d["text"], "id": f"<urn:uuid:{i:08d}-0000-4000-8000-000000000000>", "dump": "CC-MAIN-2024-10",
+             "url": f"https://example.org/page/{i}", "file_path": f"s3://commoncrawl/crawl-data/{i}.warc.gz",
+             "language": "en", "language_score": 0.97, "token_count": len(d["text"]) // 4, "score": 3.4,
+             "int_score": 3} for i, d in enumerate(bundled_docs("sotu", 4))]
+    rows.append({**rows[0], "id": "<urn:uuid:empty>", "text": "  "})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "train-00000-of-00001.parquet")
+    local = shipped.model_copy(update={"dataset": "parquet", "config": None,
+                                       "data_files": [str(tmp_path / "train-00000-of-00001.parquet")]})
+    with pytest.raises(SourceError, match=r"1 of 5 records are unusable \(empty text x1\); this exceeds max_bad_fraction=0.01"):
+        run(local, tmp_path / "strict", num_files=1)  # the shipped limit: 1% of 10 M pages
+    summary = run(local.model_copy(update={"max_bad_fraction": 0.5}), tmp_path / "out", num_files=1)
+    assert (summary["docs"], summary["quarantined"], summary["quarantine_reasons"]) == (4, 1, {"empty text": 1})
+    doc = read_docs(tmp_path / "out")[1]
+    assert doc["id"] == "fineweb_edu/<urn:uuid:00000001-0000-4000-8000-000000000000>"
+    assert doc["metadata"]["url"] == "https://example.org/page/1" and doc["metadata"]["int_score"] == 3
+    assert doc["metadata"]["origin"] == "hf://parquet/train:2" and doc["text"] == rows[1]["text"]
 
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):

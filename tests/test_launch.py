@@ -10,7 +10,8 @@ import pytest
 
 from model.config import llama2_7b
 from model.plan import recommend
-from tasks.pretrain import PretrainConfig, SlurmLaunch, free_port, launch_command, slurm_script
+from model.distributed import free_port
+from tasks.lib.launch import PretrainConfig, SlurmLaunch, launch_command, slurm_script
 
 from test_model import FAST, ROOT, metrics, torchrun
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from model.config import TrainConfig, llama2_7b, tiny
-from tasks.pretrain import free_port
+from model.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--steps", "6", "--warmup-steps", "1", "--global-batch", "8", "--micro-batch", "2", "--log-every", "1",
@@ -35,6 +35,14 @@ def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.Completed
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard tag as TensorBoard itself reads the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def test_7b_preset_has_llama2_parameter_count():
@@ -98,7 +106,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tiny_manifest, tmp_
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in iter(proc.stdout.readline, ""):  # readline, not iteration: no read-ahead buffering
-        if line.startswith("step=4 "):
+        if line.startswith("step=4/"):
             ranks = psutil.Process(proc.pid).children(recursive=True)
             proc.kill()
             for p in ranks:
@@ -108,6 +116,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tiny_manifest, tmp_
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     assert (run_dir / "checkpoints" / "latest").read_text() == "step-000003"
+    assert [s for s, _ in tensorboard_scalars(run_dir, "train/loss")] == [1, 2, 3, 4]  # step 4: after the checkpoint
 
     resumed = torchrun(2, *args, "--run-dir", str(run_dir))
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
@@ -116,3 +125,12 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tiny_manifest, tmp_
     for a, b in zip(expected, got):
         for key in ("loss", "lr", "grad_norm", "val_loss"):
             assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
+
+    # TensorBoard: the killed run logged step 4 before dying, the resumed run logged 4-6 again; the curve has each
+    # step once, with the resumed run's values (float32 in the event file).
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    for tag, key in (("train/loss", "loss"), ("train/lr", "lr"), ("val/loss", "val_loss")):
+        logged = tensorboard_scalars(run_dir, tag)
+        assert [step for step, _ in logged] == [r["step"] for r in got if r.get(key) is not None], tag
+        assert [v for _, v in logged] == pytest.approx([r[key] for r in got if r.get(key) is not None], rel=1e-6)
+    assert [s for s, _ in tensorboard_scalars(run_dir, "perf/tokens_per_s")] == [1, 2, 3, 4, 5, 6]

@@ -37,11 +37,15 @@ def test_pipeline_pretrains_tunes_and_reports(small_corpus, tmp_path):
     # Instruction tuning made held-out replies far more likely; both models still model the pretraining text.
     assert tuned["sft_validation"]["loss"] < pre["sft_validation"]["loss"] - 0.5
     assert math.isfinite(pre["validation"]["perplexity"]) and pre["validation"]["tokens"] > 1000
-    civics = pre["multiple_choice"]["civics"]
-    assert civics["items"] == 84 and 0 <= civics["acc"] <= 1 and abs(civics["chance"] - 0.2639) < 1e-3
+    # The civics set was scored by lm-evaluation-harness, as a local task written from the eval spec.
+    civics = pre["lm_eval"]["tasks"]["civics"]
+    assert civics["items"] == 84 and 0 <= civics["acc"] <= 1 and 0 < civics["acc_norm_stderr"] < 0.1
+    assert results["benchmarks"]["civics"]["chance"] == pytest.approx(0.2639, abs=1e-3)
+    assert pre["lm_eval"]["version"].startswith("0.4.") and (tmp_path / "reports/lm_eval_tasks/eval_default/civics.yaml").is_file()
     assert len(tuned["generations"]) == 5 and all(isinstance(g["greedy"], str) for g in tuned["generations"])
     markdown = (report / "report.md").read_text()
-    assert "| civics acc (84 items; chance 0.264)" in markdown and "instruction-tuned, greedy" in markdown
+    assert "| civics acc (84 items; chance 0.264) | " in markdown and " ± " in markdown
+    assert "Scored by lm-evaluation-harness 0.4." in markdown and "instruction-tuned, greedy" in markdown
     # Lineage of the tuned checkpoint reaches back through the pretrained one to the corpus files.
     info = lineage(results["checkpoints"]["instruction-tuned"])
     assert info["manifest"]["mixture"] == {"sft": 1.0}

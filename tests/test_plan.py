@@ -12,7 +12,7 @@ import yaml
 
 from model.config import llama2_7b, tiny
 from model.plan import GIB, RUNTIME_OVERHEAD_GIB, Layout, estimate, main, recommend
-from tasks.pretrain import free_port
+from model.distributed import free_port
 from tasks.spec import PROJECT_ROOT
 
 

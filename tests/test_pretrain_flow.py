@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId,
+                                            LogFilter, LogFilterFlowRunId)
+from prefect.logging.handlers import APILogWorker
 
 from flows.pretrain import pretrain_flow
-from tasks.pretrain import PretrainConfig, run_training
+from tasks.lib.launch import PretrainConfig, run_training
 
 from conftest import small_spec, write_spec
 
@@ -41,6 +43,19 @@ def test_pretrain_flow_learns_and_publishes(small_corpus, tmp_path):
     assert set(by_key) == {"pretrain-metrics", "pretrain-loss-curve", "pretrain-progress"}
     assert by_key["pretrain-progress"].data == 100.0  # followed rank 0's steps to the end
 
+    # The terminal: `prefect deployment run ... --watch` streams the root flow run's logs, and the data stages
+    # run in a child flow; their start and end lines and the training steps must be among the root's logs.
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        root_logs = [log.message for log in client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))]
+    for stage in ("download-sotu", "clean-kjv", "dedup", "tokenizer", "shard"):
+        assert f"> {stage}: started" in root_logs, stage
+        assert any(m.startswith(f"< {stage}: built; ") for m in root_logs), stage
+    steps = [m for m in root_logs if m.startswith("step=")]
+    assert steps[0].startswith("step=20/80 loss=") and " tokens_per_s=" in steps[0] and " eta=" in steps[0]
+    assert steps[-1].startswith("step=80/80 ") and any(m.startswith(f"pretrain: {run_dir} finished") for m in root_logs)
+
     # Same inputs again: the finished run is found and nothing retrains (data cached, training at its last step).
     started = time.perf_counter()
     again = pretrain_flow(str(spec_path), train=TRAIN, runs_dir=str(tmp_path / "runs"))
@@ -51,7 +66,7 @@ def test_pretrain_flow_learns_and_publishes(small_corpus, tmp_path):
 
 def test_7b_without_gpus_fails_fast_saying_what_it_needs(tmp_path):
     started = time.perf_counter()
-    state = pretrain_flow("data_specs/llama7b.yaml", preset="7b", tp=2, pp=1, nproc=8, gpus_required=True,
+    state = pretrain_flow("data_specs/llama7b_smoke.yaml", preset="7b", tp=2, pp=1, nproc=8, gpus_required=True,
                           runs_dir=str(tmp_path / "runs"), return_state=True)
     assert state.is_failed()
     with pytest.raises(RuntimeError, match=r"8 GPUs \(TP 2 x PP 1 x DP 4\), but this machine has 0 CUDA"):

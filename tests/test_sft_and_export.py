@@ -21,7 +21,7 @@ from tasks.sft_data import build_sft_shards
 from tasks.spec import SFTSpec
 
 from conftest import write_jsonl
-from test_model import FAST, metrics, torchrun
+from test_model import FAST, metrics, tensorboard_scalars, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is AI?"},
@@ -176,3 +176,6 @@ def test_sft_from_a_tp2_checkpoint_trains_at_pp2_on_replies(tiny_manifest, tmp_p
     assert m[-1]["val_loss"] < m[2]["val_loss"] - 0.3  # and learned the reply format
     state = json.loads((tmp_path / "tuned/checkpoints/step-000012/train_state.json").read_text())
     assert state["init_from"].endswith("step-000006") and state["model"]["vocab_size"] == 1000
+    # TensorBoard draws the tuned run's curve after the 6 steps of the run it started from.
+    assert state["step_offset"] == 6
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "tuned", "train/loss")] == list(range(7, 19))

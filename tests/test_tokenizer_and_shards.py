@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 
-from tasks.artifacts import sha256_file
+from tasks.lib.artifacts import sha256_file
 from tasks.shard import ShardManifest, shard_documents
 from tasks.spec import ShardingConfig, TokenizerConfig
 from tasks.tokenizer import iter_documents, keep_in_sample, train_tokenizer, training_lines

@@ -13,7 +13,6 @@ import hashlib
 import importlib
 import inspect
 import json
-import logging
 import os
 import re
 import shutil
@@ -23,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import BaseModel
+
+from tasks.lib.log import get_logger, progress
 
 MANIFEST_NAME = "_artifact.json"
 
@@ -40,16 +41,6 @@ class ArtifactRef(BaseModel):
 
     def meta(self) -> dict:
         return json.loads((self.dir / MANIFEST_NAME).read_text())
-
-
-def get_logger() -> logging.Logger | logging.LoggerAdapter:
-    """Prefect's run logger inside a flow/task run (so lines show in the UI), a plain logger elsewhere."""
-    try:
-        from prefect.logging import get_run_logger
-
-        return get_run_logger()
-    except Exception:  # outside a run context Prefect raises MissingContextError
-        return logging.getLogger("llm_pipeline")
 
 
 def canonical(value: Any) -> Any:
@@ -205,10 +196,38 @@ STAGE_TASK_OPTIONS = dict(cache_key_fn=stage_cache_key, persist_result=True, ret
 
 
 def run_stage(stage_task, **params) -> ArtifactRef:
-    """Call a stage task, trusting Prefect's cached result only if the artifact directory still verifies."""
+    """Call a stage task, trusting Prefect's cached result only if the artifact directory still verifies; its
+    start and its summary are progress lines (tasks/lib/log.py)."""
     bound = inspect.signature(stage_task.fn).bind(**params)
     bound.apply_defaults()  # the fingerprint covers parameters left at their defaults too
     problem = verify(artifact_path(stage_task.name, bound.arguments))
     if problem is not None:
         stage_task = stage_task.with_options(refresh_cache=True)
-    return stage_task(**params)
+    name = stage_task.task_run_name.format(**bound.arguments) if isinstance(stage_task.task_run_name, str) \
+        else stage_task.name
+    progress(f"> {name}: started")
+    started = time.time()
+    ref = stage_task(**params)
+    row = stage_row(name, ref)
+    done = "reused" if ref.meta().get("built_at", 0) < started else "built"
+    progress(f"< {name}: {done}; " + ", ".join(f"{k} {v}" for k, v in row.items()
+                                               if v not in ("", None) and k not in ("stage", "what", "built",
+                                                                                    "artifact")))
+    return ref
+
+
+def stage_row(label: str, ref: ArtifactRef) -> dict:
+    """A stage's summary in the columns every stage shares (for the data-flow table and progress lines)."""
+    meta = ref.meta()
+    s = meta["summary"]
+    return {"stage": ref.stage, "what": label,
+            "docs in": s.get("docs_in", s.get("records", "")),
+            "docs out": s.get("docs_out", s.get("docs", s.get("docs_train", ""))),
+            "MB in": _mb(s.get("bytes_in")), "MB out": _mb(s.get("bytes_out", s.get("bytes"))),
+            "quarantined/dropped": s.get("quarantined", s.get("dropped", s.get("removed", ""))),
+            "tokens": s.get("tokens", ""), "seconds": s.get("seconds", ""),
+            "built": meta["created"], "artifact": ref.fingerprint}
+
+
+def _mb(value) -> str:
+    return f"{value / 1e6:.2f}" if isinstance(value, (int, float)) else ""

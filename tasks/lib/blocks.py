@@ -14,7 +14,7 @@ from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.utils.stats import MetricStats, MetricStatsDict, PipelineStats
 from datatrove.utils.word_tokenizers import WordTokenizer
 
-from tasks.artifacts import get_logger
+from tasks.lib.log import get_logger
 from tasks.spec import ExecutorConfig
 
 _WORD = regex.compile(r"\w+(?:['’\-]\w+)*|[^\w\s]+")

@@ -1,0 +1,192 @@
+"""Launching `model.train`: torchrun on this node (one node, or one of several meeting at a c10d rendezvous), or
+an sbatch job that runs torchrun on every node. Rank 0's lines stream into the run's log (and a progress
+artifact); every rank's stderr goes to `<run_dir>/ranks.log`, and a failed rank becomes an exception quoting its
+traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from model.distributed import free_port
+from tasks.lib.log import get_logger, progress
+from tasks.lib.training_report import TrainingProgress
+from tasks.spec import PROJECT_ROOT
+
+FAILURE = re.compile(r"^\[rank (\d+)\] training failed:\n(.*?)(?=^\[rank \d+\] training failed:|\Z)", re.M | re.S)
+
+
+class SlurmLaunch(BaseModel):
+    """How the pretrain task submits training to Slurm (launcher: slurm)."""
+
+    partition: str | None = Field(default=None, description="partition to submit to")
+    time: str = Field(default="48:00:00", description="time limit")
+    cpus_per_node: int = Field(default=16, ge=1)
+    sbatch_args: dict[str, str] = Field(default={}, description="extra #SBATCH directives, e.g. {account: llm}")
+    env_command: str | None = Field(default=None, description="shell line run first, e.g. module load ...")
+    rdzv_port: int = Field(default=29500, description="c10d rendezvous port on the job's first node")
+
+
+class PretrainConfig(BaseModel):
+    """What to train and how to lay it out; fields map onto `python -m model.train` flags."""
+
+    preset: str = Field(default="tiny", description="model preset (model/config.py): tiny or 7b")
+    tp: int = Field(default=1, ge=1, description="tensor-parallel size")
+    pp: int = Field(default=1, ge=1, description="pipeline-parallel size")
+    nproc: int | None = Field(default=None, ge=1, description="ranks per node; default tp x pp (DP 1)")
+    gpus_required: bool = Field(default=False, description="fail fast unless nproc CUDA devices are present")
+    train: dict = Field(default={}, description="TrainConfig overrides, e.g. {steps: 300, global_batch: 16}")
+    model_overrides: dict = Field(default={}, description="ModelConfig overrides (vocab/seq come from the data)")
+    nnodes: int = Field(default=1, ge=1, description="nodes, each running `nproc` ranks")
+    launcher: Literal["torchrun", "slurm"] = Field(
+        default="torchrun", description="torchrun from this process (one node, or this node of several), or an "
+                                        "sbatch job that runs torchrun on every node")
+    node_rank: int = Field(default=0, ge=0, description="torchrun launcher with nnodes > 1: this node's rank")
+    rdzv_endpoint: str | None = Field(default=None, description="torchrun launcher with nnodes > 1: host:port of "
+                                                                "the c10d rendezvous, reachable from every node")
+    slurm: SlurmLaunch = SlurmLaunch()
+
+    @property
+    def ranks(self) -> int:
+        return self.nproc or self.tp * self.pp
+
+    @property
+    def world_size(self) -> int:
+        return self.ranks * self.nnodes
+
+
+def train_args(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """`model.train`'s own arguments."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in config.train.items()] + list(extra)
+    return ["-m", "model.train", "--manifest", str(manifest_dir), "--run-dir", str(run_dir),
+            "--preset", config.preset, "--tp", str(config.tp), "--pp", str(config.pp),
+            "--model-overrides", json.dumps(config.model_overrides), *flags]
+
+
+def launch_command(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """torchrun for this node: a private loopback rendezvous on one node; c10d across nodes."""
+    if config.nnodes == 1:
+        rendezvous = ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
+    elif not config.rdzv_endpoint:
+        raise ValueError(f"nnodes={config.nnodes} with the torchrun launcher needs rdzv_endpoint (host:port on "
+                         f"the first node, reachable from all), or launcher: slurm")
+    else:
+        rendezvous = ["--nnodes", str(config.nnodes), "--node-rank", str(config.node_rank), "--rdzv-backend", "c10d",
+                      "--rdzv-endpoint", config.rdzv_endpoint, "--rdzv-id", run_dir.name]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(config.ranks), *rendezvous,
+            *train_args(config, manifest_dir, run_dir, extra)]
+
+
+def slurm_script(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> str:
+    """An sbatch script that starts one torchrun agent per node; the agents meet at a c10d rendezvous on the
+    job's first node. Paths are this machine's, so the project must sit on a filesystem every node mounts."""
+    slurm = config.slurm
+    if not slurm.partition:
+        raise ValueError("launcher: slurm needs slurm.partition")
+    directives = {"job-name": f"pretrain-{run_dir.name}", "nodes": config.nnodes, "ntasks-per-node": 1,
+                  "cpus-per-task": slurm.cpus_per_node, "partition": slurm.partition, "time": slurm.time,
+                  "output": str(run_dir / "slurm-%j.out"),
+                  **({"gpus-per-node": config.ranks} if config.gpus_required else {}), **slurm.sbatch_args}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "$SLURM_NNODES", "--node-rank",
+                "$SLURM_NODEID", "--nproc-per-node", str(config.ranks), "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"$head:{slurm.rdzv_port}", "--rdzv-id", "$SLURM_JOB_ID",
+                *train_args(config, manifest_dir, run_dir, extra)]
+    quoted = " ".join(a if a.startswith("$") else shlex.quote(a) for a in torchrun).replace("$head", '"$head"')
+    return "\n".join([
+        "#!/bin/bash",
+        *(f"#SBATCH --{k}={v}" for k, v in directives.items()),
+        "set -euo pipefail",
+        *([slurm.env_command] if slurm.env_command else []),
+        f"cd {shlex.quote(str(PROJECT_ROOT))}",
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"export OMP_NUM_THREADS={max(1, slurm.cpus_per_node // config.ranks)} PYTHONUNBUFFERED=1",
+        # srun's $SLURM_NODEID must be expanded on each node, not here: hence the single quotes.
+        f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(quoted)}",
+        ""])
+
+
+def check_resources(config: PretrainConfig) -> None:
+    """Fail before launching when the layout cannot run here, saying what it needs. (A Slurm launch runs on
+    the cluster's nodes, not here.)"""
+    import torch
+
+    have = torch.cuda.device_count()
+    if config.gpus_required and config.launcher == "torchrun" and have < config.ranks:
+        dp = config.world_size // (config.tp * config.pp)
+        raise RuntimeError(
+            f"preset '{config.preset}' is set to run on {config.ranks} GPUs"
+            f"{f' on each of {config.nnodes} nodes' if config.nnodes > 1 else ''} "
+            f"(TP {config.tp} x PP {config.pp} x DP {dp}), but this machine has {have} CUDA device(s). Run it "
+            f"where {config.ranks} GPUs are available (see `python -m model.plan --preset {config.preset}` for "
+            f"memory per GPU), submit it with launcher: slurm, or run pretrain/tiny here.")
+
+
+def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...] = (),
+                 stage: str = "pretrain") -> list[dict]:
+    """Run training to completion, streaming rank 0's lines to the log and a progress artifact; returns the
+    metrics records."""
+    from model.config import TrainConfig
+
+    log = get_logger()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = TrainingProgress(stage, config.train.get("steps", TrainConfig.steps))
+    if config.launcher == "slurm":
+        code, output = run_slurm_job(config, manifest_dir, run_dir, extra, tracker)
+    else:
+        cmd = launch_command(config, manifest_dir, run_dir, extra)
+        log.info("launching: " + " ".join(cmd))
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // config.ranks)),
+               "PYTHONUNBUFFERED": "1"}
+        output = run_dir / "ranks.log"
+        with open(output, "w") as ranks_log:
+            proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=ranks_log, text=True,
+                                    bufsize=1, env=env)
+            for line in iter(proc.stdout.readline, ""):
+                progress(line.rstrip())
+                tracker.line(line)
+            code = proc.wait()
+    if code != 0:
+        failures = FAILURE.findall(output.read_text())
+        if failures:
+            rank, trace = failures[0]
+            trace = trace.split("\n[rank")[0]  # torch's elastic agent repeats it with [rankN]: prefixes
+            raise RuntimeError(f"training failed on rank {rank} (exit code {code}); its traceback:\n{trace.strip()}"
+                               f"\nAll ranks' output: {output}")
+        raise RuntimeError(f"training exited with code {code}; last output:\n{output.read_text()[-3000:]}")
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_slurm_job(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...],
+                  tracker: TrainingProgress) -> tuple[int, Path]:
+    """Submit the training job with `sbatch --wait` and follow its output file into the log until it ends."""
+    log = get_logger()
+    script = run_dir / "pretrain.sbatch"
+    script.write_text(slurm_script(config, manifest_dir, run_dir, extra))
+    proc = subprocess.Popen(["sbatch", "--parsable", "--wait", str(script)], stdout=subprocess.PIPE, text=True)
+    job_id = proc.stdout.readline().strip().split(";")[0]
+    output = run_dir / f"slurm-{job_id}.out"
+    log.info(f"submitted Slurm job {job_id} ({config.nnodes} nodes x {config.ranks} ranks): {script}; "
+             f"output {output}")
+    position = 0
+    while True:
+        finished = proc.poll() is not None
+        if output.exists():
+            with open(output) as f:
+                f.seek(position)
+                for line in f:
+                    progress(line.rstrip())
+                    tracker.line(line)
+                position = f.tell()
+        if finished:
+            return proc.returncode, output
+        time.sleep(5)

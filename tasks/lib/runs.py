@@ -1,0 +1,78 @@
+"""Training runs on disk: how a run directory is keyed, which finished runs exist, and which checkpoint a
+continued or fine-tuned run starts from. Shared by the pretrain and sft stages."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from tasks.lib.artifacts import canonical
+from tasks.lib.log import get_logger
+from tasks.lib.launch import PretrainConfig
+from tasks.spec import resolve_path
+
+
+def finished_runs(runs_dir: str | Path, kind: str) -> list[Path]:
+    """The finished runs of a kind ("pretrain" or "sft") under runs_dir, newest first."""
+    runs = [p.parent for p in Path(runs_dir).glob("*/summary.json")
+            if ("init_checkpoint" in json.loads(p.read_text())) == (kind == "sft")]
+    return sorted(runs, key=lambda p: (p / "summary.json").stat().st_mtime, reverse=True)
+
+
+def newest_run(runs_dir: str | Path, kind: str) -> Path:
+    """The most recently finished run of a kind under runs_dir, for flows given no run."""
+    runs = finished_runs(runs_dir, kind)
+    if not runs:
+        raise FileNotFoundError(f"no finished {kind} run under {runs_dir}: run `prefect deployment run "
+                                f"{'pretrain/tiny' if kind == 'pretrain' else 'sft/default'}` (or pipeline/default) "
+                                f"first, or pass the run directory explicitly")
+    return runs[0]
+
+
+def checkpoint_architecture(config: PretrainConfig, checkpoint: str | Path) -> PretrainConfig:
+    """`config` with the checkpoint's own preset and model, so a run started from it cannot drift from it."""
+    from model.checkpoint import read_train_state
+
+    state = read_train_state(Path(checkpoint))
+    return config.model_copy(update={"preset": state["preset"], "model_overrides": state["model"]})
+
+
+def run_key(**parts) -> str:
+    """A run directory's key: the hash of what decides its result (manifest, config, starting checkpoint), so
+    the same request finds (and resumes or returns) the same run."""
+    return hashlib.sha256(json.dumps(canonical(parts), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def continuation_checkpoint(continue_from: str, manifest_path: str, runs_dir: str) -> str | None:
+    """The checkpoint continued pretraining on `manifest_path` starts from: `continue_from` (a run directory or
+    checkpoint), or for "latest" the newest finished pretraining run on another manifest with the same tokenizer
+    (None when there is none: the run trains from scratch). Fails when the tokenizers differ: the ids would mean
+    other pieces."""
+    from model.checkpoint import read_train_state, resolve_checkpoint
+    from model.data import load_manifest
+
+    log = get_logger()
+    manifest_dir = Path(manifest_path).parent.resolve()
+    tokenizer = load_manifest(manifest_dir)["tokenizer_sha256"]
+
+    def trained_on(checkpoint: Path) -> Path:
+        return Path(read_train_state(checkpoint)["manifest"]).resolve()
+
+    if continue_from != "latest":
+        checkpoint = resolve_checkpoint(resolve_path(continue_from))
+        if load_manifest(trained_on(checkpoint))["tokenizer_sha256"] != tokenizer:
+            raise ValueError(f"cannot continue {checkpoint} on {manifest_path}: it was trained with another "
+                             f"tokenizer (a rebuilt manifest retrains it). Continue on a manifest that extends "
+                             f"the one it trained on ({trained_on(checkpoint)}), or pretrain from scratch.")
+        return str(checkpoint)
+    for run in finished_runs(runs_dir, "pretrain"):
+        checkpoint = resolve_checkpoint(run)
+        source = trained_on(checkpoint)
+        # Not a run on this very manifest: a repeated trigger must resume the same continuation, not chain one.
+        if source != manifest_dir and source.is_dir() and load_manifest(source)["tokenizer_sha256"] == tokenizer:
+            log.info(f"continued pretraining from {checkpoint}")
+            return str(checkpoint)
+    log.warning(f"continue_from=latest: no finished pretraining run under {runs_dir} used this manifest's "
+                f"tokenizer; training from scratch")
+    return None
