@@ -96,6 +96,7 @@ class TrainConfig:
     eval_batches: int = 8
     save_every: int = 100
     recompute_activations: bool = False
+    attention_backend: str = "auto"  # auto | te | sdpa | local (model/gpt.py); auto = te if installed, else sdpa
     bf16: bool = field(default=False)  # set from the device at launch: bf16 on GPU, fp32 on CPU
 
     def __post_init__(self):
@@ -105,6 +106,8 @@ class TrainConfig:
         if self.global_batch % self.micro_batch:
             problems.append(f"global_batch ({self.global_batch}) must be a multiple of micro_batch "
                             f"({self.micro_batch})")
+        if self.attention_backend not in ("auto", "te", "sdpa", "local"):
+            problems.append(f"attention_backend {self.attention_backend!r} must be one of auto, te, sdpa, local")
         if not 0 <= self.min_lr <= self.lr:
             problems.append(f"min_lr ({self.min_lr}) must be between 0 and lr ({self.lr})")
         if problems:

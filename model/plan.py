@@ -14,7 +14,8 @@ Estimates, per GPU of the most loaded pipeline stage:
                  (3h + 3kv)/t  the fused QKV output, q and k after RoPE, and the attention context
                                (kv = query groups x head dim)
                  5f/t          SwiGLU: the fused gate/up output (2f), silu(gate) and the product
-                 a*s/t         softmax probabilities (the local attention materialises them; no flash attention)
+                 a*s/t         softmax probabilities, with the local attention backend only (it materialises
+                               them); with sdpa or te the flash kernels keep one fp32 logsumexp per head, 4a/t bytes
                plus, during backward, one layer's worth of activation gradients (two layers' worth with full
                recompute, where only each layer's input, h, is kept between layers).
                The first 1F1B stage holds min(PP, micro-batches) micro-batches in flight.
@@ -70,8 +71,10 @@ def stage_parameters(m: ModelConfig, tp: int, pp: int) -> float:
     return (layers * per_layer + embedding_or_output) / tp
 
 
-def estimate(m: ModelConfig, layout: Layout, global_batch: int, bf16: bool = True) -> Estimate:
-    """Model state, activations and logits of one GPU (bf16) or CPU process (fp32); the runtime is not included."""
+def estimate(m: ModelConfig, layout: Layout, global_batch: int, bf16: bool = True,
+             attention: str = "sdpa") -> Estimate:
+    """Model state, activations and logits of one GPU (bf16) or CPU process (fp32); the runtime is not included.
+    `attention`: the resolved attention backend (model/gpt.py): local keeps the s x s scores, sdpa and te do not."""
     t, p, b, s, h, a = layout.tp, layout.pp, layout.micro_batch, m.seq_len, m.hidden_size, m.num_attention_heads
     kv = (m.num_query_groups or a) * (h // a)
     params = stage_parameters(m, t, p)
@@ -83,7 +86,8 @@ def estimate(m: ModelConfig, layout: Layout, global_batch: int, bf16: bool = Tru
         optimizer /= layout.dp
     layers = -(-m.num_layers // p)
     tokens = s * b
-    full_layer = tokens * (6 * h + (3 * h + 3 * kv) / t + 5 * m.ffn_hidden_size / t + a * s / t) * width
+    scores = a * s / t * width if attention == "local" else a / t * 4
+    full_layer = tokens * ((6 * h + (3 * h + 3 * kv) / t + 5 * m.ffn_hidden_size / t) * width + scores)
     microbatches = global_batch // (layout.dp * b)
     in_flight = min(p, microbatches)
     if layout.recompute:
@@ -107,10 +111,12 @@ def candidates(m: ModelConfig, gpus: int, global_batch: int, on_gpu: bool = True
     return out
 
 
-def recommend(m: ModelConfig, gpus: int, gpu_mem_gib: float, global_batch: int) -> tuple[Estimate | None, list]:
+def recommend(m: ModelConfig, gpus: int, gpu_mem_gib: float, global_batch: int,
+              attention: str = "sdpa") -> tuple[Estimate | None, list]:
     """The fitting layout with the least model parallelism, then no recompute, then the largest micro-batch."""
     budget = (gpu_mem_gib - RUNTIME_OVERHEAD_GIB["gpu"]) * GIB
-    estimates = [estimate(m, layout, global_batch) for layout in candidates(m, gpus, global_batch)]
+    estimates = [estimate(m, layout, global_batch, attention=attention)
+                 for layout in candidates(m, gpus, global_batch)]
     fitting = [e for e in estimates if e.total <= budget]
     fitting.sort(key=lambda e: (e.layout.tp * e.layout.pp, e.layout.recompute, -e.layout.micro_batch, e.total))
     return (fitting[0] if fitting else None), estimates
@@ -123,11 +129,13 @@ def main(argv=None) -> None:
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=None, help="override the preset's context length")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "te", "local"],
+                   help="attention backend (training's attention_backend, resolved); local keeps s x s scores")
     args = p.parse_args(argv)
     m = preset(args.preset, **({"seq_len": args.seq_len} if args.seq_len else {}))
-    best, estimates = recommend(m, args.gpus, args.gpu_mem_gib, args.global_batch)
+    best, estimates = recommend(m, args.gpus, args.gpu_mem_gib, args.global_batch, args.attention)
     print(f"{args.preset}: {m.num_parameters() / 1e9:.2f}B parameters, seq {m.seq_len}, global batch "
-          f"{args.global_batch}, {args.gpus} GPUs x {args.gpu_mem_gib:g} GiB "
+          f"{args.global_batch}, {args.attention} attention, {args.gpus} GPUs x {args.gpu_mem_gib:g} GiB "
           f"({RUNTIME_OVERHEAD_GIB['gpu']:g} GiB reserved for the runtime)\n")
     print(f"{'TP':>3} {'PP':>3} {'DP':>3} {'mb':>3} {'recomp':>6} {'distopt':>7} | {'weights':>8} {'grads':>7} "
           f"{'optim':>7} {'activ':>7} {'logits':>7} | {'GiB/GPU':>8}")

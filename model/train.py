@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from model.gpt import build_model, transformer_config
+    from model.gpt import build_model, resolve_attention_backend, transformer_config
 
     world = dist.get_world_size()
     dp = parallel.data_parallel(world)
@@ -167,8 +167,9 @@ def main(argv=None) -> None:
     # ---- model, optimizer, schedule
     rss_before_model = psutil.Process().memory_info().rss
     config = transformer_config(model_cfg, parallel, train)
+    attention = resolve_attention_backend(train.attention_backend)
     gpt = build_model(model_cfg, config, pre_process=ps.is_pipeline_first_stage(),
-                      post_process=ps.is_pipeline_last_stage())
+                      post_process=ps.is_pipeline_last_stage(), attention_backend=attention)
     if on_gpu:
         gpt.cuda()
     model = DistributedDataParallel(config=config, module=gpt, ddp_config=DistributedDataParallelConfig(
@@ -181,7 +182,8 @@ def main(argv=None) -> None:
         optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr, lr_warmup_steps=train.warmup_steps,
         lr_decay_steps=train.steps, lr_decay_style="cosine", start_wd=train.weight_decay,
         end_wd=train.weight_decay, wd_incr_steps=train.steps, wd_incr_style="constant")
-    log(f"model: {args.preset} {model_cfg.num_parameters() / 1e6:.1f}M parameters", flush=True)
+    log(f"model: {args.preset} {model_cfg.num_parameters() / 1e6:.1f}M parameters, {attention} attention",
+        flush=True)
 
     forward_backward = get_forward_backward_func()
     positions = torch.arange(model_cfg.seq_len).unsqueeze(0)

@@ -51,14 +51,14 @@ def test_recommendation_fits_and_one_gpu_cannot_hold_7b(capsys):
     assert "recommended: TP" in capsys.readouterr().out
 
 
-def measured_peak_gib(manifest, run_dir, micro_batch: int, overrides: dict) -> float:
+def measured_peak_gib(manifest, run_dir, micro_batch: int, overrides: dict, attention: str) -> float:
     """Peak training memory of a one-process CPU run, as model.train reports it (peak RSS growth since the
     model was built), after a few steps and a validation pass."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "model.train", "--manifest", str(manifest), "--run-dir",
            str(run_dir), "--steps", "3", "--warmup-steps", "1", "--global-batch", str(micro_batch),
            "--micro-batch", str(micro_batch), "--log-every", "1", "--eval-every", "3", "--eval-batches", "1",
-           "--save-every", "100", "--model-overrides", json.dumps(overrides)]
+           "--save-every", "100", "--model-overrides", json.dumps(overrides), "--attention-backend", attention]
     out = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -67,7 +67,8 @@ def measured_peak_gib(manifest, run_dir, micro_batch: int, overrides: dict) -> f
 
 
 @pytest.mark.slow
-def test_estimate_matches_measured_peak_memory_on_cpu(tiny_manifest, tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "local"])
+def test_estimate_matches_measured_peak_memory_on_cpu(tiny_manifest, tmp_path, attention):
     """The planner's fp32 estimate plus its CPU runtime allowance is within 30% of the measured peak, at a
     micro-batch where model state dominates and at one where activations do, and so is the difference
     between the two (which isolates the activation model from the fixed terms)."""
@@ -78,9 +79,10 @@ def test_estimate_matches_measured_peak_memory_on_cpu(tiny_manifest, tmp_path):
     rows = {}
     for micro_batch in (1, 32):
         layout = Layout(tp=1, pp=1, dp=1, micro_batch=micro_batch, recompute=False, distributed_optimizer=False)
-        planned = estimate(model, layout, micro_batch, bf16=False).total / GIB + RUNTIME_OVERHEAD_GIB["cpu"]
+        planned = (estimate(model, layout, micro_batch, bf16=False, attention=attention).total / GIB
+                   + RUNTIME_OVERHEAD_GIB["cpu"])
         rows[micro_batch] = planned, measured_peak_gib(tiny_manifest, tmp_path / str(micro_batch), micro_batch,
-                                                       overrides)
+                                                       overrides, attention)
     print({mb: f"planned {p:.3f} GiB, measured {m:.3f} GiB" for mb, (p, m) in rows.items()})
     for planned, measured in rows.values():
         assert abs(planned - measured) <= 0.3 * measured

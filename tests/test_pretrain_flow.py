@@ -64,6 +64,15 @@ def test_pretrain_flow_learns_and_publishes(small_corpus, tmp_path):
     assert time.perf_counter() - started < 60
 
 
+def test_server_streams_run_logs_for_watch():
+    """`prefect deployment run ... --watch` subscribes to the run's logs over a websocket, which the server
+    serves only with these settings (prefect.toml); without them the terminal shows events and no progress."""
+    from prefect.settings import get_current_settings
+
+    logs = get_current_settings().server.logs
+    assert logs.stream_out_enabled and logs.stream_publishing_enabled
+
+
 def test_7b_without_gpus_fails_fast_saying_what_it_needs(tmp_path):
     started = time.perf_counter()
     state = pretrain_flow("data_specs/llama7b_smoke.yaml", preset="7b", tp=2, pp=1, nproc=8, gpus_required=True,
