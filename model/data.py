@@ -12,6 +12,7 @@ Global batch g is samples [g*G, (g+1)*G); data-parallel rank r takes the r-th co
 from __future__ import annotations
 
 import json
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,6 +141,44 @@ class TrainSamples:
 
     def batch(self, start: int, size: int) -> dict[str, torch.Tensor]:
         return to_batch([self[i] for i in range(start, start + size)])
+
+
+class BatchPrefetcher:
+    """Reads the next step's batch in a background thread while the current step computes.
+
+    `get(start, count, next_start)` returns `samples.batch(start, count)` (from the read started by the previous
+    call when it asked for these samples) and the seconds the caller waited for it, then starts reading
+    `next_start`. Only its one thread touches `samples`, whose caches are not thread-safe. With `pin`, batches are
+    in pinned host memory, so copies to the GPU can be non-blocking."""
+
+    def __init__(self, samples: TrainSamples, pin: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.samples, self.pin = samples, pin
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
+        self.pending: tuple[tuple[int, int], object] | None = None
+
+    def _read(self, start: int, count: int) -> dict[str, torch.Tensor]:
+        batch = self.samples.batch(start, count)
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin else batch
+
+    def get(self, start: int, count: int, next_start: int | None) -> tuple[dict[str, torch.Tensor], float]:
+        began = time.perf_counter()
+        ahead = self.pending
+        self.pending = None
+        if ahead is not None and ahead[0] == (start, count):
+            batch = ahead[1].result()
+        else:
+            if ahead is not None:
+                ahead[1].result()  # let the stale read finish before this thread uses the caches
+            batch = self.pool.submit(self._read, start, count).result()
+        waited = time.perf_counter() - began
+        if next_start is not None:
+            self.pending = ((next_start, count), self.pool.submit(self._read, next_start, count))
+        return batch, waited
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def rank_slice(consumed: int, global_batch: int, dp_rank: int, dp_size: int) -> tuple[int, int]:

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from model import compat
 from model.checkpoint import latest_checkpoint, load_checkpoint, read_train_state, save_checkpoint
 from model.config import ModelConfig, ParallelConfig, TrainConfig, preset
-from model.data import TrainSamples, load_manifest, rank_slice, validation_rows
+from model.data import BatchPrefetcher, TrainSamples, load_manifest, rank_slice, validation_rows
 
 # bf16 dense peak of known GPUs (TFLOP/s), for MFU; override with --peak-tflops.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -87,7 +87,8 @@ def open_tensorboard(run_dir: Path, first_step: int):
 
 # metrics.jsonl key -> TensorBoard tag
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "val_loss": "val/loss",
-                    "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "peak_mem_gib": "perf/peak_mem_gib"}
+                    "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "peak_mem_gib": "perf/peak_mem_gib",
+                    "data_wait": "perf/data_wait"}
 
 
 def duration(seconds: float) -> str:
@@ -193,7 +194,7 @@ def main(argv=None) -> None:
                                      if on_gpu and k in torch.cuda.get_device_name()), None)
 
     def forward_step(data_iterator, model):
-        batch = {k: v.to(device) for k, v in next(data_iterator).items()}
+        batch = {k: v.to(device, non_blocking=on_gpu) for k, v in next(data_iterator).items()}  # pinned on GPU
         tokens, labels = batch["tokens"][:, :-1].contiguous(), batch["tokens"][:, 1:].contiguous()
         segments = batch.get("segments")
         mask = None if segments is None else segment_attention_mask(segments[:, :-1])
@@ -268,11 +269,18 @@ def main(argv=None) -> None:
     # ---- the loop
     metrics = open_metrics(run_dir / "metrics.jsonl", after_step=state["step"]) if rank0 else None
     tensorboard = open_tensorboard(run_dir, first_step=offset + state["step"] + 1) if rank0 else None
+    # The next step's batch is read while this one computes; the order is the same (a pure function of indices).
+    prefetch = BatchPrefetcher(samples, pin=on_gpu)
+    data_wait = 0.0  # seconds spent waiting for batches since the last log step
     model.train()
     tick = time.perf_counter()
     while state["step"] < train.steps:
         start, count = rank_slice(state["consumed_samples"], train.global_batch, ps.get_data_parallel_rank(), dp)
-        batch = samples.batch(start, count)
+        last = state["step"] + 1 == train.steps
+        next_start = None if last else rank_slice(state["consumed_samples"] + train.global_batch,
+                                                  train.global_batch, ps.get_data_parallel_rank(), dp)[0]
+        batch, waited = prefetch.get(start, count, next_start)
+        data_wait += waited
         model.zero_grad_buffer()
         optimizer.zero_grad()
         loss = run_batches(batch, forward_only=False)
@@ -294,6 +302,8 @@ def main(argv=None) -> None:
             record["tokens_per_s"] = tps
             record["mfu"] = tps * flops_per_token(model_cfg) / (peak * 1e12 * world) if peak else None
             record["peak_mem_gib"] = peak_memory_gib(rss_before_model)
+            record["data_wait"] = data_wait / elapsed  # share of step time spent waiting for the input batch
+            data_wait = 0.0
         if metrics:  # recorded before the step's line is printed: a line seen means a step on disk
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -310,6 +320,7 @@ def main(argv=None) -> None:
             tick = time.perf_counter()
         if step % train.save_every == 0 or step == train.steps:
             checkpoint_now()
+    prefetch.close()
     if metrics:
         metrics.close()
         tensorboard.close()
