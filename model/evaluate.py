@@ -65,18 +65,23 @@ def write_lm_eval_task(name: str, items: list[dict], task_dir: Path) -> str:
     multiple-choice task over it with acc and acc_norm; returns the task's name."""
     task_dir.mkdir(parents=True, exist_ok=True)
     data = task_dir / f"{name}.jsonl"
-    tmp = data.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps({k: item[k] for k in ("id", "question", "choices", "answer")},
-                                      ensure_ascii=False) + "\n" for item in items))
-    os.replace(tmp, data)
+    _write_whole(data, "".join(json.dumps({k: item[k] for k in ("id", "question", "choices", "answer")},
+                                          ensure_ascii=False) + "\n" for item in items))
     config = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data.resolve())}},
               "test_split": "test", "output_type": "multiple_choice", "doc_to_text": MC_PROMPT,
               "doc_to_choice": "{{choices}}", "doc_to_target": "answer",
               "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True}
                               for m in ("acc", "acc_norm")],
               "metadata": {"version": 1.0}}
-    (task_dir / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    _write_whole(task_dir / f"{name}.yaml", yaml.safe_dump(config, sort_keys=False))
     return name
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write to a temporary name, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def lm_eval_tasks(names: list[str], task_dir: Path | None):
@@ -95,8 +100,8 @@ def lm_eval_tasks(names: list[str], task_dir: Path | None):
             f"{n!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for n, h in hints.items())
             + ". Names are lm-eval's (`lm_eval ls tasks`); fix `lm_eval_tasks` in the eval spec.")
     local = {n for n in names if task_dir and (task_dir / f"{n}.yaml").is_file()}
-    remote = [n for n in names if n not in local]
-    if remote and not hub_reachable():
+    online = hub_reachable() if any(n not in local for n in names) else True
+    if not online:
         # Offline, datasets reads its local cache only, so a task whose data was fetched before still runs.
         import datasets.config
         import huggingface_hub.constants
@@ -110,7 +115,7 @@ def lm_eval_tasks(names: list[str], task_dir: Path | None):
                 raise
             raise LMEvalTaskError(
                 f"lm-eval task {name!r} needs its dataset from the Hugging Face Hub, and it could not be loaded "
-                f"({type(err).__name__}: {str(err)[:300]}). The Hub is {'reachable' if hub_reachable() else 'not reachable from this machine'}; "
+                f"({type(err).__name__}: {str(err)[:300]}). The Hub is {'reachable' if online else 'not reachable from this machine'}; "
                 f"run once where it is (datasets caches it under HF_HOME={os.environ.get('HF_HOME')}), or remove "
                 f"{name!r} from `lm_eval_tasks` in the eval spec.") from None
     return manager

@@ -277,9 +277,7 @@ def main(argv=None) -> None:
     while state["step"] < train.steps:
         start, count = rank_slice(state["consumed_samples"], train.global_batch, ps.get_data_parallel_rank(), dp)
         last = state["step"] + 1 == train.steps
-        next_start = None if last else rank_slice(state["consumed_samples"] + train.global_batch,
-                                                  train.global_batch, ps.get_data_parallel_rank(), dp)[0]
-        batch, waited = prefetch.get(start, count, next_start)
+        batch, waited = prefetch.get(start, count, None if last else start + train.global_batch)
         data_wait += waited
         model.zero_grad_buffer()
         optimizer.zero_grad()
