@@ -84,37 +84,60 @@ class PlainLlama(nn.Module):
         return self.out(self.norm(x))
 
 
-def plain_tokens_per_s(m: ModelConfig, samples: TrainSamples, steps: int, global_batch: int, micro: int) -> float:
+def plain_training(m: ModelConfig, samples: TrainSamples, steps: int, global_batch: int, micro: int,
+                   device: str = "cpu", bf16: bool = False) -> dict:
+    """Train the plain model: tokens/s over the steps after the first three, and (on GPU) peak memory.
+    On GPU: fp32 weights under bf16 autocast with the fused AdamW, the usual plain-PyTorch recipe."""
     torch.manual_seed(0)
-    model = PlainLlama(m)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    gpu = torch.device(device).type == "cuda"
+    model = PlainLlama(m).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=gpu or None)
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
     timed = 0.0
     for step in range(steps):
-        batch = samples.batch(step * global_batch, global_batch)["tokens"]
+        batch = samples.batch(step * global_batch, global_batch)["tokens"].to(device)
         start = time.perf_counter()
         opt.zero_grad()
         for chunk in batch.split(micro):
-            logits = model(chunk[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten()) / (global_batch // micro)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(chunk[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten()) / (global_batch // micro)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if gpu:
+            torch.cuda.synchronize()
         if step >= 3:  # skip warm-up steps, as the Megatron figure does (it averages later log windows)
             timed += time.perf_counter() - start
-    return (steps - 3) * global_batch * m.seq_len / timed
+    return {"tokens_per_s": (steps - 3) * global_batch * m.seq_len / timed,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
 
 
-def megatron_tokens_per_s(manifest: str, steps: int, global_batch: int, micro: int, attention: str) -> float:
-    config = PretrainConfig(nproc=1, train={"steps": steps, "warmup_steps": 1, "global_batch": global_batch,
-                                            "micro_batch": micro, "log_every": 1, "eval_every": 10**6,
-                                            "save_every": 10**6, "attention_backend": attention})
+def model_train_records(manifest: str | Path, train: dict, preset: str = "tiny", model_overrides: dict | None = None,
+                        threads: int = 2) -> list[dict]:
+    """Run `model.train` on one rank (torchrun, as the pretrain task does) and return its metrics.jsonl records,
+    one per step; no checkpoints. Raises with the run's last output if it fails (out of memory, say)."""
+    config = PretrainConfig(nproc=1, preset=preset, model_overrides=model_overrides or {},
+                            train={"warmup_steps": 1, "log_every": 1, "eval_every": 10**6, "save_every": 0, **train})
     with tempfile.TemporaryDirectory() as run_dir:
         cmd = launch_command(config, Path(manifest), Path(run_dir))
-        subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    # The last step also evaluates and checkpoints; time the steady steps in between.
-    steady = [r["tokens_per_s"] for r in records[3:-1]]
-    return len(steady) / sum(1 / t for t in steady)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+        if proc.returncode != 0:
+            raise RuntimeError(f"model.train failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
+        return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def steady(records: list[dict]) -> list[dict]:
+    """The steps to time: after three warm-up steps, before the last (which also evaluates)."""
+    return records[3:-1]
+
+
+def mean_tokens_per_s(records: list[dict]) -> float:
+    """Tokens/s over the steady steps (the harmonic mean of per-step rates: total tokens over total time)."""
+    rates = [r["tokens_per_s"] for r in steady(records)]
+    return len(rates) / sum(1 / t for t in rates)
 
 
 def main() -> None:
@@ -127,9 +150,10 @@ def main() -> None:
     manifest = load_manifest(args.manifest)
     m = tiny(vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"])
     torch.set_num_threads(2)
-    plain = plain_tokens_per_s(m, TrainSamples(args.manifest, seed=0), args.steps, args.global_batch,
-                               args.micro_batch)
-    mega = {backend: megatron_tokens_per_s(args.manifest, args.steps, args.global_batch, args.micro_batch, backend)
+    plain = plain_training(m, TrainSamples(args.manifest, seed=0), args.steps, args.global_batch,
+                           args.micro_batch)["tokens_per_s"]
+    train = {"steps": args.steps, "global_batch": args.global_batch, "micro_batch": args.micro_batch}
+    mega = {backend: mean_tokens_per_s(model_train_records(args.manifest, {**train, "attention_backend": backend}))
             for backend in ("local", "sdpa")}
     print(f"tiny preset ({m.num_parameters() / 1e6:.1f}M params), seq {m.seq_len}, global batch "
           f"{args.global_batch}, micro-batch {args.micro_batch}, CPU, 2 threads")

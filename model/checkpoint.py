@@ -1,10 +1,15 @@
 """Checkpoints: Megatron dist_checkpointing directories, step-stamped, published atomically.
 
 Layout under a run directory:
-    checkpoints/step-000100/      model + optimizer (sharded, loadable at another TP/PP), train_state.json
+    checkpoints/step-000100/      model + optimizer (sharded), train_state.json
     checkpoints/latest            name of the newest complete checkpoint (replaced atomically)
 A save goes to `step-N.tmp/` and is renamed only after every rank finished writing, so a crash mid-save leaves
 the previous checkpoint and `latest` untouched.
+
+The model loads at any TP/PP. So does the optimizer state, except the distributed optimizer's: it is saved in its
+own flat-buffer layout ("dp_reshardable", Megatron's default: every rank writes its shard, nothing is gathered),
+which reshards across data-parallel sizes only. To change TP/PP with it, start a new run from the checkpoint's
+weights (`--init-from`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch.distributed as dist
 
 LATEST = "latest"
 STATE_FILE = "train_state.json"
+# How the distributed optimizer lays out its state in a checkpoint (ignored by the non-distributed optimizer).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def read_train_state(checkpoint: Path) -> dict:
@@ -61,7 +68,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, train_state: dict) -> Path:
         tmp.mkdir(parents=True)
     dist.barrier()
     model_sd = model.sharded_state_dict()
-    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd)}, str(tmp))
+    optimizer_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
+    dist_checkpointing.save({"model": model_sd, "optimizer": optimizer_sd}, str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
         (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=1))
@@ -77,14 +85,47 @@ def save_checkpoint(run_dir: Path, model, optimizer, train_state: dict) -> Path:
 
 def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     """Load model (and optimizer) state saved at any TP/PP layout; returns the saved train_state."""
+    import torch
     from megatron.core import dist_checkpointing
 
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
     if optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True)
+        _give_adam_states(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
     state = dist_checkpointing.load(request, str(path))
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    with torch.no_grad():  # the fp32 distributed optimizer's main parameters are views of the model's
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+            _restore_adam_steps(optimizer)
     return read_train_state(path)
+
+
+def _give_adam_states(optimizer) -> None:
+    """The distributed optimizer over torch's Adam (no Apex or Transformer Engine, so on CPU and on GPUs without
+    them) describes its state by Adam's step count, which a fresh run lacks until its first step: Megatron-Core
+    0.16 then fails an assertion. Give it placeholder states to load into, the way Megatron does for its FSDP
+    path: one zero-gradient step (the checkpoint then overwrites parameters and states)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+
+def _restore_adam_steps(optimizer) -> None:
+    """Megatron-Core 0.16's distributed optimizer over torch's Adam loads Adam's per-parameter step counts wrongly:
+    the placeholder's count survives the load, and every parameter shares one step tensor, which Adam then
+    increments once per parameter. Either gives wrong bias corrections from the first step after a resume. The
+    count it saved in its parameter groups is right: give each parameter its own copy of it."""
+    import torch
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, DistributedOptimizer):
+            for group in inner.optimizer.param_groups:
+                for param in group["params"]:
+                    if "step" in group and "step" in inner.optimizer.state[param]:
+                        inner.optimizer.state[param]["step"] = torch.tensor(float(group["step"]))

@@ -9,6 +9,10 @@ Megatron-Core 0.16 assumes CUDA in a handful of places that are not about comput
   * `torch.cuda.Stream` / `torch.cuda.current_stream` for overlap    -> inert stand-ins (CPU work is ordered)
   * the CUDA RNG tracker in tensor_parallel/random.py               -> the same tracker over the CPU generator
   * clip_grad_by_total_norm_fp32 asserts grads are 'torch.cuda.FloatTensor' -> the same in-place scaling
+  * the bf16 and distributed optimizers accept parameters by `param.type()` in
+    ('torch.cuda.FloatTensor', 'torch.cuda.BFloat16Tensor', ...)  -> `Tensor.type()` with no argument names a
+                                                                     CPU tensor's CUDA counterpart (Megatron
+                                                                     calls it nowhere else)
 Everything else (layers, collectives, schedules, optimizer) runs unchanged. `apply()` is a no-op when CUDA is
 available, so the GPU path never sees this module's replacements.
 """
@@ -120,6 +124,18 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             grad.detach().mul_(coeff)
 
 
+def _type_as_if_on_cuda(tensor_type):
+    """Tensor.type(): unchanged with arguments (a conversion); without, 'torch.cuda.X' for a CPU 'torch.X'."""
+
+    def wrapped(self, *args, **kwargs):
+        if args or kwargs:
+            return tensor_type(self, *args, **kwargs)
+        name = tensor_type(self)
+        return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+
+    return wrapped
+
+
 def apply() -> bool:
     """Install the CPU redirections if (and only if) CUDA is unavailable. Returns whether they are active."""
     global _APPLIED
@@ -134,6 +150,7 @@ def apply() -> bool:
     torch.cuda.current_stream = lambda *args, **kwargs: _InertStream()
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.Tensor.type = _type_as_if_on_cuda(torch.Tensor.type)
 
     # These modules create tensors with a literal device="cuda": give them a torch whose factories send those
     # to the CPU, leaving the global torch untouched.

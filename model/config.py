@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -94,10 +94,16 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 8
-    save_every: int = 100
+    save_every: int = 100  # and at the last step; 0: no checkpoints (benchmarks)
     recompute_activations: bool = False
     attention_backend: str = "auto"  # auto | te | sdpa | local (model/gpt.py); auto = te if installed, else sdpa
-    bf16: bool = field(default=False)  # set from the device at launch: bf16 on GPU, fp32 on CPU
+    # Precision and data-parallel communication. None = the device's default (`for_device`): on GPU bf16, the
+    # distributed optimizer and both overlaps; on CPU fp32 and none of them. Any of them can be turned on on CPU.
+    bf16: bool | None = None  # bf16 parameters and activations, fp32 master weights in the optimizer
+    distributed_optimizer: bool | None = None  # ZeRO-1: optimizer state and master weights sharded over DP ranks
+    overlap_grad_reduce: bool | None = None  # reduce gradient buckets during backward, not after it
+    overlap_param_gather: bool | None = None  # all-gather updated parameters during the next forward
+    grad_reduce_dtype: str = "fp32"  # fp32 | bf16: bf16 halves gradient communication (and accumulates in bf16)
 
     def __post_init__(self):
         problems = []
@@ -108,7 +114,29 @@ class TrainConfig:
                             f"({self.micro_batch})")
         if self.attention_backend not in ("auto", "te", "sdpa", "local"):
             problems.append(f"attention_backend {self.attention_backend!r} must be one of auto, te, sdpa, local")
+        if self.grad_reduce_dtype not in ("fp32", "bf16"):
+            problems.append(f"grad_reduce_dtype {self.grad_reduce_dtype!r} must be fp32 or bf16")
+        elif self.grad_reduce_dtype == "bf16" and self.bf16 is False:
+            problems.append("grad_reduce_dtype bf16 needs bf16 parameters; set bf16 true or grad_reduce_dtype fp32 "
+                            "(fp32 parameters reduce their gradients in fp32)")
+        if self.overlap_param_gather and self.distributed_optimizer is False:
+            problems.append("overlap_param_gather needs distributed_optimizer (it gathers the optimizer's "
+                            "parameter shards); set distributed_optimizer true or overlap_param_gather false")
+        for name in ("log_every", "eval_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} ({getattr(self, name)}) must be at least 1")
+        if self.save_every < 0:
+            problems.append(f"save_every ({self.save_every}) must be at least 1, or 0 for no checkpoints")
         if not 0 <= self.min_lr <= self.lr:
             problems.append(f"min_lr ({self.min_lr}) must be between 0 and lr ({self.lr})")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+
+    def for_device(self, gpu: bool) -> TrainConfig:
+        """These settings with the device's defaults in place of None (validated again): everything on for a GPU,
+        off for the CPU; on a GPU overlap_param_gather follows distributed_optimizer, which it needs."""
+        resolved = {name: gpu for name in ("bf16", "distributed_optimizer", "overlap_grad_reduce")
+                    if getattr(self, name) is None}
+        if self.overlap_param_gather is None:
+            resolved["overlap_param_gather"] = gpu and resolved.get("distributed_optimizer", self.distributed_optimizer)
+        return dataclasses.replace(self, **resolved)

@@ -12,6 +12,7 @@ continue without repeating the steps the crashed run logged after that checkpoin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,10 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-only", default=None, metavar="CHECKPOINT",
                    help="load this checkpoint (saved at any TP/PP) and print its validation loss as JSON")
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("bf16", "adam_betas"):
+        if f.name == "adam_betas":
             continue
         kind = type(f.default)
-        if kind is bool:
+        if kind is bool or f.default is None:  # None: the device's default (TrainConfig.for_device)
             p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default)
         else:
             p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
     train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                           if f.name not in ("bf16", "adam_betas")}, bf16=on_gpu)
+                           if f.name != "adam_betas"}).for_device(on_gpu)
     manifest = load_manifest(args.manifest)
     overrides = json.loads(args.model_overrides)
     from_data = {"vocab_size": manifest["vocab_size"], "seq_len": manifest["seq_len"]}
@@ -135,7 +136,7 @@ def main(argv=None) -> None:
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -153,7 +154,11 @@ def main(argv=None) -> None:
     rank0 = dist.get_rank() == 0
     log = print if rank0 else (lambda *a, **k: None)
     log(f"layout: world {world} = TP {parallel.tensor_parallel} x PP {parallel.pipeline_parallel} x DP {dp}; "
-        f"{'GPU bf16' if on_gpu else 'CPU fp32 (gloo, Megatron-Core via model/compat.py)'}", flush=True)
+        f"{'GPU (NCCL)' if on_gpu else 'CPU (gloo, Megatron-Core via model/compat.py)'}, "
+        f"{'bf16' if train.bf16 else 'fp32'}, gradients reduced in {train.grad_reduce_dtype}"
+        + "".join(f", {name.replace('_', ' ')}" for name in ("distributed_optimizer", "overlap_grad_reduce",
+                                                             "overlap_param_gather") if getattr(train, name)),
+        flush=True)
 
     # ---- data: built before the model so that, on CPU, its host memory is not counted as training memory
     # (on GPU it lives in host memory too, outside the CUDA allocator's peak)
@@ -174,11 +179,17 @@ def main(argv=None) -> None:
     if on_gpu:
         gpt.cuda()
     model = DistributedDataParallel(config=config, module=gpt, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=on_gpu))
+        grad_reduce_in_fp32=train.grad_reduce_dtype == "fp32", use_distributed_optimizer=train.distributed_optimizer,
+        overlap_grad_reduce=train.overlap_grad_reduce, overlap_param_gather=train.overlap_param_gather))
+    # The schedules call these: no gradient reduction until the last micro-batch, then finish it (DP all-reduce or
+    # reduce-scatter, and the embedding/layer-norm reductions across model-parallel ranks).
+    config.no_sync_func = model.no_sync
+    config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
         adam_beta1=train.adam_betas[0], adam_beta2=train.adam_betas[1], clip_grad=train.grad_clip,
-        bf16=train.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=on_gpu), [model])
+        bf16=train.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=train.distributed_optimizer,
+        overlap_param_gather=train.overlap_param_gather), [model])
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr, lr_warmup_steps=train.warmup_steps,
         lr_decay_steps=train.steps, lr_decay_style="cosine", start_wd=train.weight_decay,
@@ -226,9 +237,22 @@ def main(argv=None) -> None:
         dist.all_reduce(local)
         return float(local[0] / local[1])
 
+    @contextlib.contextmanager
+    def parameters_gathered():
+        """With overlap_param_gather the optimizer step leaves its updated parameter shards to be all-gathered by
+        the next training forward, bucket by bucket; evaluation and checkpoints need every parameter now."""
+        if not train.overlap_param_gather:
+            yield
+            return
+        model.disable_forward_pre_hook()  # and gather synchronously
+        try:
+            yield
+        finally:
+            model.enable_forward_pre_hook()
+
     def evaluate() -> float:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), parameters_gathered():
             loss = run_batches(valid, forward_only=True)
         model.train()
         return loss
@@ -244,10 +268,16 @@ def main(argv=None) -> None:
     # ---- resume: same data order and optimizer state as if never interrupted
     # What a checkpoint needs to be used without this command line (export, evaluation, lineage):
     described = {"preset": args.preset, "model": dataclasses.asdict(model_cfg),
-                 "manifest": str(Path(args.manifest).resolve()), "init_from": args.init_from}
+                 "manifest": str(Path(args.manifest).resolve()), "init_from": args.init_from,
+                 "distributed_optimizer": train.distributed_optimizer}
     state = {"step": 0, "consumed_samples": 0}
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
+        saved_with = read_train_state(checkpoint).get("distributed_optimizer", False)
+        if saved_with != train.distributed_optimizer:  # the two optimizers save their states differently
+            raise ValueError(f"{checkpoint} was saved with distributed_optimizer {saved_with}; resume with "
+                             f"--{'' if saved_with else 'no-'}distributed-optimizer (train: {{distributed_optimizer: "
+                             f"{str(saved_with).lower()}}}), or start a new run from its weights with --init-from")
         state = load_checkpoint(checkpoint, gpt, optimizer)
         scheduler.load_state_dict(state["scheduler"])
         log(f"resumed from {checkpoint} at step {state['step']}", flush=True)
@@ -263,7 +293,8 @@ def main(argv=None) -> None:
     described["step_offset"] = offset
 
     def checkpoint_now() -> None:
-        save_checkpoint(run_dir, gpt, optimizer, {**state, **described, "scheduler": scheduler.state_dict()})
+        with parameters_gathered():
+            save_checkpoint(run_dir, gpt, optimizer, {**state, **described, "scheduler": scheduler.state_dict()})
         log(f"checkpoint: step {state['step']}", flush=True)
 
     # ---- the loop
@@ -316,7 +347,7 @@ def main(argv=None) -> None:
                 f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
                 if v is not None and k != "step") + f" eta={eta}", flush=True)
             tick = time.perf_counter()
-        if step % train.save_every == 0 or step == train.steps:
+        if train.save_every and (step % train.save_every == 0 or step == train.steps):
             checkpoint_now()
     prefetch.close()
     if metrics:

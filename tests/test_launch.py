@@ -7,11 +7,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from model.config import llama2_7b
+from model.config import TrainConfig, llama2_7b
 from model.plan import recommend
 from model.distributed import free_port
-from tasks.lib.launch import PretrainConfig, SlurmLaunch, launch_command, slurm_script
+from tasks.lib.launch import PretrainConfig, SlurmLaunch, launch_command, slurm_script, train_args
 
 from test_model import FAST, ROOT, metrics, torchrun
 
@@ -28,6 +29,23 @@ def test_launch_command_per_layout(tmp_path):
         "--nnodes": "2", "--node-rank": "1", "--rdzv-backend": "c10d", "--rdzv-endpoint": "node0:29400",
         "--rdzv-id": "run"}
     assert "--master-addr" not in two
+
+
+def test_every_deployments_train_settings_reach_model_train():
+    """Each `train` dict of prefect.yaml becomes model.train flags that its own parser reads back as the same
+    TrainConfig values (booleans included: `--no-recompute-activations`, not `--recompute-activations=False`)."""
+    from model.train import parse_args
+
+    deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
+    train_dicts = [value for d in deployments for key, value in d["parameters"].items()
+                   if key in ("train", "pretrain_train", "sft_train") and value]
+    train_dicts.append({"bf16": True, "distributed_optimizer": True, "overlap_param_gather": False,
+                        "grad_reduce_dtype": "bf16"})
+    assert any("recompute_activations" in t for t in train_dicts)
+    for train in train_dicts:
+        args = parse_args(train_args(PretrainConfig(train=train), Path("m"), Path("run"))[2:])
+        assert {k: getattr(args, k) for k in train} == train
+        TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
 
 
 def test_slurm_script_for_7b_on_two_nodes_of_eight_h100(tmp_path):

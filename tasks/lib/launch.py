@@ -65,9 +65,17 @@ class PretrainConfig(BaseModel):
         return self.ranks * self.nnodes
 
 
+def train_flag(name: str, value) -> str:
+    """One TrainConfig override as a `model.train` flag: `--micro-batch=2`; booleans as `--bf16` / `--no-bf16`."""
+    flag = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag}={value}"
+
+
 def train_args(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     """`model.train`'s own arguments."""
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in config.train.items()] + list(extra)
+    flags = [train_flag(k, v) for k, v in config.train.items() if v is not None] + list(extra)
     return ["-m", "model.train", "--manifest", str(manifest_dir), "--run-dir", str(run_dir),
             "--preset", config.preset, "--tp", str(config.tp), "--pp", str(config.pp),
             "--model-overrides", json.dumps(config.model_overrides), *flags]

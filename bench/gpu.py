@@ -1,0 +1,191 @@
+"""One-GPU benchmark of the 7B-width decoder: `model.train`'s real loop per attention backend vs plain PyTorch.
+
+Shape: hidden 4096, 32 heads, FFN 11008, seq 4096, vocab 32000 (Llama-2-7B's width), with as many layers as the
+memory planner (`model.plan`) fits on this GPU alongside the Adam states, at TP 1 x PP 1 x DP 1, no recompute,
+micro-batch chosen by the planner. `model.train` runs with the GPU defaults (bf16, distributed optimizer,
+overlapped gradient reduction and parameter gather) on synthetic token rows (throughput does not depend on the
+text). For each attention backend available (te with Transformer Engine, sdpa, local) it prints tokens/s, MFU,
+peak memory against the planner's estimate and the data-wait share; then a plain-PyTorch Llama of the same shape
+(SDPA attention, fp32 weights under bf16 autocast, fused AdamW) in the same run, and the ratio.
+
+    python bench/gpu.py                  # on a GPU (about 5 minutes on an H100)
+    python bench/gpu.py --tiny           # the same code on CPU with a tiny width, in under a minute
+
+Goals (docs/performance.md): MFU >= 45% (bf16 dense peak: 989 TFLOP/s on H100/H200), >= 1.0x the plain model,
+data wait < 1%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+from bench.train import mean_tokens_per_s, model_train_records, plain_training, steady  # noqa: E402
+from model.config import ModelConfig, llama2_7b, tiny  # noqa: E402
+from model.data import TrainSamples  # noqa: E402
+from model.gpt import resolve_attention_backend  # noqa: E402
+from model.plan import GIB, RUNTIME_OVERHEAD_GIB, Layout, estimate  # noqa: E402
+from model.train import PEAK_TFLOPS, flops_per_token  # noqa: E402
+
+
+def synthetic_manifest(out: Path, m: ModelConfig, rows: int) -> Path:
+    """A shard directory of uniformly random token rows (seq_len + 1 tokens each): Parquet shards and the
+    manifest fields that model/data.py reads (tasks/shard.py's ShardManifest has more, and needs Prefect)."""
+    row_len = m.seq_len + 1
+    rng = np.random.default_rng(0)
+    shards = []
+    for split, count in (("train", rows), ("valid", 16)):
+        path = out / split / "synthetic" / "shard-00000.parquet"
+        path.parent.mkdir(parents=True)
+        tokens = rng.integers(3, m.vocab_size, size=count * row_len, dtype=np.int32)
+        pq.write_table(pa.table({"tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens), row_len)}), path,
+                       row_group_size=64)
+        shards.append({"path": str(path.relative_to(out)), "split": split, "source": "synthetic", "rows": count})
+    manifest = {"seq_len": m.seq_len, "row_len": row_len, "vocab_size": m.vocab_size, "mixture": {"synthetic": 1.0},
+                "shards": shards}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def plan(width: ModelConfig, budget_gib: float, max_layers: int, accumulation: int, bf16: bool,
+         attention: str) -> tuple[ModelConfig, int, float] | None:
+    """(model with the most layers that fit at micro-batch 1, the largest micro-batch that then fits, its
+    estimate in GiB including the runtime allowance), or None if not even one layer fits."""
+    fitting = [n for n in range(1, max_layers + 1)
+               if planned_gib(dataclasses.replace(width, num_layers=n), 1, accumulation, bf16, attention) <= budget_gib]
+    if not fitting:
+        return None
+    m = dataclasses.replace(width, num_layers=max(fitting))
+    micro = max(b for b in (1, 2, 4, 8) if b == 1 or planned_gib(m, b, accumulation, bf16, attention) <= budget_gib)
+    return m, micro, planned_gib(m, micro, accumulation, bf16, attention)
+
+
+def planned_gib(m: ModelConfig, micro: int, accumulation: int, bf16: bool, attention: str) -> float:
+    """The planner's per-device estimate (GiB, runtime allowance included) of one run at TP 1 x PP 1 x DP 1."""
+    runtime = RUNTIME_OVERHEAD_GIB["gpu" if torch.cuda.is_available() else "cpu"]
+    layout = Layout(tp=1, pp=1, dp=1, micro_batch=micro, recompute=False, distributed_optimizer=bf16)
+    return estimate(m, layout, micro * accumulation, bf16=bf16, attention=attention).total / GIB + runtime
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny width (hidden 128, seq 128, vocab 1000), e.g. on CPU")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 12; tiny 6)")
+    p.add_argument("--accumulation", type=int, default=None, help="micro-batches per optimizer step (default 8; "
+                                                                    "tiny 2)")
+    p.add_argument("--memory-fraction", type=float, default=0.85,
+                   help="share of the device's memory the planner may fill (the rest is headroom for its error)")
+    p.add_argument("--memory-gib", type=float, default=None,
+                   help="device memory to plan for (default: the GPU's; on CPU: 0.2)")
+    p.add_argument("--max-layers", type=int, default=None, help="default: the 7B preset's 32 (tiny: 2)")
+    p.add_argument("--backends", default=None, help="comma-separated attention backends (default: all available)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    gpu = torch.cuda.is_available()
+    width = tiny(num_layers=1, seq_len=128, vocab_size=1000) if args.tiny else llama2_7b(num_layers=1)
+    steps = args.steps or (6 if args.tiny else 12)
+    accumulation = args.accumulation or (2 if args.tiny else 8)
+    max_layers = args.max_layers or (2 if args.tiny else 32)
+    device_name = torch.cuda.get_device_name() if gpu else "CPU"
+    memory = args.memory_gib or (torch.cuda.get_device_properties(0).total_memory / GIB if gpu else 0.2)
+    budget = memory * args.memory_fraction
+    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    te = resolve_attention_backend("auto") == "te"  # Transformer Engine imports and CUDA is present
+    backends = args.backends.split(",") if args.backends else ["te"] * te + ["sdpa", "local"]
+
+    chosen = plan(width, budget, max_layers, accumulation, bf16=gpu, attention=backends[0])
+    if chosen is None:
+        raise SystemExit(f"not even one layer of this width fits {budget:.1f} GiB; raise --memory-fraction")
+    m, micro, _ = chosen
+    global_batch = micro * accumulation
+    print(f"{'tiny' if args.tiny else '7B'}-width decoder on {device_name} ({memory:.1f} GiB, planning for "
+          f"{budget:.1f}): hidden {m.hidden_size}, {m.num_attention_heads} heads, FFN {m.ffn_hidden_size}, "
+          f"seq {m.seq_len}, vocab {m.vocab_size}")
+    print(f"planner ({backends[0]}): {m.num_layers} layers ({m.num_parameters() / 1e6:,.1f}M parameters) at "
+          f"micro-batch {micro}, TP 1 x PP 1 x DP 1, no recompute; global batch {global_batch} "
+          f"({accumulation} micro-batches) x {m.seq_len} tokens, {steps} steps "
+          f"(steps 4 to {steps - 1} timed); {'bf16' if gpu else 'fp32 (CPU)'}", flush=True)
+
+    results = {"device": device_name, "memory_gib": memory, "model": dataclasses.asdict(m), "micro_batch": micro,
+               "global_batch": global_batch, "steps": steps, "peak_tflops": peak, "megatron": {}}
+    overrides = {k: getattr(m, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")}
+    with tempfile.TemporaryDirectory() as work:
+        manifest = synthetic_manifest(Path(work) / "shard", m, rows=max(64, global_batch * 4))
+        rows = []
+        for backend in backends:
+            planned = planned_gib(m, micro, accumulation, gpu, backend)
+            if planned > budget:
+                print(f"  {backend:>5}: skipped, the planner needs {planned:.1f} GiB for it (budget {budget:.1f})",
+                      flush=True)
+                continue
+            started = time.perf_counter()
+            try:
+                records = model_train_records(manifest, {"steps": steps, "global_batch": global_batch,
+                                                         "micro_batch": micro, "eval_batches": 1,
+                                                         "attention_backend": backend},
+                                              preset="7b" if not args.tiny else "tiny", model_overrides=overrides)
+            except RuntimeError as failure:
+                print(f"  {backend:>5}: failed: {str(failure).strip().splitlines()[-1]}", flush=True)
+                results["megatron"][backend] = {"failed": str(failure)[-2000:]}
+                continue
+            tps = mean_tokens_per_s(records)
+            timed = steady(records)
+            result = {"tokens_per_s": tps, "mfu": tps * flops_per_token(m) / (peak * 1e12) if peak else None,
+                      "peak_mem_gib": max(r["peak_mem_gib"] for r in records), "planned_gib": planned,
+                      "data_wait": sum(r["data_wait"] for r in timed) / len(timed),
+                      "wall_s": time.perf_counter() - started}
+            results["megatron"][backend] = result
+            rows.append((f"Megatron-Core, {backend} attention", result))
+            print(f"  {backend:>5}: {line(result)}", flush=True)
+
+        recipe = "SDPA, bf16 autocast, fused AdamW" if gpu else "SDPA, fp32, AdamW"
+        try:
+            plain = plain_training(m, TrainSamples(manifest, seed=0), steps, global_batch, micro,
+                                   device="cuda" if gpu else "cpu", bf16=gpu)
+        except torch.cuda.OutOfMemoryError as oom:  # its fp32 weights and Adam states take 16 B/param
+            raise SystemExit(f"plain PyTorch ({recipe}) ran out of memory at this size ({oom}); "
+                             f"lower --memory-fraction so both fit")
+        plain["mfu"] = plain["tokens_per_s"] * flops_per_token(m) / (peak * 1e12) if peak else None
+        results["plain"] = plain
+        print(f"  plain PyTorch ({recipe}): {line(plain)}")
+
+    print(f"\n{'':<34} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'planned':>8} {'data wait':>9} {'vs plain':>8}")
+    for name, r in rows + [("plain PyTorch", plain)]:
+        print(f"{name:<34} {r['tokens_per_s']:>10,.0f} {pct(r['mfu']):>6} {gib(r['peak_mem_gib']):>9} "
+              f"{gib(r.get('planned_gib')):>8} {pct(r.get('data_wait')):>9} "
+              f"{r['tokens_per_s'] / plain['tokens_per_s']:>7.2f}x")
+    print(f"goals: MFU >= 45% of {peak or 'n/a'} TFLOP/s, >= 1.00x plain, data wait < 1%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def line(r: dict) -> str:
+    return (f"{r['tokens_per_s']:,.0f} tokens/s, MFU {pct(r['mfu'])}, peak {gib(r['peak_mem_gib'])} GiB"
+            + (f" (planned {gib(r['planned_gib'])})" if r.get("planned_gib") is not None else "")
+            + (f", data wait {pct(r['data_wait'])}" if r.get("data_wait") is not None else ""))
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def gib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+if __name__ == "__main__":
+    main()
