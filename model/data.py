@@ -12,9 +12,9 @@ Global batch g is samples [g*G, (g+1)*G); data-parallel rank r takes the r-th co
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,49 +51,57 @@ def to_batch(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {c: torch.from_numpy(np.stack([r[c] for r in rows]).astype(np.int64)) for c in rows[0]}
 
 
-@dataclass
-class RowGroup:
-    path: Path
-    index: int
-    rows: int
+def row_group_sizes(manifest_dir: Path, shard: dict) -> np.ndarray:
+    """Rows in each Parquet row group of one manifest shard: from the manifest's `row_group_rows` (every group
+    full but the last), without opening the file; for manifests written before it was recorded, from the footer."""
+    rows, per_group = shard["rows"], shard.get("row_group_rows")
+    if per_group:
+        full, rest = divmod(rows, per_group)
+        return np.concatenate([np.full(full, per_group, dtype=np.int64), np.array([rest] if rest else [], np.int64)])
+    metadata = pq.ParquetFile(Path(manifest_dir) / shard["path"]).metadata
+    return np.array([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)], dtype=np.int64)
 
 
 class SourceRows:
-    """Row access for one source's shards of one split, with a small cache of decoded row groups."""
+    """Row access for one source's shards of one split, with a small cache of decoded row groups. Its index is three
+    arrays over row groups (a few bytes each): start-up opens no file."""
 
-    def __init__(self, paths: list[Path], source_id: int, seed: int, cache_groups: int = 8):
-        self.groups = []
-        for p in paths:
-            metadata = pq.ParquetFile(p).metadata
-            self.groups += [RowGroup(p, i, metadata.row_group(i).num_rows) for i in range(metadata.num_row_groups)]
-        self.total = sum(g.rows for g in self.groups)
+    def __init__(self, manifest_dir: Path, shards: list[dict], source_id: int, seed: int, cache_groups: int = 8):
+        self.manifest_dir = Path(manifest_dir)
+        self.paths = [x["path"] for x in shards]  # the manifest's own strings: no copy per shard
+        sizes = [row_group_sizes(manifest_dir, x) for x in shards]
+        self.group_rows = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+        self.group_shard = np.repeat(np.arange(len(shards), dtype=np.int32), [len(x) for x in sizes])
+        first_group = np.concatenate([[0], np.cumsum([len(x) for x in sizes])])[:-1].astype(np.int64)
+        self.group_index = (np.arange(len(self.group_rows)) - first_group[self.group_shard]).astype(np.int32)
+        self.total = int(self.group_rows.sum())
         self.source_id, self.seed = source_id, seed
         self._epoch_order: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._cache: OrderedDict[tuple[Path, int], dict[str, np.ndarray]] = OrderedDict()
+        self._cache: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self._cache_groups = cache_groups
 
     def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         if epoch not in self._epoch_order:
-            perm = _rng(self.seed, self.source_id, epoch).permutation(len(self.groups))
-            starts = np.cumsum([0] + [self.groups[g].rows for g in perm])
+            perm = _rng(self.seed, self.source_id, epoch).permutation(len(self.group_rows))
+            starts = np.concatenate([[0], np.cumsum(self.group_rows[perm])])
             self._epoch_order = {epoch: (perm, starts)}  # keep one epoch: draws move forward
         return self._epoch_order[epoch]
 
-    def _decode(self, group: RowGroup) -> dict[str, np.ndarray]:
-        key = (group.path, group.index)
-        if key not in self._cache:
-            self._cache[key] = read_rows(pq.ParquetFile(group.path).read_row_group(group.index))
+    def _decode(self, group: int) -> dict[str, np.ndarray]:
+        if group not in self._cache:
+            path = self.manifest_dir / self.paths[self.group_shard[group]]
+            self._cache[group] = read_rows(pq.ParquetFile(path).read_row_group(int(self.group_index[group])))
             if len(self._cache) > self._cache_groups:
                 self._cache.popitem(last=False)
-        return self._cache[key]
+        return self._cache[group]
 
     def draw(self, k: int) -> dict[str, np.ndarray]:
         """The k-th row drawn from this source (epochs re-shuffle once every row has been seen)."""
         epoch, offset = divmod(k, self.total)
         perm, starts = self._order(epoch)
         pos = int(np.searchsorted(starts, offset, side="right")) - 1
-        group = self.groups[perm[pos]]
-        within = _rng(self.seed, self.source_id, epoch, int(perm[pos])).permutation(group.rows)
+        group = int(perm[pos])
+        within = _rng(self.seed, self.source_id, epoch, group).permutation(int(self.group_rows[group]))
         row = within[offset - starts[pos]]
         return {c: values[row] for c, values in self._decode(group).items()}
 
@@ -110,8 +118,8 @@ class TrainSamples:
                               if any(x["source"] == s and x["split"] == "train" for x in manifest["shards"]))
         if not self.sources:
             raise ValueError(f"{manifest_dir}: no training shards for any source with a positive mixture weight")
-        self.rows = [SourceRows([manifest_dir / x["path"] for x in manifest["shards"]
-                                 if x["source"] == s and x["split"] == "train"], i, seed)
+        self.rows = [SourceRows(manifest_dir, [x for x in manifest["shards"]
+                                               if x["source"] == s and x["split"] == "train"], i, seed)
                      for i, s in enumerate(self.sources)]
         self.seed = seed
         w = np.array([weights[s] for s in self.sources], dtype=np.float64)
@@ -188,28 +196,52 @@ def rank_slice(consumed: int, global_batch: int, dp_rank: int, dp_size: int) -> 
 
 
 def validation_rows(manifest_dir: str | Path, limit: int) -> dict[str, torch.Tensor]:
-    """The first `limit` validation rows across sources, always the same ones (for comparable eval losses)."""
+    """`limit` validation rows spread evenly over all of them (sources interleaved rather than the first source
+    only), always the same ones, for comparable eval losses. Reads only the row groups that hold them."""
     manifest_dir = Path(manifest_dir)
-    manifest = load_manifest(manifest_dir)
-    tables = [read_rows(pq.read_table(manifest_dir / shard["path"]))
-              for shard in sorted((x for x in manifest["shards"] if x["split"] == "valid"), key=lambda x: x["path"])]
-    if not tables:
+    shards = sorted((x for x in load_manifest(manifest_dir)["shards"] if x["split"] == "valid"),
+                    key=lambda x: x["path"])
+    if not shards:
         raise ValueError(f"{manifest_dir}: no validation shards; set sharding.validation_fraction > 0")
-    data = {c: np.concatenate([t[c] for t in tables]) for c in tables[0]}
-    # Interleave sources evenly rather than taking the first source only.
-    count = len(data["tokens"])
-    picks = np.linspace(0, count - 1, num=min(limit, count)).astype(int)
-    return {c: torch.from_numpy(values[picks].astype(np.int64)) for c, values in data.items()}
+    shard_starts = np.cumsum([0] + [x["rows"] for x in shards])
+    picks = np.linspace(0, shard_starts[-1] - 1, num=min(limit, int(shard_starts[-1]))).astype(int)
+    decoded: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    rows = []
+    for pick in picks:
+        shard = int(np.searchsorted(shard_starts, pick, side="right")) - 1
+        group_starts = np.cumsum(np.concatenate([[0], row_group_sizes(manifest_dir, shards[shard])]))
+        offset = pick - shard_starts[shard]
+        group = int(np.searchsorted(group_starts, offset, side="right")) - 1
+        if (shard, group) not in decoded:
+            decoded[shard, group] = read_rows(pq.ParquetFile(manifest_dir / shards[shard]["path"])
+                                              .read_row_group(group))
+        rows.append({c: v[offset - group_starts[group]] for c, v in decoded[shard, group].items()})
+    return to_batch(rows)
 
 
-def unigram_entropy(manifest_dir: str | Path) -> float:
+UNIGRAM_SAMPLE_TOKENS = 10_000_000
+
+
+def unigram_entropy(manifest_dir: str | Path, sample_tokens: int = UNIGRAM_SAMPLE_TOKENS) -> tuple[float, int]:
     """Entropy (nats/token) of the training tokens' unigram distribution: the loss of the best model that
-    ignores context. A language model that learned anything must go below it."""
+    ignores context, which a language model that learned anything must go below. Counted on about
+    `sample_tokens` tokens (all of them if there are fewer): whole row groups evenly spaced over the training
+    shards, the same ones every time. Returns (entropy, tokens counted)."""
     manifest_dir = Path(manifest_dir)
     manifest = load_manifest(manifest_dir)
+    shards = [x for x in manifest["shards"] if x["split"] == "train"]
+    sizes = [row_group_sizes(manifest_dir, shard) for shard in shards]
+    first_group = np.cumsum([0] + [len(x) for x in sizes])
+    groups, total = int(first_group[-1]), sum(x["rows"] for x in shards) * manifest["row_len"]
+    wanted = groups if total <= sample_tokens else min(groups, math.ceil(groups * sample_tokens / total))
     counts = np.zeros(manifest["vocab_size"], dtype=np.int64)
-    for shard in (x for x in manifest["shards"] if x["split"] == "train"):
-        tokens = token_rows(pq.read_table(manifest_dir / shard["path"], columns=["tokens"]))
+    counted = 0
+    for index in np.unique(np.linspace(0, groups - 1, num=wanted).astype(int)):
+        shard = int(np.searchsorted(first_group, index, side="right")) - 1
+        table = pq.ParquetFile(manifest_dir / shards[shard]["path"]).read_row_group(int(index - first_group[shard]),
+                                                                                   columns=["tokens"])
+        tokens = token_rows(table)
         counts += np.bincount(tokens.ravel(), minlength=len(counts))
+        counted += tokens.size
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return float(-(p * np.log(p)).sum()), counted

@@ -38,11 +38,12 @@ def pretrain(manifest_path: str, config: PretrainConfig, runs_dir: str, init_fro
     key = run_key(manifest=str(manifest_dir), config=config, **({"init": init_from} if init_from else {}))
     run_dir = Path(runs_dir) / f"{config.preset}-{key}"
     records = run_training(config, manifest_dir, run_dir, extra=("--init-from", init_from) if init_from else ())
-    baseline = unigram_entropy(manifest_dir)
+    baseline, sample_tokens = unigram_entropy(manifest_dir)
     publish_training(records, run_dir, baseline)
     summary = {"run_dir": str(run_dir), "steps": records[-1]["step"],
                "final_val_loss": final_validation(records).get("val_loss"),
-               "unigram_entropy": baseline, **({"continued_from": init_from} if init_from else {})}
+               "unigram_entropy": baseline, "unigram_sample_tokens": sample_tokens,
+               **({"continued_from": init_from} if init_from else {})}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     progress(f"pretrain: {run_dir} finished at step {summary['steps']}, validation loss "
              f"{summary['final_val_loss']:.3f} (unigram baseline {baseline:.3f}); curves: tensorboard --logdir {runs_dir}")

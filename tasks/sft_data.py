@@ -150,7 +150,7 @@ def build_sft_shards(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer_di
         path = out_dir / split / "sft" / "shard-00000.parquet"
         write_rows(rows, path, row_len)
         shards.append(ShardInfo(path=str(path.relative_to(out_dir)), split=split, source="sft", rows=len(rows),
-                                tokens=len(rows) * row_len, sha256=sha256_file(path)))
+                                tokens=len(rows) * row_len, sha256=sha256_file(path), row_group_rows=ROW_GROUP))
     rows_train = sum(s.rows for s in shards if s.split == "train")
     if rows_train == 0:
         raise ValueError("no usable instruction examples for training; see quarantine.jsonl")

@@ -34,6 +34,7 @@ class ShardInfo(BaseModel):
     rows: int
     tokens: int
     sha256: str
+    row_group_rows: int | None = None  # rows per Parquet row group, the last may hold fewer (None: read the footer)
 
 
 class ShardManifest(BaseModel):
@@ -137,7 +138,8 @@ def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig,
             tail_tokens += packer.close()
             for path, rows in packer.shards:
                 shards.append(ShardInfo(path=str(path.relative_to(out_dir)), split=split, source=source, rows=rows,
-                                        tokens=rows * row_len, sha256=sha256_file(path)))
+                                        tokens=rows * row_len, sha256=sha256_file(path),
+                                        row_group_rows=config.row_group_size))
         log.info(f"shard {source}: {sum(s.rows for s in shards if s.source == source)} rows")
     seconds = time.perf_counter() - started
 

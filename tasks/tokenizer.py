@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -68,15 +69,24 @@ def train_tokenizer(docs_dir: Path, config: TokenizerConfig, total_bytes: int, o
     """Train `out_dir/tokenizer.model` and write the matching Hugging Face tokenizer files."""
     stats = {"docs": 0, "bytes": 0, "lines": 0}
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=training_lines(docs_dir, config, total_bytes, stats), model_writer=model,
-        vocab_size=config.vocab_size, model_type=config.model_type, byte_fallback=config.byte_fallback,
-        split_digits=config.split_digits, character_coverage=config.character_coverage,
-        user_defined_symbols=config.special_tokens, max_sentence_length=config.max_sentence_length,
-        input_sentence_size=5_000_000, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
-        # Llama-2 conventions: <unk>=0, <s>=1, </s>=2, no pad; text kept as is (cleaning already normalised it).
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, num_threads=2, minloglevel=2)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=training_lines(docs_dir, config, total_bytes, stats), model_writer=model,
+            vocab_size=config.vocab_size, model_type=config.model_type, byte_fallback=config.byte_fallback,
+            split_digits=config.split_digits, character_coverage=config.character_coverage,
+            user_defined_symbols=config.special_tokens, max_sentence_length=config.max_sentence_length,
+            input_sentence_size=5_000_000, shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000,
+            # Llama-2 conventions: <unk>=0, <s>=1, </s>=2, no pad; text kept as is (cleaning already normalised it).
+            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, num_threads=2, minloglevel=2)
+    except RuntimeError as err:  # sentencepiece's own words name neither the setting nor the spec
+        too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", str(err))
+        if too_high is None:
+            raise
+        raise ValueError(f"tokenizer.vocab_size {too_high[1]} (data spec) is more than this corpus supports: its "
+                         f"tokenizer sample ({stats['docs']} documents, {stats['bytes'] / 1e6:.1f} MB) yields at "
+                         f"most {too_high[2]} pieces. Set tokenizer.vocab_size to {too_high[2]} or less in the "
+                         f"spec, or add data") from None
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     write_hf_tokenizer(out_dir)
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))

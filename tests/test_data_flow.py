@@ -132,6 +132,27 @@ def test_new_files_are_ingested_incrementally(small_corpus, tmp_path):
     rebuilt, states = run_flow_full(spec_path)  # asked to: everything from all files, new tokenizer
     assert states["tokenizer"] == "Completed" and ShardManifest.load(Path(rebuilt).parent).data_version == 1
 
+    # Garbage collection: the newest manifest and what it was built from are kept, and so is version 2, which a
+    # training run used, with the earlier shards it lists; version 3 and what only it used go.
+    from tasks.gc import collect, main as gc_main
+
+    artifacts, runs = tmp_path / "artifacts", tmp_path / "runs"
+    state = runs / "tiny-x" / "checkpoints" / "step-000001" / "train_state.json"
+    state.parent.mkdir(parents=True)
+    state.write_text(json.dumps({"step": 1, "manifest": str(Path(second_path).parent)}))
+    kept, garbage = collect(artifacts, runs, keep=1, min_age_hours=0)
+    ids = lambda path: f"{Path(path).parent.parent.name}/{Path(path).parent.name}"  # noqa: E731
+    assert {ids(rebuilt), ids(second_path), ids(first_path)} <= set(kept)
+    assert ids(third_path) in {a.id for a in garbage} and not {ids(rebuilt), ids(second_path)} & {a.id for a in garbage}
+    assert {a.id.split("/")[0] for a in garbage} >= {"append", "dedup", "shard"}  # v3, its dedup and its added shards
+    gc_main(["--artifacts", str(artifacts), "--runs", str(runs), "--min-age-hours", "0"])  # a dry run
+    assert all(a.path.is_dir() for a in garbage)
+    gc_main(["--artifacts", str(artifacts), "--runs", str(runs), "--min-age-hours", "0", "--delete"])
+    assert not any(a.path.exists() for a in garbage)
+    assert collect(artifacts, runs, keep=1, min_age_hours=0)[1] == []
+    again, states = run_flow(spec_path)  # what was kept is whole: nothing is rebuilt
+    assert again == rebuilt and not {"download-sotu", "dedup", "tokenizer", "shard", "append"} & set(states)
+
 
 def deployment(name: str) -> dict:
     """A deployment of prefect.yaml, by its `flow/name`."""

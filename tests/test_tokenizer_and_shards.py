@@ -138,3 +138,11 @@ def test_shards_pack_every_token_with_eos_between_documents(docs_dir, tokenizer_
 def test_too_little_data_for_one_row_is_a_clear_error(docs_dir, tokenizer_dir, tmp_path):
     with pytest.raises(ValueError, match="lower sharding.seq_len"):
         shard_documents(docs_dir, tokenizer_dir, ShardingConfig(seq_len=10_000_000), {}, tmp_path)
+
+
+def test_vocabulary_too_large_for_the_corpus_names_the_setting_and_what_fits(docs_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"tokenizer.vocab_size 60000 .* Set tokenizer.vocab_size to (\d+) or less") \
+            as raised:
+        train_tokenizer(docs_dir, TokenizerConfig(vocab_size=60000), 10**9, tmp_path)
+    largest = int(raised.value.args[0].split("Set tokenizer.vocab_size to ")[1].split()[0])
+    assert train_tokenizer(docs_dir, TokenizerConfig(vocab_size=largest), 10**9, tmp_path)["vocab_size"] == largest

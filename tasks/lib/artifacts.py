@@ -5,10 +5,16 @@ code, its config and its upstream fingerprints. The directory is built under a t
 place only when complete, with `_artifact.json` listing each file's size and sha256. Prefect caches the task's
 return value (an `ArtifactRef`) under the same fingerprint; since Prefect cannot know the directory behind it
 still exists, `run_stage` verifies the directory first and bypasses the cache when it does not.
+
+A build holds a lock per fingerprint, so concurrent runs of a stage build it once; a build killed mid-way leaves
+its temporary directory, which the next build of that stage removes once the owning process is gone.
+`python -m tasks.gc` removes what nothing refers to any more.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import importlib
 import inspect
@@ -16,16 +22,20 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import psutil
 from pydantic import BaseModel
 
 from tasks.lib.log import get_logger, progress
 
 MANIFEST_NAME = "_artifact.json"
+TMP_PREFIX = ".tmp-"  # a build in progress: .tmp-<fingerprint>-<host>-<pid> (before hosts: .tmp-<fp>-<pid>)
+TMP_NAME = re.compile(r"\.tmp-(?P<fingerprint>[0-9a-f]+)-(?:(?P<host>.+)-)?(?P<pid>\d+)")
 
 
 class ArtifactRef(BaseModel):
@@ -121,13 +131,25 @@ def build_artifact(stage: str, params: dict, build: Callable[[Path], dict], labe
     log = get_logger()
     final = artifact_path(stage, params)
     ref = ArtifactRef(stage=stage, fingerprint=final.name, path=str(final))
-    problem = verify(final)
-    if problem is None:
+    if verify(final) is None:
         log.info(f"{stage}: reusing verified artifact {final}")
         return ref
-    if final.exists():
-        log.warning(f"{stage}: rebuilding because {problem}")
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with fingerprint_lock(final):
+        problem = verify(final)  # again: a run we waited for may have built it
+        if problem is None:
+            log.info(f"{stage}: reusing verified artifact {final}, built meanwhile by another run")
+            return ref
+        if final.exists():
+            log.warning(f"{stage}: rebuilding because {problem}")
+        remove_stale_temporaries(final.parent)
+        return _build(stage, params, build, label, final, ref)
+
+
+def _build(stage: str, params: dict, build: Callable[[Path], dict], label: str, final: Path,
+           ref: ArtifactRef) -> ArtifactRef:
+    log = get_logger()
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     started = time.perf_counter()
@@ -149,6 +171,38 @@ def build_artifact(stage: str, params: dict, build: Callable[[Path], dict], labe
     log.info(f"{stage}: built {final} in {summary['seconds']} s")
     publish_summary(f"{stage}-{label}", summary)
     return ref
+
+
+@contextlib.contextmanager
+def fingerprint_lock(final: Path):
+    """Hold `<stage dir>/.lock-<fingerprint>` while building: a second run of the same stage waits for the first
+    and then reuses its output instead of building it again. The kernel releases the lock if its holder dies."""
+    lock_path = final.parent / f".lock-{final.name}"
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            get_logger().info(f"{final.parent.name}: another run is building {final}; waiting for it ({lock_path})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def remove_stale_temporaries(stage_dir: Path) -> list[Path]:
+    """Remove the temporary build directories in `stage_dir` whose process is gone (killed mid-build): those made
+    on this host by a process id that no longer runs. Returns what was removed."""
+    removed = []
+    for tmp in stage_dir.glob(f"{TMP_PREFIX}*"):
+        owner = TMP_NAME.fullmatch(tmp.name)
+        if owner is None or owner["host"] not in (None, socket.gethostname()):
+            continue  # not ours to judge: another host's process may be alive
+        if not psutil.pid_exists(int(owner["pid"])):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+            get_logger().info(f"{stage_dir.name}: removed {tmp}, left by a run that no longer exists")
+    return removed
 
 
 def publish_summary(key: str, summary: dict) -> None:
