@@ -58,7 +58,7 @@ def run_bare(spec, work: Path) -> dict[str, float]:
     _, seconds["tokenizer"] = timed(lambda: train_tokenizer(work / "dedup/docs", spec.tokenizer,
                                                             dedup_summary["bytes_out"], work / "tokenizer"))
     _, seconds["shard"] = timed(lambda: shard_documents(work / "dedup/docs", work / "tokenizer", spec.sharding, {},
-                                                        work / "shard"))
+                                                        work / "shard", executor=spec.executor))
     return seconds
 
 

@@ -112,7 +112,7 @@ def build_all(spec: DataSpec, resolved: dict[str, ResolvedSource], lineage: dict
     lineage = {**lineage, "dedup_dir": str(deduped.dir),
                "upstream": {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}}
     shards = run_stage(shard, documents=documents, tokenizer=trained, config=spec.sharding, lineage=lineage,
-                       artifacts_dir=artifacts_dir)
+                       executor=spec.executor, artifacts_dir=artifacts_dir)
     return shards, refs + [("all sources", trained), ("all sources", shards)]
 
 
@@ -129,7 +129,7 @@ def ingest_new_files(spec: DataSpec, resolved: dict[str, ResolvedSource], base: 
     upstream = {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}
     added = run_stage(shard, documents=documents, tokenizer=base.tokenizer, config=spec.sharding, increment=True,
                       lineage={"spec_path": lineage["spec_path"], "new_files": base.new_files, "upstream": upstream},
-                      artifacts_dir=artifacts_dir)
+                      executor=spec.executor, artifacts_dir=artifacts_dir)
     increments = base.manifest.lineage.get("increments", []) + [
         {"data_version": base.manifest.data_version + 1, "new_files": base.new_files, "shards": str(added.dir),
          "upstream": upstream}]

@@ -24,7 +24,7 @@ from tasks.lib.log import get_logger
 from tasks.download import Quarantine, Record, ResolvedSource, source_records
 from tasks.shard import ShardInfo, ShardManifest
 from tasks.spec import InstructionSourceSpec, SFTSpec
-from tasks.tokenizer import keep_in_sample
+from tasks.lib.blocks import keep_in_sample
 
 ROW_GROUP = 32
 CODE_DEPENDENCIES = ("model.chat",)  # the chat template and loss mask shape these rows

@@ -20,6 +20,7 @@ from prefect import task
 
 from model.chat import CHAT_TEMPLATE
 from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
+from tasks.lib.blocks import keep_in_sample
 from tasks.lib.log import get_logger
 from tasks.spec import TokenizerConfig
 
@@ -33,14 +34,6 @@ def iter_documents(folder: Path) -> Iterator[dict]:
         with gzip.open(path, "rt", encoding="utf-8") as f:
             for line in f:
                 yield json.loads(line)
-
-
-def keep_in_sample(doc_id: str, fraction: float, seed: int) -> bool:
-    """Deterministic document sampling: the same docs are chosen on every run and every machine."""
-    if fraction >= 1:
-        return True
-    h = int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "big")
-    return h / 2**64 < fraction
 
 
 def training_lines(docs_dir: Path, config: TokenizerConfig, total_bytes: int, stats: dict) -> Iterator[str]:

@@ -42,13 +42,14 @@ def test_sdpa_matches_local_attention_causal_and_packed_at_tp1_and_tp2(tiny_mani
     assert "sdpa attention" in proc.stdout
     checkpoint = tmp_path / "run/checkpoints/step-000006"
     trained_val_loss = metrics(tmp_path / "run")[-1]["val_loss"]
-    for manifest in (tiny_manifest, tmp_path / "sft"):
-        for nproc, layout in ((1, ()), (2, ("--tp", "2"))):
-            sdpa = eval_loss(nproc, manifest, checkpoint, "sdpa", *layout)
-            local = eval_loss(nproc, manifest, checkpoint, "local", *layout)
-            assert abs(sdpa - local) < 1e-5, (manifest.name, layout, sdpa, local)
-            if manifest == tiny_manifest:
-                assert abs(local - trained_val_loss) < 1e-5, (layout, local, trained_val_loss)
+    # Pretraining rows at TP 1 and 2; packed SFT rows at TP 2 (each rank holds half the heads and their masks).
+    for manifest, nproc, layout in ((tiny_manifest, 1, ()), (tiny_manifest, 2, ("--tp", "2")),
+                                    (tmp_path / "sft", 2, ("--tp", "2"))):
+        sdpa = eval_loss(nproc, manifest, checkpoint, "sdpa", *layout)
+        local = eval_loss(nproc, manifest, checkpoint, "local", *layout)
+        assert abs(sdpa - local) < 1e-5, (manifest.name, layout, sdpa, local)
+        if manifest == tiny_manifest:
+            assert abs(local - trained_val_loss) < 1e-5, (layout, local, trained_val_loss)
 
 
 def test_attention_backend_is_checked():

@@ -11,10 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 
+from model.data import TrainSamples
 from tasks.clean import clean_documents
 from tasks.dedup import dedup_documents
-from tasks.spec import CleaningConfig, DedupConfig, ExecutorConfig
+from tasks.lib.artifacts import sha256_file
+from tasks.lib.blocks import keep_in_sample
+from tasks.shard import ShardManifest, shard_documents
+from tasks.spec import CleaningConfig, DedupConfig, ExecutorConfig, ShardingConfig, TokenizerConfig
+from tasks.tokenizer import train_tokenizer
 
 from conftest import bundled_docs
 
@@ -45,7 +51,24 @@ def contents(folder: Path) -> list[tuple[str, str]]:
     return sorted(out)
 
 
-def clean_and_dedup(sources: dict[str, Path], executor: ExecutorConfig, root: Path) -> tuple[dict, list]:
+@pytest.fixture(scope="module")
+def tokenizer_dir(sources, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(next(iter(sources.values())).parent, TokenizerConfig(vocab_size=1000), 10**9, out)
+    return out
+
+
+SHARDING = ShardingConfig(seq_len=64, rows_per_shard=64, row_group_size=16, validation_fraction=0.1)
+
+
+def shard_outputs(folder: Path) -> tuple[list[dict], dict[str, bytes]]:
+    """(the manifest's shard entries, every shard's bytes)."""
+    shards = json.loads((folder / "manifest.json").read_text())["shards"]
+    return shards, {x["path"]: (folder / x["path"]).read_bytes() for x in shards}
+
+
+def clean_dedup_shard(sources: dict[str, Path], executor: ExecutorConfig, root: Path,
+                      tokenizer_dir: Path) -> tuple[dict, list, tuple]:
     cleaned, summaries = {}, {}
     for name, folder in sources.items():
         out = root / "clean" / name
@@ -54,29 +77,60 @@ def clean_and_dedup(sources: dict[str, Path], executor: ExecutorConfig, root: Pa
         cleaned[name] = out / "docs"
     (root / "dedup").mkdir()
     summaries["dedup"] = dedup_documents(cleaned, DedupConfig(), executor, root / "dedup")
-    return summaries, contents(root / "dedup" / "docs")
+    (root / "shard").mkdir()
+    shard_documents(root / "dedup" / "docs", tokenizer_dir, SHARDING, {}, root / "shard", executor=executor)
+    return summaries, contents(root / "dedup" / "docs"), shard_outputs(root / "shard")
+
+
+def test_shard_stage_on_1_and_4_tasks(sources, tokenizer_dir, tmp_path):
+    """Each task packs its own files into its own shards: every task count gives a valid manifest, the same
+    documents on each side of the train/validation split, and every document's tokens once (less what each task
+    leaves after its last full row)."""
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    docs = [json.loads(line) for folder in sources.values() for f in sorted(folder.glob("*.jsonl.gz"))
+            for line in gzip.open(f, "rt")]
+    valid_tokens = sum(len(sp.encode(d["text"])) + 1 for d in docs if keep_in_sample(d["id"], 0.1, seed=1234))
+    for tasks in (1, 4):
+        out = tmp_path / f"tasks-{tasks}"
+        out.mkdir()
+        summary = shard_documents(next(iter(sources.values())).parent, tokenizer_dir, SHARDING, {}, out,
+                                  executor=ExecutorConfig(tasks=tasks, workers=2))
+        manifest = ShardManifest.load(out)
+        assert summary["tasks"] == tasks
+        assert {Path(x.path).name.split("-")[1] for x in manifest.shards} == {f"{t:05d}" for t in range(tasks)}
+        assert all(sha256_file(out / x.path) == x.sha256 for x in manifest.shards)
+        assert summary["docs_valid"] == sum(keep_in_sample(d["id"], 0.1, seed=1234) for d in docs)
+        assert summary["docs_train"] + summary["docs_valid"] == len(docs)
+        packed_valid = sum(x.tokens for x in manifest.shards if x.split == "valid")
+        assert valid_tokens - tasks * len(sources) * 65 < packed_valid <= valid_tokens
+        assert len(TrainSamples(out, seed=0).batch(0, 32)["tokens"]) == 32
 
 
 @pytest.fixture(scope="module")
-def local_result(sources, tmp_path_factory):
-    return clean_and_dedup(sources, ExecutorConfig(tasks=2, workers=2), tmp_path_factory.mktemp("local"))
+def local_result(sources, tokenizer_dir, tmp_path_factory):
+    return clean_dedup_shard(sources, ExecutorConfig(tasks=2, workers=2), tmp_path_factory.mktemp("local"),
+                             tokenizer_dir)
 
 
 @pytest.mark.slow
-def test_ray_executor_gives_the_local_output(sources, local_result, tmp_path):
+def test_ray_executor_gives_the_local_output(sources, tokenizer_dir, local_result, tmp_path):
+    """The same documents after cleaning and dedup, and byte-identical shards, on 2 Ray workers."""
     import ray
 
     try:
-        summaries, docs = clean_and_dedup(sources, ExecutorConfig(kind="ray", tasks=2, workers=2), tmp_path)
+        summaries, docs, shards = clean_dedup_shard(sources, ExecutorConfig(kind="ray", tasks=2, workers=2),
+                                                    tmp_path, tokenizer_dir)
         assert ray.is_initialized() and ray.cluster_resources().get("CPU") == 2
     finally:
         ray.shutdown()
     assert docs == local_result[1] and summaries == local_result[0]
+    assert shards == local_result[2] and len(shards[0]) > 2
     assert summaries["dedup"]["removed_exact"] > 0  # planted copies (of documents that survive cleaning)
 
 
 @pytest.mark.slow
-def test_slurm_executor_submits_arrays_with_dependencies(sources, local_result, tmp_path, monkeypatch):
+def test_slurm_executor_submits_arrays_with_dependencies(sources, tokenizer_dir, local_result, tmp_path,
+                                                         monkeypatch):
     jobs = tmp_path / "slurm"
     jobs.mkdir()
     monkeypatch.setenv("FAKE_SLURM_DIR", str(jobs))
@@ -84,8 +138,8 @@ def test_slurm_executor_submits_arrays_with_dependencies(sources, local_result, 
     monkeypatch.setenv("PATH", f"{FAKE_SLURM}:{Path(sys.executable).parent}:{os.environ['PATH']}")
     executor = ExecutorConfig(kind="slurm", tasks=2, workers=2, slurm_partition="cpu", slurm_time="01:00:00",
                               cpus_per_task=2, poll_seconds=0.1, slurm_sbatch_args={"account": "llm"})
-    summaries, docs = clean_and_dedup(sources, executor, tmp_path / "out")
-    assert docs == local_result[1] and summaries == local_result[0]
+    summaries, docs, shards = clean_dedup_shard(sources, executor, tmp_path / "out", tokenizer_dir)
+    assert docs == local_result[1] and summaries == local_result[0] and shards == local_result[2]
 
     scripts = {p.stem: p.read_text() for p in jobs.glob("job-*.sh")}
     args = {p.stem: p.read_text().split() for p in jobs.glob("job-*.args")}

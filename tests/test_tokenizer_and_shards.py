@@ -15,7 +15,8 @@ import sentencepiece as spm
 from tasks.lib.artifacts import sha256_file
 from tasks.shard import ShardManifest, shard_documents
 from tasks.spec import ShardingConfig, TokenizerConfig
-from tasks.tokenizer import iter_documents, keep_in_sample, train_tokenizer, training_lines
+from tasks.lib.blocks import keep_in_sample
+from tasks.tokenizer import iter_documents, train_tokenizer, training_lines
 
 from conftest import bundled_docs
 

