@@ -47,7 +47,7 @@ def run_bare(spec, work: Path) -> dict[str, float]:
         down, clean = work / f"download-{source.name}", work / f"clean-{source.name}"
         down.mkdir(parents=True)
         clean.mkdir(parents=True)
-        _, s = timed(lambda: normalise_source(resolve_source(source), down, spec.executor.tasks, work / "dl"))
+        _, s = timed(lambda: normalise_source(resolve_source(source), down, spec.executor, work / "dl"))
         seconds["download"] += s
         _, s = timed(lambda: clean_documents(down / "docs", spec.cleaning_for(source), spec.executor, clean))
         seconds["clean"] += s

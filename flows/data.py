@@ -80,7 +80,7 @@ def clean_sources(spec: DataSpec, resolved: dict[str, ResolvedSource]) -> tuple[
     for source in spec.sources:
         if source.name not in resolved:
             continue
-        downloaded = run_stage(download, resolved=resolved[source.name], num_files=spec.executor.tasks,
+        downloaded = run_stage(download, resolved=resolved[source.name], executor=spec.executor,
                                artifacts_dir=artifacts_dir)
         cleaned[source.name] = run_stage(clean, downloaded=downloaded, source_name=source.name,
                                          cleaning=spec.cleaning_for(source), executor=spec.executor,

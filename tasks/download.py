@@ -1,6 +1,7 @@
 """Stage 1, download: bring one source to local JSONL.gz documents `{id, text, metadata}`.
 
-Sources are local files (jsonl, jsonl.gz, txt, parquet), a Hugging Face dataset, or an http(s) URL. Records that
+Sources are local files (jsonl, jsonl.gz, txt, parquet; normalised in parallel on the spec's executor, a share of
+the files per task), a Hugging Face dataset, or an http(s) URL. Records that
 cannot be used (malformed JSON, non-UTF-8 bytes, missing or non-string text, empty or oversized text) go to
 `quarantine.jsonl` with file, line and reason, and are counted in the summary: nothing is dropped silently.
 """
@@ -11,6 +12,7 @@ import glob
 import gzip
 import hashlib
 import json
+import shutil
 import socket
 import urllib.error
 import urllib.parse
@@ -20,12 +22,14 @@ from pathlib import Path
 from typing import IO, Iterator
 
 import pyarrow.parquet as pq
+from datatrove.pipeline.base import PipelineStep
 from prefect import task
 from pydantic import BaseModel
 
 from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
+from tasks.lib.blocks import SMALL_INPUT_BYTES, run_pipeline
 from tasks.lib.log import get_logger
-from tasks.spec import SourceSpec, resolve_path
+from tasks.spec import ExecutorConfig, SourceSpec, resolve_path
 
 PREVIEW_CHARS = 500
 
@@ -195,9 +199,9 @@ class Quarantine:
     """One source's unusable records: each is written to an open quarantine.jsonl with its origin, reason and a
     preview, and counted by reason (the reason's text before any detail)."""
 
-    def __init__(self, file: IO[str], source: SourceSpec):
+    def __init__(self, file: IO[str], source: SourceSpec, reasons: Counter | None = None):
         self.file, self.source = file, source
-        self.reasons: Counter[str] = Counter()
+        self.reasons: Counter[str] = reasons if reasons is not None else Counter()
 
     def add(self, rec: Record, problem: str) -> None:
         self.reasons[problem.split(":")[0].split(" (")[0]] += 1
@@ -223,36 +227,88 @@ class Quarantine:
             get_logger().warning(f"{what} {name}: quarantined {self.count} of {seen} records: {dict(self.reasons)}")
 
 
-def normalise_source(resolved: ResolvedSource, out_dir: Path, num_files: int, downloads_dir: Path) -> dict:
-    """Write `docs/NNNNN.jsonl.gz` (round-robin over num_files) and `quarantine.jsonl`; return the summary."""
+def normalise_source(resolved: ResolvedSource, out_dir: Path, executor: ExecutorConfig, downloads_dir: Path) -> dict:
+    """Write `docs/NNNNN.jsonl.gz` and `quarantine.jsonl`; return the summary. The files of a local source are
+    normalised in parallel, one datatrove task per share of them (`NormaliseFiles`) on the executor; a URL or a
+    Hugging Face dataset is one stream, normalised here round-robin into `executor.tasks` files."""
     source = resolved.source
-    log = get_logger()
-    records = source_records(resolved, downloads_dir)
-
     docs_dir = out_dir / "docs"
     docs_dir.mkdir()
-    outs = [gzip.open(docs_dir / f"{i:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=3)
-            for i in range(num_files)]
-    seen = kept = kept_bytes = 0
-    with open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as file:
-        quarantine = Quarantine(file, source)
-        for rec in records:
-            seen += 1
-            doc, problem = _to_document(rec, source)
-            if problem:
-                quarantine.add(rec, problem)
-                continue
-            outs[kept % num_files].write(json.dumps(doc, ensure_ascii=False) + "\n")
-            kept += 1
-            kept_bytes += len(doc["text"].encode("utf-8"))
-            if kept % 50_000 == 0:
-                log.info(f"download {source.name}: {kept:,} documents so far")
+    if source.kind == "local":
+        (out_dir / "quarantine").mkdir()
+        files = [Path(p) for p, _ in resolved.files]
+        small = sum(f.stat().st_size for f in files) < SMALL_INPUT_BYTES
+        run_pipeline([NormaliseFiles(resolved, out_dir)],
+                     executor.model_copy(update={"workers": 1}) if small and executor.kind == "local" else executor,
+                     out_dir / "_logs")
+        records = [json.loads(p.read_text()) for p in sorted((out_dir / "_logs" / "normalised").glob("*.json"))]
+        seen, kept, kept_bytes = (sum(r[k] for r in records) for k in ("records", "docs", "bytes"))
+        reasons = sum((Counter(r["quarantine_reasons"]) for r in records), Counter())
+        with open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as merged:  # in task order: deterministic
+            for part in sorted((out_dir / "quarantine").glob("*.jsonl")):
+                merged.write(part.read_text(encoding="utf-8"))
+        shutil.rmtree(out_dir / "quarantine")
+    else:
+        outs = [gzip.open(docs_dir / f"{i:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=3)
+                for i in range(executor.tasks)]
+        with open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as file:
+            seen, kept, kept_bytes, reasons = write_documents(source_records(resolved, downloads_dir), source, outs,
+                                                              Quarantine(file, source))
         for f in outs:
             f.close()
+    with open(out_dir / "quarantine.jsonl", encoding="utf-8") as file:
+        quarantine = Quarantine(file, source, reasons)
         quarantine.check(seen, "source", f"`text_field` ({source.text_field!r})")
     return {"source": source.name, "records": seen, "docs": kept, "bytes": kept_bytes,
             "quarantined": quarantine.count, "quarantine_reasons": dict(quarantine.reasons),
             "license": source.license}
+
+
+def write_documents(records: Iterator[Record], source: SourceSpec, outs: list, quarantine: Quarantine
+                    ) -> tuple[int, int, int, Counter]:
+    """Documents of `records` round-robin into the open `outs`, the unusable ones to `quarantine`; returns
+    (records seen, documents kept, their text bytes, quarantine reasons)."""
+    log = get_logger()
+    seen = kept = kept_bytes = 0
+    for rec in records:
+        seen += 1
+        doc, problem = _to_document(rec, source)
+        if problem:
+            quarantine.add(rec, problem)
+            continue
+        outs[kept % len(outs)].write(json.dumps(doc, ensure_ascii=False) + "\n")
+        kept += 1
+        kept_bytes += len(doc["text"].encode("utf-8"))
+        if kept % 50_000 == 0:
+            log.info(f"download {source.name}: {kept:,} documents so far")
+    return seen, kept, kept_bytes, quarantine.reasons
+
+
+class NormaliseFiles(PipelineStep):
+    """datatrove step: task `rank` of N normalises every N-th file of a local source (files[rank::N]) into
+    `docs/<rank>.jsonl.gz` and `quarantine/<rank>.jsonl`, and records its counts in
+    `_logs/normalised/<rank>.json`."""
+
+    name = "📥 normalise files"
+    type = "📖 - READER"
+
+    def __init__(self, resolved: ResolvedSource, out_dir: Path):
+        super().__init__()
+        self.resolved, self.out_dir = resolved, Path(out_dir)
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        source = self.resolved.source
+        paths = [Path(p) for p, _ in self.resolved.files][rank::world_size]
+        records = (rec for p in paths for rec in read_records(p, _file_format(p, source.format), source.record_field))
+        with gzip.open(self.out_dir / "docs" / f"{rank:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=3) as out, \
+                open(self.out_dir / "quarantine" / f"{rank:05d}.jsonl", "w", encoding="utf-8") as file:
+            seen, kept, kept_bytes, reasons = write_documents(records, source, [out], Quarantine(file, source))
+        self.stat_update("documents", value=kept)
+        record = self.out_dir / "_logs" / "normalised" / f"{rank:05d}.json"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"records": seen, "docs": kept, "bytes": kept_bytes,
+                                      "quarantine_reasons": dict(reasons)}))
+        return iter(())
 
 
 def _to_document(rec: Record, source: SourceSpec) -> tuple[dict | None, str | None]:
@@ -288,9 +344,9 @@ def resolve(source: SourceSpec) -> ResolvedSource:
 
 
 @task(name="download", task_run_name="download-{resolved.source.name}", **STAGE_TASK_OPTIONS)
-def download(resolved: ResolvedSource, num_files: int, artifacts_dir: str) -> ArtifactRef:
+def download(resolved: ResolvedSource, executor: ExecutorConfig, artifacts_dir: str) -> ArtifactRef:
     downloads_dir = Path(artifacts_dir) / "_downloads"
-    return build_artifact("download", dict(resolved=resolved, num_files=num_files, artifacts_dir=artifacts_dir),
-                          lambda out: normalise_source(resolved, out, num_files, downloads_dir),
+    return build_artifact("download", dict(resolved=resolved, executor=executor, artifacts_dir=artifacts_dir),
+                          lambda out: normalise_source(resolved, out, executor, downloads_dir),
                           label=resolved.source.name)
 

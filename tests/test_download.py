@@ -16,7 +16,7 @@ import pytest
 
 from tasks.lib.artifacts import build_artifact, verify
 from tasks.download import SourceError, fetch_url, normalise_source, resolve_source
-from tasks.spec import SourceSpec, load_spec
+from tasks.spec import ExecutorConfig, SourceSpec, load_spec
 
 from conftest import bundled_docs, write_jsonl
 
@@ -25,9 +25,9 @@ def source(**kw) -> SourceSpec:
     return SourceSpec(**{"name": "t", "kind": "local", "license": "test", **kw})
 
 
-def run(src: SourceSpec, out: Path, num_files: int = 2) -> dict:
+def run(src: SourceSpec, out: Path, tasks: int = 2) -> dict:
     out.mkdir()
-    return normalise_source(resolve_source(src), out, num_files, out.parent / "_dl")
+    return normalise_source(resolve_source(src), out, ExecutorConfig(tasks=tasks), out.parent / "_dl")
 
 
 def read_docs(out: Path) -> list[dict]:
@@ -114,7 +114,7 @@ def test_hf_datasets_source_from_local_files(tmp_path):
     write_jsonl(tmp_path / "hf.jsonl", [{"content": d["text"], "id": d["id"]} for d in bundled_docs("kjv", 5)])
     src = SourceSpec(name="hf", kind="hf", dataset="json", data_files=[str(tmp_path / "hf.jsonl")],
                      text_field="content", license="test")
-    summary = run(src, tmp_path / "out", num_files=1)
+    summary = run(src, tmp_path / "out", tasks=1)
     assert summary["docs"] == 5
     assert read_docs(tmp_path / "out")[0]["text"].startswith("Genesis 1")
 
@@ -133,8 +133,8 @@ def test_fineweb_edu_spec_reads_its_schema_through_datasets(tmp_path):
     local = shipped.model_copy(update={"dataset": "parquet", "config": None,
                                        "data_files": [str(tmp_path / "train-00000-of-00001.parquet")]})
     with pytest.raises(SourceError, match=r"1 of 5 records are unusable \(empty text x1\); this exceeds max_bad_fraction=0.01"):
-        run(local, tmp_path / "strict", num_files=1)  # the shipped limit: 1% of 10 M pages
-    summary = run(local.model_copy(update={"max_bad_fraction": 0.5}), tmp_path / "out", num_files=1)
+        run(local, tmp_path / "strict", tasks=1)  # the shipped limit: 1% of 10 M pages
+    summary = run(local.model_copy(update={"max_bad_fraction": 0.5}), tmp_path / "out", tasks=1)
     assert (summary["docs"], summary["quarantined"], summary["quarantine_reasons"]) == (4, 1, {"empty text": 1})
     doc = read_docs(tmp_path / "out")[1]
     assert doc["id"] == "fineweb_edu/<urn:uuid:00000001-0000-4000-8000-000000000000>"
@@ -216,7 +216,8 @@ def test_failed_stage_leaves_nothing_behind(tmp_path):
     params = {"x": 1, "artifacts_dir": str(tmp_path)}
     with pytest.raises(RuntimeError, match="boom"):
         build_artifact("download", params, build)
-    assert not list((tmp_path / "download").iterdir())  # neither the temp dir nor a final dir
+    left = [p.name for p in (tmp_path / "download").iterdir()]
+    assert [name[:6] for name in left] == [".lock-"]  # neither the temp dir nor a final dir; the lock stays
 
 
 def test_artifact_verification_catches_corruption(tmp_path):
@@ -227,3 +228,22 @@ def test_artifact_verification_catches_corruption(tmp_path):
     assert "fails its sha256 check" in verify(ref.dir)
     (ref.dir / "a.txt").unlink()
     assert "missing" in verify(ref.dir)
+
+
+def test_local_files_are_normalised_in_parallel_tasks_with_the_same_result(tmp_path):
+    """Four files, a bad record in two of them: 1 and 4 executor tasks keep the same documents and quarantine the
+    same records (file:line), and the bad-fraction check sees all of them."""
+    docs = bundled_docs("kjv", 40)
+    for part in range(4):
+        lines = [json.dumps(d) for d in docs[part::4]] + (['{"id": "cut", "text": "unterminated'] if part % 2 else [])
+        (tmp_path / f"in-{part}.jsonl").write_text("\n".join(lines) + "\n")
+    src = source(paths=[str(tmp_path / "in-*.jsonl")])
+    one, four = run(src, tmp_path / "one", tasks=1), run(src, tmp_path / "four", tasks=4)
+    assert (one["docs"], one["quarantined"], one["records"]) == (four["docs"], four["quarantined"],
+                                                                  four["records"]) == (40, 2, 42)
+    assert sorted(d["id"] for d in read_docs(tmp_path / "one")) == sorted(d["id"] for d in read_docs(tmp_path / "four"))
+    assert len(list((tmp_path / "four" / "docs").glob("*.jsonl.gz"))) == 4
+    assert [q["origin"] for q in quarantine(tmp_path / "four")] == [f"{tmp_path}/in-1.jsonl:11",
+                                                                   f"{tmp_path}/in-3.jsonl:11"]
+    with pytest.raises(SourceError, match="2 of 42 records are unusable"):
+        run(src.model_copy(update={"max_bad_fraction": 0.01}), tmp_path / "strict", tasks=4)
