@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import sentencepiece as spm
-from datatrove.pipeline.readers import JsonlReader
 from prefect import task
 from pydantic import BaseModel
 
 from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
-from tasks.lib.blocks import TokenizeAndPack, in_process_if_small, run_pipeline
+from tasks.lib.blocks import FolderJsonlReader, TokenizeAndPack, in_process_if_small, run_pipeline
 from tasks.lib.log import get_logger
 from tasks.spec import ExecutorConfig, ShardingConfig
 
@@ -70,7 +69,7 @@ def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig,
     started = time.perf_counter()
     records = []
     if any(docs_dir.glob("*/*.jsonl.gz")):
-        pipeline = [JsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"),
+        pipeline = [FolderJsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"),
                     TokenizeAndPack(docs_dir, tokenizer_dir / "tokenizer.model", config, out_dir,
                                     threads=executor.cpus_per_task)]
         run_pipeline(pipeline, in_process_if_small(executor, docs_dir), out_dir / "_logs")

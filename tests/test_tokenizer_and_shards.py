@@ -30,7 +30,9 @@ def docs_dir(tmp_path_factory) -> Path:
     for source, docs in (("sotu", bundled_docs("sotu", 30)), ("kjv", bundled_docs("kjv", 120))):
         (root / source).mkdir(parents=True)
         with gzip.open(root / source / "00000.jsonl.gz", "wt") as f:
-            f.writelines(json.dumps({**d, "metadata": {"source": source}}) + "\n" for d in docs)
+            # As in the pipeline, documents carry the path of the first file a datatrove reader read them from.
+            f.writelines(json.dumps({**d, "metadata": {"source": source, "file_path": "/download/docs/00000.jsonl.gz"}})
+                         + "\n" for d in docs)
     return root
 
 

@@ -19,6 +19,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.formatters.base import BaseFormatter
+from datatrove.pipeline.readers import JsonlReader
 from datatrove.utils.stats import MetricStats, MetricStatsDict, PipelineStats
 from datatrove.utils.word_tokenizers import WordTokenizer
 
@@ -137,11 +138,23 @@ class RowPacker:
         return self.pending_len
 
 
+class FolderJsonlReader(JsonlReader):
+    """datatrove's JsonlReader, also recording in each document's metadata the folder its file is in (relative to
+    the data folder): `folder`. (Its `file_path` metadata cannot say: a document keeps the first reader's.)"""
+
+    def get_document_from_dict(self, data: dict, source_file: str, id_in_file: int):
+        document = super().get_document_from_dict(data, source_file, id_in_file)
+        if document:
+            document.metadata["folder"] = Path(source_file).parent.name
+        return document
+
+
 class TokenizeAndPack(PipelineStep):
     """sentencepiece ids of each document plus EOS, concatenated per (split, source) and cut into rows of
     `seq_len + 1` tokens. The split is decided per document (so none is in both), the source is the document's
-    folder under `docs_dir`. Each task writes its own shards, `<out>/<split>/<source>/shard-<task>-<n>.parquet`,
-    and a record of them and of its counts, `<out>/_logs/packed/<task>.json`, from which the manifest is made."""
+    folder under `docs_dir` (read with `FolderJsonlReader`). Each task writes its own shards,
+    `<out>/<split>/<source>/shard-<task>-<n>.parquet`, and a record of them and of its counts,
+    `<out>/_logs/packed/<task>.json`, from which the manifest is made."""
 
     name = "🧩 tokenize and pack"
     type = "🔢 - TOKENIZER"
@@ -165,7 +178,7 @@ class TokenizeAndPack(PipelineStep):
                 ids = sp.encode([doc.text for doc in batch], num_threads=self.threads)
             for doc, tokens in zip(batch, ids):
                 split = "valid" if keep_in_sample(doc.id, self.config.validation_fraction, seed=1234) else "train"
-                source = Path(doc.metadata["file_path"]).parent.name
+                source = doc.metadata["folder"]
                 key = (split, source)
                 if key not in packers:
                     packers[key] = RowPacker(self.out_dir / split / source, row_len, self.config,
