@@ -114,7 +114,6 @@ def _give_adam_states(optimizer) -> None:
             inner._init_optimizer_states_with_dummy_values()
 
 
-
 def _restore_adam_steps(optimizer) -> None:
     """Megatron-Core 0.16's distributed optimizer over torch's Adam loads Adam's per-parameter step counts wrongly:
     the placeholder's count survives the load, and every parameter shares one step tensor, which Adam then

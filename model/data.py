@@ -62,6 +62,17 @@ def row_group_sizes(manifest_dir: Path, shard: dict) -> np.ndarray:
     return np.array([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)], dtype=np.int64)
 
 
+def row_group_index(manifest_dir: Path, shards: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every row group of `shards`, in order, as three arrays: its rows, its shard (position in `shards`) and its
+    index within that shard."""
+    sizes = [row_group_sizes(manifest_dir, x) for x in shards]
+    group_rows = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+    group_shard = np.repeat(np.arange(len(shards), dtype=np.int32), [len(x) for x in sizes])
+    first_group = np.concatenate([[0], np.cumsum([len(x) for x in sizes])])[:-1].astype(np.int64)
+    group_index = (np.arange(len(group_rows)) - first_group[group_shard]).astype(np.int32)
+    return group_rows, group_shard, group_index
+
+
 class SourceRows:
     """Row access for one source's shards of one split, with a small cache of decoded row groups. Its index is three
     arrays over row groups (a few bytes each): start-up opens no file."""
@@ -69,11 +80,7 @@ class SourceRows:
     def __init__(self, manifest_dir: Path, shards: list[dict], source_id: int, seed: int, cache_groups: int = 8):
         self.manifest_dir = Path(manifest_dir)
         self.paths = [x["path"] for x in shards]  # the manifest's own strings: no copy per shard
-        sizes = [row_group_sizes(manifest_dir, x) for x in shards]
-        self.group_rows = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
-        self.group_shard = np.repeat(np.arange(len(shards), dtype=np.int32), [len(x) for x in sizes])
-        first_group = np.concatenate([[0], np.cumsum([len(x) for x in sizes])])[:-1].astype(np.int64)
-        self.group_index = (np.arange(len(self.group_rows)) - first_group[self.group_shard]).astype(np.int32)
+        self.group_rows, self.group_shard, self.group_index = row_group_index(manifest_dir, shards)
         self.total = int(self.group_rows.sum())
         self.source_id, self.seed = source_id, seed
         self._epoch_order: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -203,19 +210,17 @@ def validation_rows(manifest_dir: str | Path, limit: int) -> dict[str, torch.Ten
                     key=lambda x: x["path"])
     if not shards:
         raise ValueError(f"{manifest_dir}: no validation shards; set sharding.validation_fraction > 0")
-    shard_starts = np.cumsum([0] + [x["rows"] for x in shards])
-    picks = np.linspace(0, shard_starts[-1] - 1, num=min(limit, int(shard_starts[-1]))).astype(int)
-    decoded: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+    group_rows, group_shard, group_index = row_group_index(manifest_dir, shards)
+    group_starts = np.concatenate([[0], np.cumsum(group_rows)])
+    picks = np.linspace(0, group_starts[-1] - 1, num=min(limit, int(group_starts[-1]))).astype(int)
+    decoded: dict[int, dict[str, np.ndarray]] = {}
     rows = []
     for pick in picks:
-        shard = int(np.searchsorted(shard_starts, pick, side="right")) - 1
-        group_starts = np.cumsum(np.concatenate([[0], row_group_sizes(manifest_dir, shards[shard])]))
-        offset = pick - shard_starts[shard]
-        group = int(np.searchsorted(group_starts, offset, side="right")) - 1
-        if (shard, group) not in decoded:
-            decoded[shard, group] = read_rows(pq.ParquetFile(manifest_dir / shards[shard]["path"])
-                                              .read_row_group(group))
-        rows.append({c: v[offset - group_starts[group]] for c, v in decoded[shard, group].items()})
+        group = int(np.searchsorted(group_starts, pick, side="right")) - 1
+        if group not in decoded:
+            decoded[group] = read_rows(pq.ParquetFile(manifest_dir / shards[group_shard[group]]["path"])
+                                       .read_row_group(int(group_index[group])))
+        rows.append({c: v[pick - group_starts[group]] for c, v in decoded[group].items()})
     return to_batch(rows)
 
 
@@ -230,17 +235,14 @@ def unigram_entropy(manifest_dir: str | Path, sample_tokens: int = UNIGRAM_SAMPL
     manifest_dir = Path(manifest_dir)
     manifest = load_manifest(manifest_dir)
     shards = [x for x in manifest["shards"] if x["split"] == "train"]
-    sizes = [row_group_sizes(manifest_dir, shard) for shard in shards]
-    first_group = np.cumsum([0] + [len(x) for x in sizes])
-    groups, total = int(first_group[-1]), sum(x["rows"] for x in shards) * manifest["row_len"]
+    group_rows, group_shard, group_index = row_group_index(manifest_dir, shards)
+    groups, total = len(group_rows), int(group_rows.sum()) * manifest["row_len"]
     wanted = groups if total <= sample_tokens else min(groups, math.ceil(groups * sample_tokens / total))
     counts = np.zeros(manifest["vocab_size"], dtype=np.int64)
     counted = 0
-    for index in np.unique(np.linspace(0, groups - 1, num=wanted).astype(int)):
-        shard = int(np.searchsorted(first_group, index, side="right")) - 1
-        table = pq.ParquetFile(manifest_dir / shards[shard]["path"]).read_row_group(int(index - first_group[shard]),
-                                                                                   columns=["tokens"])
-        tokens = token_rows(table)
+    for group in np.unique(np.linspace(0, groups - 1, num=wanted).astype(int)):
+        tokens = token_rows(pq.ParquetFile(manifest_dir / shards[group_shard[group]]["path"])
+                            .read_row_group(int(group_index[group]), columns=["tokens"]))
         counts += np.bincount(tokens.ravel(), minlength=len(counts))
         counted += tokens.size
     p = counts[counts > 0] / counts.sum()

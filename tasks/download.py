@@ -27,7 +27,7 @@ from prefect import task
 from pydantic import BaseModel
 
 from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
-from tasks.lib.blocks import SMALL_INPUT_BYTES, run_pipeline
+from tasks.lib.blocks import in_process_if_small, run_pipeline
 from tasks.lib.log import get_logger
 from tasks.spec import ExecutorConfig, SourceSpec, resolve_path
 
@@ -236,38 +236,34 @@ def normalise_source(resolved: ResolvedSource, out_dir: Path, executor: Executor
     docs_dir.mkdir()
     if source.kind == "local":
         (out_dir / "quarantine").mkdir()
-        files = [Path(p) for p, _ in resolved.files]
-        small = sum(f.stat().st_size for f in files) < SMALL_INPUT_BYTES
         run_pipeline([NormaliseFiles(resolved, out_dir)],
-                     executor.model_copy(update={"workers": 1}) if small and executor.kind == "local" else executor,
-                     out_dir / "_logs")
+                     in_process_if_small(executor, [Path(p) for p, _ in resolved.files]), out_dir / "_logs")
         records = [json.loads(p.read_text()) for p in sorted((out_dir / "_logs" / "normalised").glob("*.json"))]
         seen, kept, kept_bytes = (sum(r[k] for r in records) for k in ("records", "docs", "bytes"))
-        reasons = sum((Counter(r["quarantine_reasons"]) for r in records), Counter())
         with open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as merged:  # in task order: deterministic
             for part in sorted((out_dir / "quarantine").glob("*.jsonl")):
                 merged.write(part.read_text(encoding="utf-8"))
+            quarantine = Quarantine(merged, source, sum((Counter(r["quarantine_reasons"]) for r in records),
+                                                        Counter()))
         shutil.rmtree(out_dir / "quarantine")
     else:
         outs = [gzip.open(docs_dir / f"{i:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=3)
                 for i in range(executor.tasks)]
         with open(out_dir / "quarantine.jsonl", "w", encoding="utf-8") as file:
-            seen, kept, kept_bytes, reasons = write_documents(source_records(resolved, downloads_dir), source, outs,
-                                                              Quarantine(file, source))
+            quarantine = Quarantine(file, source)
+            seen, kept, kept_bytes = write_documents(source_records(resolved, downloads_dir), source, outs, quarantine)
         for f in outs:
             f.close()
-    with open(out_dir / "quarantine.jsonl", encoding="utf-8") as file:
-        quarantine = Quarantine(file, source, reasons)
-        quarantine.check(seen, "source", f"`text_field` ({source.text_field!r})")
+    quarantine.check(seen, "source", f"`text_field` ({source.text_field!r})")
     return {"source": source.name, "records": seen, "docs": kept, "bytes": kept_bytes,
             "quarantined": quarantine.count, "quarantine_reasons": dict(quarantine.reasons),
             "license": source.license}
 
 
 def write_documents(records: Iterator[Record], source: SourceSpec, outs: list, quarantine: Quarantine
-                    ) -> tuple[int, int, int, Counter]:
+                    ) -> tuple[int, int, int]:
     """Documents of `records` round-robin into the open `outs`, the unusable ones to `quarantine`; returns
-    (records seen, documents kept, their text bytes, quarantine reasons)."""
+    (records seen, documents kept, their text bytes)."""
     log = get_logger()
     seen = kept = kept_bytes = 0
     for rec in records:
@@ -281,7 +277,7 @@ def write_documents(records: Iterator[Record], source: SourceSpec, outs: list, q
         kept_bytes += len(doc["text"].encode("utf-8"))
         if kept % 50_000 == 0:
             log.info(f"download {source.name}: {kept:,} documents so far")
-    return seen, kept, kept_bytes, quarantine.reasons
+    return seen, kept, kept_bytes
 
 
 class NormaliseFiles(PipelineStep):
@@ -302,12 +298,13 @@ class NormaliseFiles(PipelineStep):
         records = (rec for p in paths for rec in read_records(p, _file_format(p, source.format), source.record_field))
         with gzip.open(self.out_dir / "docs" / f"{rank:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=3) as out, \
                 open(self.out_dir / "quarantine" / f"{rank:05d}.jsonl", "w", encoding="utf-8") as file:
-            seen, kept, kept_bytes, reasons = write_documents(records, source, [out], Quarantine(file, source))
+            quarantine = Quarantine(file, source)
+            seen, kept, kept_bytes = write_documents(records, source, [out], quarantine)
         self.stat_update("documents", value=kept)
         record = self.out_dir / "_logs" / "normalised" / f"{rank:05d}.json"
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"records": seen, "docs": kept, "bytes": kept_bytes,
-                                      "quarantine_reasons": dict(reasons)}))
+                                      "quarantine_reasons": dict(quarantine.reasons)}))
         return iter(())
 
 

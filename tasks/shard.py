@@ -70,18 +70,15 @@ def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig,
     records = []
     if any(docs_dir.glob("*/*.jsonl.gz")):
         pipeline = [FolderJsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"),
-                    TokenizeAndPack(docs_dir, tokenizer_dir / "tokenizer.model", config, out_dir,
-                                    threads=executor.cpus_per_task)]
+                    TokenizeAndPack(tokenizer_dir / "tokenizer.model", config, out_dir, threads=executor.cpus_per_task)]
         run_pipeline(pipeline, in_process_if_small(executor, docs_dir), out_dir / "_logs")
         records = [json.loads(p.read_text()) for p in sorted((out_dir / "_logs" / "packed").glob("*.json"))]
     shards = sorted((ShardInfo(**x, tokens=x["rows"] * row_len, row_group_rows=config.row_group_size)
                      for r in records for x in r["shards"]), key=lambda x: x.path)
     seconds = time.perf_counter() - started
-    total = {k: sum(r[k] for r in records) for k in ("docs_train", "docs_valid", "tokens", "tail_tokens_dropped")}
-    totals = {"docs_train": total["docs_train"], "docs_valid": total["docs_valid"], "tokens": total["tokens"],
-              "rows_train": sum(s.rows for s in shards if s.split == "train"),
-              "rows_valid": sum(s.rows for s in shards if s.split == "valid"),
-              "tail_tokens_dropped": total["tail_tokens_dropped"]}
+    totals = {k: sum(r[k] for r in records) for k in ("docs_train", "docs_valid", "tokens")}
+    totals.update({f"rows_{split}": sum(s.rows for s in shards if s.split == split) for split in ("train", "valid")},
+                  tail_tokens_dropped=sum(r["tail_tokens_dropped"] for r in records))
     if totals["rows_train"] == 0 and not increment:
         raise ValueError(f"no training rows: {totals['tokens']} tokens do not fill one row of seq_len+1={row_len}; "
                          f"lower sharding.seq_len or add data")

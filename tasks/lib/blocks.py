@@ -151,17 +151,17 @@ class FolderJsonlReader(JsonlReader):
 
 class TokenizeAndPack(PipelineStep):
     """sentencepiece ids of each document plus EOS, concatenated per (split, source) and cut into rows of
-    `seq_len + 1` tokens. The split is decided per document (so none is in both), the source is the document's
-    folder under `docs_dir` (read with `FolderJsonlReader`). Each task writes its own shards,
+    `seq_len + 1` tokens. The split is decided per document (so none is in both), the source is the folder of the
+    document's file (read with `FolderJsonlReader`). Each task writes its own shards,
     `<out>/<split>/<source>/shard-<task>-<n>.parquet`, and a record of them and of its counts,
     `<out>/_logs/packed/<task>.json`, from which the manifest is made."""
 
     name = "🧩 tokenize and pack"
     type = "🔢 - TOKENIZER"
 
-    def __init__(self, docs_dir: Path, tokenizer_model: Path, config: ShardingConfig, out_dir: Path, threads: int):
+    def __init__(self, tokenizer_model: Path, config: ShardingConfig, out_dir: Path, threads: int):
         super().__init__()
-        self.docs_dir, self.tokenizer_model, self.config = Path(docs_dir), Path(tokenizer_model), config
+        self.tokenizer_model, self.config = Path(tokenizer_model), config
         self.out_dir, self.threads = Path(out_dir), threads
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
@@ -209,13 +209,15 @@ class TokenizeAndPack(PipelineStep):
 SMALL_INPUT_BYTES = 512 * 1024  # compressed JSONL
 
 
-def in_process_if_small(executor: ExecutorConfig, input_dir: Path) -> ExecutorConfig:
-    """The local executor with one worker when the input is small (an incremental ingest, a test): datatrove
-    then runs the tasks one after another in this process, where starting worker processes would cost about a
-    second per pipeline, more than the work. The same tasks run, so the output is the same."""
+def in_process_if_small(executor: ExecutorConfig, inputs: Path | list[Path]) -> ExecutorConfig:
+    """The local executor with one worker when the input (a folder, or a list of files) is small (an incremental
+    ingest, a test): datatrove then runs the tasks one after another in this process, where starting worker
+    processes would cost about a second per pipeline, more than the work. The same tasks run, so the output is
+    the same."""
     if executor.kind != "local" or executor.workers == 1:
         return executor
-    size = sum(f.stat().st_size for f in Path(input_dir).rglob("*") if f.is_file())
+    files = inputs if isinstance(inputs, list) else [f for f in Path(inputs).rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
     return executor.model_copy(update={"workers": 1}) if size < SMALL_INPUT_BYTES else executor
 
 
