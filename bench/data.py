@@ -56,7 +56,8 @@ def run_bare(spec, work: Path) -> dict[str, float]:
         (work / stage).mkdir()
     dedup_summary, seconds["dedup"] = timed(lambda: dedup_documents(cleaned, spec.dedup, spec.executor, work / "dedup"))
     _, seconds["tokenizer"] = timed(lambda: train_tokenizer(work / "dedup/docs", spec.tokenizer,
-                                                            dedup_summary["bytes_out"], work / "tokenizer"))
+                                                            dedup_summary["bytes_out"], work / "tokenizer",
+                                                            spec.executor))
     _, seconds["shard"] = timed(lambda: shard_documents(work / "dedup/docs", work / "tokenizer", spec.sharding, {},
                                                         work / "shard", executor=spec.executor))
     return seconds

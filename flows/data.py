@@ -108,7 +108,8 @@ def build_all(spec: DataSpec, resolved: dict[str, ResolvedSource], lineage: dict
     cleaned, refs = clean_sources(spec, resolved)
     deduped, documents, more = dedup_and_decontaminate(spec, cleaned, base=None)
     refs += more
-    trained = run_stage(tokenizer, documents=documents, config=spec.tokenizer, artifacts_dir=artifacts_dir)
+    trained = run_stage(tokenizer, documents=documents, config=spec.tokenizer, executor=spec.executor,
+                        artifacts_dir=artifacts_dir)
     lineage = {**lineage, "dedup_dir": str(deduped.dir),
                "upstream": {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}}
     shards = run_stage(shard, documents=documents, tokenizer=trained, config=spec.sharding, lineage=lineage,

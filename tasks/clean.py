@@ -20,8 +20,8 @@ from prefect import task
 
 from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
 from tasks.lib.log import get_logger
-from tasks.lib.blocks import (RegexWordTokenizer, UnicodeNormalizer, in_process_if_small, offline_lid_model,
-                          run_pipeline)
+from tasks.lib.blocks import (CountDocuments, RegexWordTokenizer, UnicodeNormalizer, counted, in_process_if_small,
+                              offline_lid_model, run_pipeline)
 from tasks.spec import CleaningConfig, ExecutorConfig
 
 SAMPLE_PREVIEW_CHARS = 600
@@ -70,7 +70,8 @@ def build_filters(cleaning: CleaningConfig, dropped_dir: Path) -> list[tuple[str
 def clean_documents(docs_dir: Path, cleaning: CleaningConfig, executor: ExecutorConfig, out_dir: Path) -> dict:
     """Run the cleaning pipeline from `docs_dir` into `out_dir/docs`; return per-filter counts."""
     steps = build_filters(cleaning, out_dir / "dropped")
-    pipeline = [JsonlReader(str(docs_dir), glob_pattern="*.jsonl.gz"), *(step for _, step in steps),
+    pipeline = [JsonlReader(str(docs_dir), glob_pattern="*.jsonl.gz"), CountDocuments("in"),
+                *(step for _, step in steps), CountDocuments("out"),
                 JsonlWriter(str(out_dir / "docs"), output_filename="${rank}.jsonl.gz", compression="gzip")]
     stats = run_pipeline(pipeline, in_process_if_small(executor, docs_dir), out_dir / "_logs")
 
@@ -78,24 +79,17 @@ def clean_documents(docs_dir: Path, cleaning: CleaningConfig, executor: Executor
         metric = stats.stats[step_index].stats.get(key)
         return int(metric.total) if metric else 0
 
-    docs_in = count(0, "documents")
     filters = {}
-    for i, (name, step) in enumerate(steps, start=1):
+    for i, (name, step) in enumerate(steps, start=2):  # after the reader and the input count
         if hasattr(step, "exclusion_writer"):
             filters[name] = {"kept": count(i, "forwarded"), "dropped": count(i, "dropped")}
-    docs_out = count(len(pipeline) - 1, "total")
-    bytes_in = sum(_text_bytes(p) for p in docs_dir.glob("*.jsonl.gz"))
-    bytes_out = sum(_text_bytes(p) for p in (out_dir / "docs").glob("*.jsonl.gz"))
+    docs_in, bytes_in = (sum(c.values()) for c in counted(stats, "in"))
+    docs_out, bytes_out = (sum(c.values()) for c in counted(stats, "out"))
     samples = _sample_dropped(out_dir / "dropped", cleaning.dropped_samples)
     (out_dir / "dropped_samples.jsonl").write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     get_logger().info(f"clean: kept {docs_out}/{docs_in} documents; per filter {filters}")
     return {"docs_in": docs_in, "docs_out": docs_out, "bytes_in": bytes_in, "bytes_out": bytes_out,
             "dropped": docs_in - docs_out, "filters": filters}
-
-
-def _text_bytes(path: Path) -> int:
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        return sum(len(json.loads(line)["text"].encode("utf-8")) for line in f)
 
 
 def _sample_dropped(dropped_dir: Path, per_filter: int) -> list[dict]:
@@ -118,7 +112,10 @@ def _sample_dropped(dropped_dir: Path, per_filter: int) -> list[dict]:
 def publish_dropped_samples(source: str, out_dir: Path) -> None:
     """Markdown artifact with the first few dropped documents per filter (a no-op outside a Prefect run)."""
     from prefect.artifacts import create_markdown_artifact
+    from prefect.context import TaskRunContext
 
+    if TaskRunContext.get() is None:  # called as a plain function (a script, a test): no run to attach it to
+        return
     lines = [f"# Dropped by cleaning: {source}", ""]
     for line in (out_dir / "dropped_samples.jsonl").read_text().splitlines()[:60]:
         s = json.loads(line)

@@ -10,6 +10,7 @@ we also index the question's own n-grams, since a training document quoting a be
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -23,8 +24,8 @@ from pydantic import BaseModel
 
 from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
 from tasks.lib.log import get_logger
-from tasks.lib.blocks import RegexWordTokenizer, in_process_if_small, run_pipeline
-from tasks.dedup import count_documents, per_source_writer
+from tasks.lib.blocks import CountDocuments, RegexWordTokenizer, counted, in_process_if_small, run_pipeline
+from tasks.dedup import per_source_writer
 from tasks.download import ResolvedSource, resolve_source, source_records
 from tasks.tokenizer import iter_documents
 from tasks.spec import DecontaminationConfig, EvalSpec, ExecutorConfig, SFTSpec, load_spec, resolve_path
@@ -106,17 +107,17 @@ def decontaminate_documents(docs_dir: Path, refs: list[ReferenceSet], config: De
     decont = NGramsDecontConfig(n_grams=config.n_grams, find_query_ngrams=True)
     index_sizes = build_index(refs, decont, out_dir / "index", out_dir.parent / "_downloads")
     tasks = len(list(docs_dir.glob("*/*.jsonl.gz")))
+    docs_in = docs_out = bytes_out = Counter()
     if tasks == 0:  # no documents reached this stage (an increment that dedup or cleaning emptied)
         (out_dir / "docs").mkdir()
     else:
-        run_pipeline([JsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"),
-                      NGramsDecontFilter(str(out_dir / "index"), config=decont, language=RegexWordTokenizer(),
-                                         exclusion_writer=per_source_writer(out_dir / "removed")),
-                      per_source_writer(out_dir / "docs")], in_process_if_small(executor, docs_dir),
-                     out_dir / "_logs", tasks=tasks)
-    docs_in, _ = count_documents(docs_dir)
-    docs_out, bytes_out = count_documents(out_dir / "docs")
-    removed, _ = count_documents(out_dir / "removed")
+        stats = run_pipeline([JsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"), CountDocuments("in"),
+                              NGramsDecontFilter(str(out_dir / "index"), config=decont, language=RegexWordTokenizer(),
+                                                 exclusion_writer=per_source_writer(out_dir / "removed")),
+                              CountDocuments("out"), per_source_writer(out_dir / "docs")],
+                             in_process_if_small(executor, docs_dir), out_dir / "_logs", tasks=tasks)
+        (docs_in, _), (docs_out, bytes_out) = counted(stats, "in"), counted(stats, "out")
+    removed = docs_in - docs_out
     by_set: dict[str, int] = {}
     for doc in iter_documents(out_dir / "removed"):
         name = doc["metadata"].get("contaminated_task", "?").replace("__", "/")

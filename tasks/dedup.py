@@ -12,7 +12,6 @@ other and against that index; the new artifact's index is the base's parts (hard
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
@@ -29,7 +28,8 @@ from prefect import task
 
 from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
 from tasks.lib.log import get_logger
-from tasks.lib.blocks import RegexWordTokenizer, document_text, in_process_if_small, run_pipeline
+from tasks.lib.blocks import (CountDocuments, RegexWordTokenizer, counted, document_text, in_process_if_small,
+                              run_pipeline)
 from tasks.spec import DedupConfig, ExecutorConfig
 
 
@@ -73,9 +73,10 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
     files = sorted(merged.glob("*/*.jsonl.gz"))
     if not files:  # cleaning kept no document (say, every new one failed a filter): nothing to deduplicate
         (out_dir / "docs").mkdir()
-        return dedup_summary(merged, out_dir)
+        return dedup_summary({})
     tasks = len(files)
     executor = in_process_if_small(executor, merged)
+    counts = {}  # CountDocuments label -> (documents, bytes) per source, from the pipelines' stats
 
     def reader(folder: Path) -> JsonlReader:
         return JsonlReader(str(folder), glob_pattern="*/*.jsonl.gz")
@@ -85,8 +86,10 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
         # only_dedup_in_index=False: new documents are also deduplicated among themselves, not only vs the index.
         exact = ExactDedupConfig(content_getter=document_text, only_dedup_in_index=False)
         (index / "exact").mkdir(parents=True, exist_ok=True)
-        run_pipeline([reader(stage_in), ExactDedupSignature(str(work / "exact_sigs"), config=exact)],
-                     executor, work / "logs/exact1", tasks=tasks)
+        stats = run_pipeline([reader(stage_in), CountDocuments("in"),
+                              ExactDedupSignature(str(work / "exact_sigs"), config=exact)],
+                             executor, work / "logs/exact1", tasks=tasks)
+        counts["in"] = counted(stats, "in")
         run_pipeline([ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), config=exact,
                                       index_folder=str(index / "exact"))],
                      executor, work / "logs/exact2", tasks=1)
@@ -95,9 +98,11 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
         run_pipeline([ExactDedupBuildIndex(str(work / "exact_sigs"), str(index / "exact"), index_name=part,
                                            config=exact)], executor, work / "logs/exact_index", tasks=1)
         removed = per_source_writer(out_dir / "removed/exact")
-        run_pipeline([reader(stage_in), ExactDedupFilter(str(work / "exact_dups"), config=exact,
-                                                         exclusion_writer=removed),
-                      per_source_writer(work / "after_exact")], executor, work / "logs/exact3", tasks=tasks)
+        stats = run_pipeline([reader(stage_in), ExactDedupFilter(str(work / "exact_dups"), config=exact,
+                                                                 exclusion_writer=removed),
+                              CountDocuments("after exact"), per_source_writer(work / "after_exact")],
+                             executor, work / "logs/exact3", tasks=tasks)
+        counts["after exact"] = counted(stats, "after exact")
         stage_in = work / "after_exact"
 
     if config.minhash.enabled:
@@ -107,8 +112,10 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
         files = sorted(stage_in.glob("*/*.jsonl.gz"))
         tasks = max(1, len(files))
         words = RegexWordTokenizer()
-        run_pipeline([reader(stage_in), MinhashDedupSignature(str(work / "mh_sigs"), config=minhash, language=words)],
-                     executor, work / "logs/mh1", tasks=tasks)
+        stats = run_pipeline([reader(stage_in), CountDocuments("in"),
+                              MinhashDedupSignature(str(work / "mh_sigs"), config=minhash, language=words)],
+                             executor, work / "logs/mh1", tasks=tasks)
+        counts.setdefault("in", counted(stats, "in"))
         # Matches against the index remove the new document; signatures not in the index are added to it.
         (index / "minhash").mkdir(parents=True, exist_ok=True)
         run_pipeline([MinhashDedupBuckets(str(work / "mh_sigs"), str(work / "mh_buckets"), config=minhash,
@@ -119,37 +126,32 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
                      executor, work / "logs/mh3", tasks=1)
         # Must use the same reader and task count as the signature step: removals are indexed by (rank, doc).
         removed = per_source_writer(out_dir / "removed/minhash")
-        run_pipeline([reader(stage_in), MinhashDedupFilter(str(work / "mh_remove"), exclusion_writer=removed),
-                      per_source_writer(out_dir / "docs")], executor, work / "logs/mh4", tasks=tasks)
+        stats = run_pipeline([reader(stage_in), MinhashDedupFilter(str(work / "mh_remove"), exclusion_writer=removed),
+                              CountDocuments("out"), per_source_writer(out_dir / "docs")],
+                             executor, work / "logs/mh4", tasks=tasks)
+        counts["out"] = counted(stats, "out")
     else:
-        shutil.copytree(stage_in, out_dir / "docs")
+        stats = run_pipeline([reader(stage_in), CountDocuments("out"), per_source_writer(out_dir / "docs")],
+                             executor, work / "logs/copy", tasks=len(list(stage_in.glob("*/*.jsonl.gz"))))
+        counts["out"] = counted(stats, "out")
+        counts.setdefault("in", counts["out"])
+    return dedup_summary(counts)
 
-    return dedup_summary(merged, out_dir)
 
-
-def dedup_summary(input_dir: Path, out_dir: Path) -> dict:
-    docs_in, bytes_in = count_documents(input_dir)
-    docs_out, bytes_out = count_documents(out_dir / "docs")
+def dedup_summary(counts: dict[str, tuple[Counter, Counter]]) -> dict:
+    """The stage's summary from the documents and bytes per source counted at its steps ("in", "after exact",
+    "out"; a step that did not run passes everything on)."""
+    docs_in, bytes_in = counts.get("in", (Counter(), Counter()))
+    docs_exact = counts.get("after exact", (docs_in, bytes_in))[0]
+    docs_out, bytes_out = counts.get("out", (docs_exact, Counter()))
     summary = {"docs_in": sum(docs_in.values()), "docs_out": sum(docs_out.values()),
                "bytes_in": sum(bytes_in.values()), "bytes_out": sum(bytes_out.values()),
-               "removed_exact": sum(count_documents(out_dir / "removed/exact")[0].values()),
-               "removed_minhash": sum(count_documents(out_dir / "removed/minhash")[0].values()),
+               "removed_exact": sum(docs_in.values()) - sum(docs_exact.values()),
+               "removed_minhash": sum(docs_exact.values()) - sum(docs_out.values()),
                "docs_per_source": dict(docs_out), "bytes_per_source": dict(bytes_out)}
     get_logger().info(f"dedup: {summary['docs_in']} -> {summary['docs_out']} documents "
                       f"({summary['removed_exact']} exact, {summary['removed_minhash']} near duplicates)")
     return summary
-
-
-def count_documents(folder: Path) -> tuple[Counter, Counter]:
-    """(documents, text bytes) per source sub-folder."""
-    docs: Counter = Counter()
-    nbytes: Counter = Counter()
-    for path in folder.glob("*/*.jsonl.gz"):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                docs[path.parent.name] += 1
-                nbytes[path.parent.name] += len(json.loads(line)["text"].encode("utf-8"))
-    return docs, nbytes
 
 
 @task(name="dedup", **STAGE_TASK_OPTIONS)

@@ -13,7 +13,8 @@ from pathlib import Path
 from prefect import task
 
 from tasks.lib.log import get_logger, progress
-from tasks.download import Record, SourceError, resolve_source, source_records
+from tasks.download import resolve_source, source_records
+from tasks.lib.normalise import Record, SourceError
 from tasks.spec import EvalSpec, MultipleChoiceSpec
 
 

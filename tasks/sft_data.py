@@ -21,7 +21,8 @@ from prefect import task
 from model.chat import ROLES, encode_chat
 from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
 from tasks.lib.log import get_logger
-from tasks.download import Quarantine, Record, ResolvedSource, source_records
+from tasks.download import ResolvedSource, source_records
+from tasks.lib.normalise import Quarantine, Record
 from tasks.shard import ShardInfo, ShardManifest
 from tasks.spec import InstructionSourceSpec, SFTSpec
 from tasks.lib.blocks import keep_in_sample

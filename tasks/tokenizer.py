@@ -1,4 +1,5 @@
-"""Stage 4, tokenizer: train a sentencepiece model (Llama-style BPE) on a bounded sample of the deduplicated text.
+"""Stage 4, tokenizer: train a sentencepiece model (Llama-style BPE) on a bounded sample of the deduplicated text,
+picked by document id in parallel on the spec's executor.
 
 Outputs `tokenizer.model` (sentencepiece) and, converted from it, the Hugging Face files (`tokenizer.json`,
 `tokenizer_config.json`, with the chat template of model/chat.py) so `transformers.AutoTokenizer.from_pretrained(<dir>)`
@@ -12,17 +13,19 @@ import hashlib
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 import sentencepiece as spm
+from datatrove.pipeline.readers import JsonlReader
 from prefect import task
 
 from model.chat import CHAT_TEMPLATE
 from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
-from tasks.lib.blocks import keep_in_sample
+from tasks.lib.blocks import SampleLines, in_process_if_small, run_pipeline
 from tasks.lib.log import get_logger
-from tasks.spec import TokenizerConfig
+from tasks.spec import ExecutorConfig, TokenizerConfig
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 CODE_DEPENDENCIES = ("model.chat",)  # the chat template is written into the tokenizer files
@@ -36,35 +39,39 @@ def iter_documents(folder: Path) -> Iterator[dict]:
                 yield json.loads(line)
 
 
-def training_lines(docs_dir: Path, config: TokenizerConfig, total_bytes: int, stats: dict) -> Iterator[str]:
-    """Non-empty lines of sampled documents; lines over max_sentence_length are split, since sentencepiece
-    would otherwise skip them silently."""
+def sample_lines(docs_dir: Path, config: TokenizerConfig, total_bytes: int, out_dir: Path,
+                 executor: ExecutorConfig) -> dict:
+    """Write the training sample's lines to `out_dir/_sample/<task>.txt`, one datatrove task per document file on
+    `executor`: at 100 GB, reading every document to pick the sample is the stage's largest cost. Returns the
+    sample's documents, bytes and lines."""
+    for old in ("_sample", "_logs"):  # a direct call into a used folder: datatrove would skip "completed" tasks
+        shutil.rmtree(out_dir / old, ignore_errors=True)
     fraction = min(1.0, config.sample_bytes / max(total_bytes, 1))
     limit = config.max_sentence_length // 4  # characters, so that even 4-byte UTF-8 stays under the byte limit
-    for doc in iter_documents(docs_dir):
-        if not keep_in_sample(doc["id"], fraction, config.seed):
-            continue
-        stats["docs"] += 1
-        stats["bytes"] += len(doc["text"].encode("utf-8"))
-        for line in doc["text"].split("\n"):
-            if not line.strip():
-                continue
-            while len(line) > limit:
-                cut = line.rfind(" ", 0, limit)
-                cut = cut if cut > 0 else limit
-                yield line[:cut]
-                line = line[cut:]
-            stats["lines"] += 1
-            yield line
+    stats = run_pipeline([JsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"),
+                          SampleLines(out_dir / "_sample", fraction, config.seed, limit)],
+                         in_process_if_small(executor, docs_dir), out_dir / "_logs",
+                         tasks=max(1, len(list(docs_dir.glob("*/*.jsonl.gz")))))
+    metric = stats.stats[1].stats
+    return {k: int(metric[f"sample {k}"].total) if f"sample {k}" in metric else 0 for k in ("docs", "bytes", "lines")}
 
 
-def train_tokenizer(docs_dir: Path, config: TokenizerConfig, total_bytes: int, out_dir: Path) -> dict:
-    """Train `out_dir/tokenizer.model` and write the matching Hugging Face tokenizer files."""
-    stats = {"docs": 0, "bytes": 0, "lines": 0}
+def read_lines(folder: Path) -> Iterator[str]:
+    """The lines of `folder/*.txt` in file order (split on newlines only: a line may hold other line breaks)."""
+    for path in sorted(folder.glob("*.txt")):
+        for line in path.read_bytes().split(b"\n")[:-1]:
+            yield line.decode("utf-8")
+
+
+def train_tokenizer(docs_dir: Path, config: TokenizerConfig, total_bytes: int, out_dir: Path,
+                    executor: ExecutorConfig = ExecutorConfig()) -> dict:
+    """Train `out_dir/tokenizer.model` on a sample of `docs_dir/<source>/*.jsonl.gz` and write the matching
+    Hugging Face tokenizer files."""
+    stats = sample_lines(docs_dir, config, total_bytes, out_dir, executor)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=training_lines(docs_dir, config, total_bytes, stats), model_writer=model,
+            sentence_iterator=read_lines(out_dir / "_sample"), model_writer=model,
             vocab_size=config.vocab_size, model_type=config.model_type, byte_fallback=config.byte_fallback,
             split_digits=config.split_digits, character_coverage=config.character_coverage,
             user_defined_symbols=config.special_tokens, max_sentence_length=config.max_sentence_length,
@@ -80,6 +87,8 @@ def train_tokenizer(docs_dir: Path, config: TokenizerConfig, total_bytes: int, o
                          f"tokenizer sample ({stats['docs']} documents, {stats['bytes'] / 1e6:.1f} MB) yields at "
                          f"most {too_high[2]} pieces. Set tokenizer.vocab_size to {too_high[2]} or less in the "
                          f"spec, or add data") from None
+    finally:
+        shutil.rmtree(out_dir / "_sample", ignore_errors=True)  # as large as the sample; the model replaces it
     (out_dir / "tokenizer.model").write_bytes(model.getvalue())
     write_hf_tokenizer(out_dir)
     sp = spm.SentencePieceProcessor(model_file=str(out_dir / "tokenizer.model"))
@@ -106,7 +115,9 @@ def write_hf_tokenizer(out_dir: Path) -> None:
 
 
 @task(name="tokenizer", **STAGE_TASK_OPTIONS)
-def tokenizer(documents: ArtifactRef, config: TokenizerConfig, artifacts_dir: str) -> ArtifactRef:
+def tokenizer(documents: ArtifactRef, config: TokenizerConfig, executor: ExecutorConfig,
+              artifacts_dir: str) -> ArtifactRef:
     total_bytes = documents.meta()["summary"]["bytes_out"]
-    return build_artifact("tokenizer", dict(documents=documents, config=config, artifacts_dir=artifacts_dir),
-                          lambda out: train_tokenizer(documents.dir / "docs", config, total_bytes, out))
+    return build_artifact("tokenizer", dict(documents=documents, config=config, executor=executor,
+                                            artifacts_dir=artifacts_dir),
+                          lambda out: train_tokenizer(documents.dir / "docs", config, total_bytes, out, executor))

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.lib.artifacts import build_artifact, verify
-from tasks.download import SourceError, fetch_url, normalise_source, resolve_source
+from tasks.download import fetch_url, normalise_source, resolve_source
+from tasks.lib.normalise import SourceError
 from tasks.spec import ExecutorConfig, SourceSpec, load_spec
 
 from conftest import bundled_docs, write_jsonl
@@ -111,12 +112,25 @@ def test_parquet_without_text_column_is_a_clear_error(tmp_path):
 
 
 def test_hf_datasets_source_from_local_files(tmp_path):
-    write_jsonl(tmp_path / "hf.jsonl", [{"content": d["text"], "id": d["id"]} for d in bundled_docs("kjv", 5)])
-    src = SourceSpec(name="hf", kind="hf", dataset="json", data_files=[str(tmp_path / "hf.jsonl")],
+    """A Hugging Face dataset of four files, streamed through `datasets`: one task reads it in order; with 2 or 4
+    tasks each streams its own files, and 3 tasks become 2 (a divisor of the file count, so no task streams files
+    that are not its own); the same documents and the same quarantined record in every case."""
+    docs = bundled_docs("kjv", 20)
+    for part in range(4):
+        rows = [{"content": d["text"], "id": d["id"]} for d in docs[part * 5:part * 5 + 5]]
+        write_jsonl(tmp_path / f"hf-{part}.jsonl", rows + ([{"content": "", "id": "blank"}] if part == 2 else []))
+    src = SourceSpec(name="hf", kind="hf", dataset="json", data_files=[str(tmp_path / "hf-*.jsonl")],
                      text_field="content", license="test")
     summary = run(src, tmp_path / "out", tasks=1)
-    assert summary["docs"] == 5
+    assert (summary["docs"], summary["quarantined"]) == (20, 1)
     assert read_docs(tmp_path / "out")[0]["text"].startswith("Genesis 1")
+    for tasks, used in ((2, 2), (3, 2), (4, 4)):
+        parallel = run(src, tmp_path / f"out{tasks}", tasks=tasks)
+        assert (parallel["docs"], parallel["quarantined"], parallel["records"]) == (20, 1, 21)
+        assert sorted(d["id"] for d in read_docs(tmp_path / f"out{tasks}")) == sorted(f"hf/{d['id']}" for d in docs)
+        per_task = [sum(1 for _ in gzip.open(f)) for f in sorted((tmp_path / f"out{tasks}/docs").glob("*.jsonl.gz"))]
+        assert len(per_task) == used and min(per_task) > 0
+        assert quarantine(tmp_path / f"out{tasks}")[0]["origin"].startswith(f"hf://json/train[task ")
 
 
 def test_fineweb_edu_spec_reads_its_schema_through_datasets(tmp_path):
@@ -243,6 +257,8 @@ def test_local_files_are_normalised_in_parallel_tasks_with_the_same_result(tmp_p
                                                                   four["records"]) == (40, 2, 42)
     assert sorted(d["id"] for d in read_docs(tmp_path / "one")) == sorted(d["id"] for d in read_docs(tmp_path / "four"))
     assert len(list((tmp_path / "four" / "docs").glob("*.jsonl.gz"))) == 4
+    run(src, tmp_path / "eight", tasks=8)  # no more tasks than files
+    assert len(list((tmp_path / "eight" / "docs").glob("*.jsonl.gz"))) == 4
     assert [q["origin"] for q in quarantine(tmp_path / "four")] == [f"{tmp_path}/in-1.jsonl:11",
                                                                    f"{tmp_path}/in-3.jsonl:11"]
     with pytest.raises(SourceError, match="2 of 42 records are unusable"):

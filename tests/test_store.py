@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,30 +17,27 @@ from pathlib import Path
 import pytest
 
 from tasks.lib.artifacts import TMP_PREFIX, remove_stale_temporaries, verify
-from tasks.spec import TokenizerConfig
-from tasks.tokenizer import train_tokenizer
 
 from conftest import bundled_docs
 from test_model import ROOT
 
-SCRIPT = ROOT / "tests" / "scripts" / "build_shard.py"
+SCRIPT = ROOT / "tests" / "scripts" / "build_data.py"
+STAGES = ("download", "clean", "dedup", "decontaminate", "tokenizer", "shard")
 
 
 @pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> tuple[Path, Path]:
-    """(a dedup-shaped documents artifact, a tokenizer artifact) made by the real stage functions."""
-    root = tmp_path_factory.mktemp("upstream")
-    for source, count in (("sotu", 40), ("kjv", 300)):
-        (root / "docs" / "docs" / source).mkdir(parents=True)
-        with gzip.open(root / "docs" / "docs" / source / "00000.jsonl.gz", "wt") as f:
+def raw_documents(tmp_path_factory) -> Path:
+    """A local source: two files of bundled documents, small enough (under 512 KB) for every stage to run its
+    datatrove tasks in the stage's own process, as incremental ingests do."""
+    root = tmp_path_factory.mktemp("raw")
+    for source, count in (("sotu", 10), ("kjv", 150)):
+        with gzip.open(root / f"{source}.jsonl.gz", "wt") as f:
             f.writelines(json.dumps(d) + "\n" for d in bundled_docs(source, count))
-    (root / "tokenizer").mkdir()
-    train_tokenizer(root / "docs" / "docs", TokenizerConfig(vocab_size=1000), 10**9, root / "tokenizer")
-    return root / "docs", root / "tokenizer"
+    return root
 
 
-def build(upstream, artifacts: Path, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(SCRIPT), str(upstream[0]), str(upstream[1]), str(artifacts)],
+def build(documents: Path, artifacts: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(SCRIPT), str(documents), str(artifacts)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
@@ -53,39 +51,57 @@ def shard_bytes(artifact: Path) -> dict[str, bytes]:
     return {str(p.relative_to(artifact)): p.read_bytes() for p in sorted(artifact.rglob("*.parquet"))}
 
 
-@pytest.mark.slow
-def test_sigkill_mid_build_then_rerun_gives_the_same_bytes_and_no_leftovers(upstream, tmp_path):
-    reference, _ = finish(build(upstream, tmp_path / "reference"))
-    stage_dir = tmp_path / "crashed" / "shard"
-    for attempt in range(2):  # a random point of the build, twice
-        proc = build(upstream, tmp_path / "crashed", start_new_session=True)
-        while not list(stage_dir.glob(f"{TMP_PREFIX}*")):
-            assert proc.poll() is None, "the build finished before it could be killed"
-            time.sleep(0.01)
-        time.sleep(random.uniform(0, 0.5))
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        if proc.returncode != -signal.SIGKILL:  # it finished first; the next attempt must still pass
-            continue
-        assert list(stage_dir.glob(f"{TMP_PREFIX}*")), "a killed build leaves its temporary directory"
-        built, out = finish(build(upstream, tmp_path / "crashed"))
-        assert "left by a run that no longer exists" in out
-        assert not list(stage_dir.glob(f"{TMP_PREFIX}*"))
-        assert verify(built) is None and shard_bytes(built) == shard_bytes(reference)
-        for path in built.parent.iterdir():  # the next attempt starts from nothing
-            if path.is_dir():
-                subprocess.run(["rm", "-rf", str(path)], check=True)
+def temporaries(folder: Path) -> list[Path]:
+    return list(folder.glob(f"*/{TMP_PREFIX}*"))
 
 
 @pytest.mark.slow
-def test_two_concurrent_runs_build_the_stage_once(upstream, tmp_path):
-    """Started together, one run builds; the other waits on the fingerprint's lock, then reuses the output."""
-    runs = [build(upstream, tmp_path / "store"), build(upstream, tmp_path / "store")]
+def test_sigkill_in_each_stage_then_rerun_gives_the_same_bytes_and_no_leftovers(raw_documents, tmp_path):
+    """The data stages run in order; the run is killed at a random point of each stage's build in turn. Each next
+    run removes the killed build's temporary directory and builds that stage again, and the last one gives the
+    shards of an uninterrupted run."""
+    reference, _ = finish(build(raw_documents, tmp_path / "reference"))
+    store = tmp_path / "crashed"
+    for stage in STAGES:
+        for attempt in range(3):
+            before = tmp_path / "before"
+            shutil.rmtree(before, ignore_errors=True)
+            if store.exists():
+                shutil.copytree(store, before, symlinks=True)
+            proc = build(raw_documents, store, start_new_session=True)
+            while not list((store / stage).glob(f"{TMP_PREFIX}*")):
+                assert proc.poll() is None, f"the run ended before the {stage} stage began: {proc.stdout.read()}"
+                time.sleep(0.002)
+            time.sleep(random.uniform(0, 0.3) if attempt == 0 else 0)
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            if list((store / stage).glob(f"{TMP_PREFIX}*")):
+                break  # killed inside this stage's build
+            shutil.rmtree(store)  # it finished first: start again from the state before, and kill at once
+            if before.exists():
+                shutil.copytree(before, store, symlinks=True)
+        else:
+            pytest.fail(f"could not kill the run inside the {stage} stage")
+        assert [t.parent.name for t in temporaries(store)] == [stage]
+        if stage != STAGES[0]:  # this run first rebuilt the stage killed before, removing its leftovers
+            assert "left by a run that no longer exists" in out
+    built, out = finish(build(raw_documents, store))
+    assert "left by a run that no longer exists" in out
+    assert not temporaries(store)
+    assert verify(built) is None and shard_bytes(built) == shard_bytes(reference)
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_build_each_stage_once(raw_documents, tmp_path):
+    """Started together, the runs build each stage once between them: for each stage, one run builds it and the
+    other waits on the fingerprint's lock, then reuses the output."""
+    runs = [build(raw_documents, tmp_path / "store"), build(raw_documents, tmp_path / "store")]
     (one, one_log), (two, two_log) = (finish(run) for run in runs)
     assert one == two and verify(one) is None
-    logs = sorted([one_log, two_log], key=lambda log: ": built " in log, reverse=True)
-    assert ": built " in logs[0] and ": built " not in logs[1]
-    assert "another run is building" in logs[1] and "built meanwhile by another run" in logs[1]
+    for stage in STAGES:
+        built = [log for log in (one_log, two_log) if f"{stage}: built " in log]
+        assert len(built) == 1, f"{stage} built {len(built)} times"
+    assert "another run is building" in one_log + two_log and "built meanwhile by another run" in one_log + two_log
 
 
 def test_only_temporaries_of_dead_processes_on_this_host_are_removed(tmp_path):

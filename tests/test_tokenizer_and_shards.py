@@ -14,9 +14,9 @@ import sentencepiece as spm
 
 from tasks.lib.artifacts import sha256_file
 from tasks.shard import ShardManifest, shard_documents
-from tasks.spec import ShardingConfig, TokenizerConfig
+from tasks.spec import ExecutorConfig, ShardingConfig, TokenizerConfig
 from tasks.lib.blocks import keep_in_sample
-from tasks.tokenizer import iter_documents, train_tokenizer, training_lines
+from tasks.tokenizer import iter_documents, read_lines, sample_lines, train_tokenizer
 
 from conftest import bundled_docs
 
@@ -81,8 +81,9 @@ def test_long_lines_are_split_not_skipped(tmp_path):
     long_line = " ".join(["abcdefgh"] * 3000)  # 27 KB, over the 16 KB sentencepiece default here
     with gzip.open(folder / "0.jsonl.gz", "wt") as f:
         f.write(json.dumps({"id": "a", "text": long_line}) + "\n")
-    stats = {"docs": 0, "bytes": 0, "lines": 0}
-    pieces = list(training_lines(tmp_path / "docs", TokenizerConfig(), 10**6, stats))
+    stats = sample_lines(tmp_path / "docs", TokenizerConfig(), 10**6, tmp_path / "out", ExecutorConfig())
+    pieces = list(read_lines(tmp_path / "out" / "_sample"))
+    assert stats == {"docs": 1, "bytes": len(long_line), "lines": len(pieces)}
     assert len(pieces) > 1 and all(len(p.encode()) <= TokenizerConfig().max_sentence_length for p in pieces)
     assert "".join(pieces) == long_line
 

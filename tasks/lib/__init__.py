@@ -1,7 +1,8 @@
 """Plain helpers the stages share: no Prefect task is defined here.
 
 - `artifacts`: the content-addressed artifact store and the Prefect cache that points at it;
-- `blocks`: datatrove plumbing (word splitting, executors, stats);
+- `blocks`: datatrove plumbing and blocks (word splitting, counting, sampling, tokenize-and-pack, executors, stats);
+- `normalise`: reading raw records and normalising them to documents, in datatrove tasks (the download stage);
 - `launch`: torchrun / Slurm launch of `model.train`, with its output streamed into the run's log;
 - `training_report`: training progress, metrics and loss-curve artifacts;
 - `runs`: finding, keying and continuing training runs;

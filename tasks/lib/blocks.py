@@ -9,6 +9,7 @@ import importlib.metadata
 import json
 import time
 import unicodedata
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,45 @@ def keep_in_sample(doc_id: str, fraction: float, seed: int) -> bool:
         return True
     h = int.from_bytes(hashlib.blake2b(f"{seed}:{doc_id}".encode(), digest_size=8).digest(), "big")
     return h / 2**64 < fraction
+
+
+class SampleLines(PipelineStep):
+    """The tokenizer's training text: the lines of the documents `keep_in_sample` picks, each task writing its own
+    `<out_dir>/<rank>.txt`. Lines longer than `max_chars` are cut at a space (`split_long_line`), since
+    sentencepiece would skip them silently."""
+
+    name = "🎲 sample lines"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(self, out_dir: Path, fraction: float, seed: int, max_chars: int):
+        super().__init__()
+        self.out_dir, self.fraction, self.seed, self.max_chars = Path(out_dir), fraction, seed, max_chars
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / f"{rank:05d}.txt", "w", encoding="utf-8", newline="\n") as out:
+            for doc in data:
+                if not keep_in_sample(doc.id, self.fraction, self.seed):
+                    continue
+                self.stat_update("sample docs")
+                self.stat_update("sample bytes", value=len(doc.text.encode("utf-8")))
+                lines = [piece for line in doc.text.split("\n") if line.strip()
+                         for piece in split_long_line(line, self.max_chars)]
+                self.stat_update("sample lines", value=len(lines))
+                out.writelines(line + "\n" for line in lines)
+        return iter(())
+
+
+def split_long_line(line: str, max_chars: int) -> list[str]:
+    """`line` in pieces of at most `max_chars` characters, cut at the last space before the limit where there is
+    one; the pieces join back to the line."""
+    pieces = []
+    while len(line) > max_chars:
+        cut = line.rfind(" ", 0, max_chars)
+        cut = cut if cut > 0 else max_chars
+        pieces.append(line[:cut])
+        line = line[cut:]
+    return pieces + [line]
 
 
 class RowPacker:
@@ -204,6 +244,39 @@ class TokenizeAndPack(PipelineStep):
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({**counts, "tail_tokens_dropped": tail, "shards": shards}))
         return iter(())
+
+
+class CountDocuments(PipelineStep):
+    """Passes documents on unchanged, counting them and their UTF-8 text bytes per source in the pipeline's stats
+    (`<label> docs <source>`, `<label> bytes <source>`; read back with `counted`). A stage's summary then comes from
+    its workers instead of from reading everything again in one process, which at 100 GB would take longer than
+    the stage's own work on a cluster."""
+
+    name = "🔢 count"
+    type = "📊 - STATS"
+
+    def __init__(self, label: str):
+        super().__init__()
+        self.label = label
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            source = doc.metadata.get("source", "")
+            self.stat_update(f"{self.label} docs {source}")
+            self.stat_update(f"{self.label} bytes {source}", value=len(doc.text.encode("utf-8")))
+            yield doc
+
+
+def counted(stats: PipelineStats, label: str) -> tuple[Counter, Counter]:
+    """(documents, text bytes) per source that the pipeline's `CountDocuments(label)` passed on."""
+    docs: Counter = Counter()
+    nbytes: Counter = Counter()
+    for step in stats.stats:
+        for key, metric in step.stats.items():
+            parts = key.rsplit(" ", 2)  # source names have no spaces; labels may
+            if len(parts) == 3 and parts[0] == label and parts[1] in ("docs", "bytes"):
+                (docs if parts[1] == "docs" else nbytes)[parts[2]] += int(metric.total)
+    return docs, nbytes
 
 
 SMALL_INPUT_BYTES = 512 * 1024  # compressed JSONL
