@@ -1,8 +1,10 @@
-"""bench/gpu.py: its planning on the 7B width, and its --tiny mode run end to end on CPU."""
+"""bench/gpu.py: its planning on the 7B width, and its --tiny mode run end to end on CPU. bench/scale.py: its
+synthetic corpus."""
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import sys
 import pytest
 
 from bench.gpu import plan, planned_gib
+from bench.scale import generate_corpus
 from model.config import llama2_7b
 from test_model import ROOT
 
@@ -41,3 +44,25 @@ def test_tiny_mode_runs_every_backend_and_the_plain_baseline(tmp_path):
         assert f"Megatron-Core, {backend} attention" in proc.stdout
     assert results["plain"]["tokens_per_s"] > 0
     assert "plain PyTorch" in proc.stdout and "vs plain" in proc.stdout
+
+
+def test_scale_corpus_is_deterministic_with_the_planted_duplicates_it_reports(tmp_path):
+    def corpus(name: str, seed: int) -> tuple[dict, dict[str, str], list[dict]]:
+        info = generate_corpus(tmp_path / name, 1, seed)
+        docs = {d["id"]: d["text"] for f in sorted((tmp_path / name / "docs").glob("*.jsonl.gz"))
+                for d in map(json.loads, gzip.open(f, "rt"))}
+        planted = [json.loads(line) for f in sorted((tmp_path / name).glob("planted-*.jsonl"))
+                   for line in f.read_text().splitlines()]
+        return info, docs, planted
+
+    info, docs, planted = corpus("a", seed=3)
+    assert corpus("b", seed=3)[1] == docs and corpus("c", seed=4)[1] != docs
+    assert len(docs) == info["unique_docs"] + info["exact_dups"] + info["near_dups"]
+    assert abs(sum(len(t.encode()) for t in docs.values()) / 1e6 - 1) < 0.2 and info["exact_dups"] > 5
+    for p in planted:
+        words, original = docs[p["id"]].split(), docs[p["of"]].split()
+        if p["kind"] == "exact":
+            assert docs[p["id"]] == docs[p["of"]]
+        else:
+            changed = sum(a != b for a, b in zip(words, original)) / len(original)
+            assert len(words) == len(original) and changed <= 0.15
