@@ -112,7 +112,8 @@ def _dedup(inputs: dict[str, Path], config: DedupConfig, executor: ExecutorConfi
         files = sorted(stage_in.glob("*/*.jsonl.gz"))
         tasks = max(1, len(files))
         words = RegexWordTokenizer()
-        stats = run_pipeline([reader(stage_in), CountDocuments("in"),
+        count_in = [] if "in" in counts else [CountDocuments("in")]  # counted already when exact dedup ran
+        stats = run_pipeline([reader(stage_in), *count_in,
                               MinhashDedupSignature(str(work / "mh_sigs"), config=minhash, language=words)],
                              executor, work / "logs/mh1", tasks=tasks)
         counts.setdefault("in", counted(stats, "in"))
