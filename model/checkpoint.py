@@ -69,6 +69,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, train_state: dict) -> Path:
     dist.barrier()
     model_sd = model.sharded_state_dict()
     optimizer_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
+    _collect_write_results_in_process()
     dist_checkpointing.save({"model": model_sd, "optimizer": optimizer_sd}, str(tmp))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -81,6 +82,21 @@ def save_checkpoint(run_dir: Path, model, optimizer, train_state: dict) -> Path:
         os.replace(pointer_tmp, root / LATEST)
     dist.barrier()
     return final
+
+
+def _collect_write_results_in_process() -> None:
+    """Megatron-Core 0.16's torch_dist writer forks writer processes and collects their results through a
+    multiprocessing Manager queue, made once per rank with the "spawn" start method: a server process that
+    re-imports `model.train` (about 2-3 s of a CPU launch), lives until the rank exits and, when the rank is
+    killed, outlives it holding the launcher's output pipe open. Our saves are synchronous (`async_sharded_save`
+    is off), so the rank that forks the writers is the one that reads their results: an in-process queue does.
+    Megatron creates its queue only when none is set, so setting it first is all it takes."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def load_checkpoint(path: Path, model, optimizer=None) -> dict:

@@ -48,7 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="start from this checkpoint's weights (any TP/PP) with a fresh optimizer and schedule, "
                         "e.g. instruction tuning from a pretrained model; ignored when the run dir can resume")
     p.add_argument("--eval-only", default=None, metavar="CHECKPOINT",
-                   help="load this checkpoint (saved at any TP/PP) and print its validation loss as JSON")
+                   help="load this checkpoint (saved at any TP/PP) and print its validation loss as JSON lines "
+                        "(`EVAL {...}`), one per manifest and attention backend")
+    p.add_argument("--eval-manifests", nargs="+", default=None, metavar="MANIFEST_DIR",
+                   help="with --eval-only: the manifests to evaluate on (default: --manifest)")
+    p.add_argument("--eval-backends", nargs="+", default=None, metavar="BACKEND",
+                   help="with --eval-only: the attention backends to evaluate with (default: --attention-backend)")
     for f in dataclasses.fields(TrainConfig):
         if f.name == "adam_betas":
             continue
@@ -115,69 +120,73 @@ def peak_memory_gib(rss_before_model: int) -> float:
     return max(0, peak_rss - rss_before_model) / 2**30
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    on_gpu = torch.cuda.is_available()
-    train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                           if f.name != "adam_betas"}).for_device(on_gpu)
-    manifest = load_manifest(args.manifest)
+@dataclasses.dataclass
+class Training:
+    """What one rank trains with, built by `build`: its model chunk, Megatron's DDP wrapper, optimizer and LR
+    schedule."""
+
+    model_cfg: ModelConfig
+    train: TrainConfig
+    gpt: torch.nn.Module  # this rank's pipeline stage of the GPTModel
+    model: torch.nn.Module  # gpt wrapped in Megatron's DistributedDataParallel
+    optimizer: object
+    scheduler: object
+    attention: str  # the resolved attention backend
+
+
+def model_config(args: argparse.Namespace, manifest: dict) -> ModelConfig:
+    """The preset with its overrides; vocabulary and sequence length come from the data."""
     overrides = json.loads(args.model_overrides)
     from_data = {"vocab_size": manifest["vocab_size"], "seq_len": manifest["seq_len"]}
     for key, value in from_data.items():
         if overrides.get(key, value) != value:
             raise ValueError(f"model {key} {overrides[key]} does not match the data's {value} ({args.manifest})")
-    model_cfg = preset(args.preset, **{**overrides, **from_data})
-    parallel = ParallelConfig(args.tp, args.pp)
-    run_dir = Path(args.run_dir)
+    return preset(args.preset, **{**overrides, **from_data})
 
-    # ---- distributed setup: parallelism is decided here and only here.
+
+def init_distributed(parallel: ParallelConfig, train: TrainConfig, on_gpu: bool) -> int:
+    """The process group and Megatron's parallel state: parallelism is decided here and only here. Returns the
+    data-parallel size."""
     compat.apply()  # no-op with CUDA
     dist.init_process_group("nccl" if on_gpu else "gloo")
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from model.gpt import build_model, resolve_attention_backend, transformer_config
-
-    world = dist.get_world_size()
-    dp = parallel.data_parallel(world)
+    dp = parallel.data_parallel(dist.get_world_size())
     if train.global_batch % (dp * train.micro_batch):
         raise ValueError(f"global_batch {train.global_batch} must be a multiple of data_parallel x micro_batch = "
                          f"{dp} x {train.micro_batch}; change --global-batch or --micro-batch")
     ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
                                  pipeline_model_parallel_size=parallel.pipeline_parallel)
     compat.manual_seed(train.seed)
-    rank0 = dist.get_rank() == 0
-    log = print if rank0 else (lambda *a, **k: None)
-    log(f"layout: world {world} = TP {parallel.tensor_parallel} x PP {parallel.pipeline_parallel} x DP {dp}; "
-        f"{'GPU (NCCL)' if on_gpu else 'CPU (gloo, Megatron-Core via model/compat.py)'}, "
-        f"{'bf16' if train.bf16 else 'fp32'}, gradients reduced in {train.grad_reduce_dtype}"
-        + "".join(f", {name.replace('_', ' ')}" for name in ("distributed_optimizer", "overlap_grad_reduce",
-                                                             "overlap_param_gather") if getattr(train, name)),
-        flush=True)
+    return dp
 
-    # ---- data: built before the model so that, on CPU, its host memory is not counted as training memory
-    # (on GPU it lives in host memory too, outside the CUDA allocator's peak)
-    valid = validation_rows(args.manifest, train.eval_batches * train.micro_batch)
-    whole = len(valid["tokens"]) // train.micro_batch * train.micro_batch  # pipeline schedules need full micro-batches
-    if whole == 0:
-        raise ValueError(f"{args.manifest}: {len(valid['tokens'])} validation rows, fewer than one micro-batch "
-                         f"({train.micro_batch}); raise the validation fraction or lower --micro-batch")
-    valid = {k: v[:whole] for k, v in valid.items()}
-    samples = TrainSamples(args.manifest, seed=train.seed)
 
-    # ---- model, optimizer, schedule
-    rss_before_model = psutil.Process().memory_info().rss
+def build_gpt(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig, attention: str):
+    """This rank's pipeline stage of the model, with a resolved attention backend: (GPTModel, its config)."""
+    from megatron.core import parallel_state as ps
+
+    from model.gpt import build_model, transformer_config
+
     config = transformer_config(model_cfg, parallel, train)
-    attention = resolve_attention_backend(train.attention_backend)
     gpt = build_model(model_cfg, config, pre_process=ps.is_pipeline_first_stage(),
                       post_process=ps.is_pipeline_last_stage(), attention_backend=attention)
-    if on_gpu:
+    if torch.cuda.is_available():
         gpt.cuda()
+    return gpt, config
+
+
+def build(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig) -> Training:
+    """Model, DDP wrapper, optimizer and LR schedule."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from model.gpt import resolve_attention_backend
+
+    attention = resolve_attention_backend(train.attention_backend)
+    gpt, config = build_gpt(model_cfg, parallel, train, attention)
     model = DistributedDataParallel(config=config, module=gpt, ddp_config=DistributedDataParallelConfig(
         grad_reduce_in_fp32=train.grad_reduce_dtype == "fp32", use_distributed_optimizer=train.distributed_optimizer,
         overlap_grad_reduce=train.overlap_grad_reduce, overlap_param_gather=train.overlap_param_gather))
@@ -194,15 +203,20 @@ def main(argv=None) -> None:
         optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr, lr_warmup_steps=train.warmup_steps,
         lr_decay_steps=train.steps, lr_decay_style="cosine", start_wd=train.weight_decay,
         end_wd=train.weight_decay, wd_incr_steps=train.steps, wd_incr_style="constant")
-    log(f"model: {args.preset} {model_cfg.num_parameters() / 1e6:.1f}M parameters, {attention} attention",
-        flush=True)
+    return Training(model_cfg, train, gpt, model, optimizer, scheduler, attention)
 
-    forward_backward = get_forward_backward_func()
-    positions = torch.arange(model_cfg.seq_len).unsqueeze(0)
+
+def run_batches(model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch: int, seq_len: int,
+                forward_only: bool) -> float:
+    """Forward(/backward) of `model` (this rank's chunk) over the batch's micro-batches; returns the mean loss
+    across data-parallel ranks. SFT batches carry `segments` (packed examples attend only to themselves) and a
+    `loss_mask` (only the assistant's tokens count)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    on_gpu = torch.cuda.is_available()
     device = torch.device("cuda") if on_gpu else torch.device("cpu")
-    tokens_per_step = train.global_batch * model_cfg.seq_len
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
-                                     if on_gpu and k in torch.cuda.get_device_name()), None)
+    positions = torch.arange(seq_len).unsqueeze(0)
 
     def forward_step(data_iterator, model):
         batch = {k: v.to(device, non_blocking=on_gpu) for k, v in next(data_iterator).items()}  # pinned on GPU
@@ -215,7 +229,7 @@ def main(argv=None) -> None:
         def loss_func(per_token_loss):
             if loss_mask is None:
                 loss = per_token_loss.float().mean()
-            else:  # SFT: only the assistant's tokens count
+            else:
                 weights = loss_mask[:, 1:].float()
                 loss = (per_token_loss.float() * weights).sum() / weights.sum().clamp(min=1)
             # clone: the schedule divides `loss` by the number of micro-batches in place
@@ -223,107 +237,212 @@ def main(argv=None) -> None:
 
         return output, loss_func
 
-    def run_batches(batch: dict[str, torch.Tensor], forward_only: bool) -> float:
-        """Forward(/backward) over micro-batches; returns the mean loss across data-parallel ranks."""
-        count = len(batch["tokens"])
-        micro = [{k: v[i:i + train.micro_batch] for k, v in batch.items()} for i in range(0, count, train.micro_batch)]
-        losses = forward_backward(forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
-                                  num_microbatches=len(micro), seq_length=model_cfg.seq_len,
-                                  micro_batch_size=train.micro_batch, forward_only=forward_only)
-        # Only the last pipeline stage has losses; sum them over the world and divide by who contributed.
-        reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-        local = torch.tensor([sum(float(x["loss"]) for x in losses) / len(micro), 1.0] if reporter else [0.0, 0.0],
-                             device=device)
-        dist.all_reduce(local)
-        return float(local[0] / local[1])
+    count = len(batch["tokens"])
+    micro = [{k: v[i:i + micro_batch] for k, v in batch.items()} for i in range(0, count, micro_batch)]
+    losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
+                                         num_microbatches=len(micro), seq_length=seq_len,
+                                         micro_batch_size=micro_batch, forward_only=forward_only)
+    # Only the last pipeline stage has losses; sum them over the world and divide by who contributed.
+    reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    local = torch.tensor([sum(float(x["loss"]) for x in losses) / len(micro), 1.0] if reporter else [0.0, 0.0],
+                         device=device)
+    dist.all_reduce(local)
+    return float(local[0] / local[1])
 
-    @contextlib.contextmanager
-    def parameters_gathered():
-        """With overlap_param_gather the optimizer step leaves its updated parameter shards to be all-gathered by
-        the next training forward, bucket by bucket; evaluation and checkpoints need every parameter now."""
-        if not train.overlap_param_gather:
-            yield
-            return
-        model.disable_forward_pre_hook()  # and gather synchronously
-        try:
-            yield
-        finally:
-            model.enable_forward_pre_hook()
 
-    def evaluate() -> float:
-        model.eval()
-        with torch.no_grad(), parameters_gathered():
-            loss = run_batches(valid, forward_only=True)
-        model.train()
-        return loss
+def validation_batch(manifest: str | Path, train: TrainConfig) -> dict[str, torch.Tensor]:
+    """The manifest's evaluation rows, cut to whole micro-batches (pipeline schedules need them)."""
+    valid = validation_rows(manifest, train.eval_batches * train.micro_batch)
+    whole = len(valid["tokens"]) // train.micro_batch * train.micro_batch
+    if whole == 0:
+        raise ValueError(f"{manifest}: {len(valid['tokens'])} validation rows, fewer than one micro-batch "
+                         f"({train.micro_batch}); raise the validation fraction or lower --micro-batch")
+    return {k: v[:whole] for k, v in valid.items()}
 
-    if args.eval_only:
-        saved = load_checkpoint(Path(args.eval_only), gpt)
-        result = {"checkpoint": args.eval_only, "step": saved["step"], "val_loss": evaluate(),
-                  "layout": {"tp": parallel.tensor_parallel, "pp": parallel.pipeline_parallel, "dp": dp}}
-        log("EVAL " + json.dumps(result), flush=True)
-        dist.destroy_process_group()
+
+@contextlib.contextmanager
+def parameters_gathered(t: Training):
+    """With overlap_param_gather the optimizer step leaves its updated parameter shards to be all-gathered by the
+    next training forward, bucket by bucket; evaluation and checkpoints need every parameter now."""
+    if not t.train.overlap_param_gather:
+        yield
         return
+    t.model.disable_forward_pre_hook()  # and gather synchronously
+    try:
+        yield
+    finally:
+        t.model.enable_forward_pre_hook()
 
-    # ---- resume: same data order and optimizer state as if never interrupted
-    # What a checkpoint needs to be used without this command line (export, evaluation, lineage):
-    described = {"preset": args.preset, "model": dataclasses.asdict(model_cfg),
-                 "manifest": str(Path(args.manifest).resolve()), "init_from": args.init_from,
-                 "distributed_optimizer": train.distributed_optimizer}
+
+def evaluate(t: Training, valid: dict[str, torch.Tensor]) -> float:
+    t.model.eval()
+    with torch.no_grad(), parameters_gathered(t):
+        loss = run_batches(t.model, valid, t.train.micro_batch, t.model_cfg.seq_len, forward_only=True)
+    t.model.train()
+    return loss
+
+
+def evaluate_checkpoint(checkpoint: Path, manifests: list[str], backends: list[str], parallel: ParallelConfig,
+                        train: TrainConfig, dp: int) -> list[dict]:
+    """Validation loss of a checkpoint (saved at any TP/PP) at this layout, once per attention backend and
+    manifest: one `EVAL {json}` line each from rank 0. The architecture is the checkpoint's own."""
+    from model.gpt import resolve_attention_backend
+
+    model_cfg = ModelConfig(**read_train_state(checkpoint)["model"])
+    batches = {}
+    for manifest in manifests:
+        data = load_manifest(manifest)
+        if (data["vocab_size"], data["seq_len"]) != (model_cfg.vocab_size, model_cfg.seq_len):
+            raise ValueError(f"{manifest}: vocab_size {data['vocab_size']} and seq_len {data['seq_len']} do not "
+                             f"match the checkpoint's {model_cfg.vocab_size} and {model_cfg.seq_len} ({checkpoint})")
+        batches[manifest] = validation_batch(manifest, train)
+    results = []
+    for backend in backends:
+        attention = resolve_attention_backend(backend)
+        gpt, _ = build_gpt(model_cfg, parallel, train, attention)
+        saved = load_checkpoint(checkpoint, gpt)
+        gpt.eval()
+        for manifest, valid in batches.items():
+            with torch.no_grad():
+                loss = run_batches(gpt, valid, train.micro_batch, model_cfg.seq_len, forward_only=True)
+            results.append({"checkpoint": str(checkpoint), "step": saved["step"], "manifest": str(manifest),
+                            "attention_backend": attention, "val_loss": loss,
+                            "layout": {"tp": parallel.tensor_parallel, "pp": parallel.pipeline_parallel, "dp": dp}})
+            if dist.get_rank() == 0:
+                print("EVAL " + json.dumps(results[-1]), flush=True)
+    return results
+
+
+def resume_or_init(t: Training, run_dir: Path, init_from: str | None, log) -> tuple[dict, int]:
+    """Load the run's latest checkpoint (weights, optimizer, schedule, data position), or the weights of
+    `init_from` for a new run that starts from another's. Returns (train state, TensorBoard step offset)."""
     state = {"step": 0, "consumed_samples": 0}
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is not None:
         saved_with = read_train_state(checkpoint).get("distributed_optimizer", False)
-        if saved_with != train.distributed_optimizer:  # the two optimizers save their states differently
+        if saved_with != t.train.distributed_optimizer:  # the two optimizers save their states differently
             raise ValueError(f"{checkpoint} was saved with distributed_optimizer {saved_with}; resume with "
                              f"--{'' if saved_with else 'no-'}distributed-optimizer (train: {{distributed_optimizer: "
                              f"{str(saved_with).lower()}}}), or start a new run from its weights with --init-from")
-        state = load_checkpoint(checkpoint, gpt, optimizer)
-        scheduler.load_state_dict(state["scheduler"])
+        state = load_checkpoint(checkpoint, t.gpt, t.optimizer)
+        t.scheduler.load_state_dict(state["scheduler"])
         log(f"resumed from {checkpoint} at step {state['step']}", flush=True)
-    elif args.init_from:
-        loaded = load_checkpoint(Path(args.init_from), gpt)
-        log(f"initialised from {args.init_from} (step {loaded['step']} of its run)", flush=True)
+    elif init_from:
+        loaded = load_checkpoint(Path(init_from), t.gpt)
+        log(f"initialised from {init_from} (step {loaded['step']} of its run)", flush=True)
     # TensorBoard's step axis counts from the first run of the model's lineage: a run started from a checkpoint
     # (continued pretraining, SFT) draws its curves after that checkpoint's own.
     offset = 0
-    if args.init_from:
-        parent = read_train_state(Path(args.init_from))
+    if init_from:
+        parent = read_train_state(Path(init_from))
         offset = parent.get("step_offset", 0) + parent["step"]
-    described["step_offset"] = offset
+    return state, offset
 
-    def checkpoint_now() -> None:
-        with parameters_gathered():
-            save_checkpoint(run_dir, gpt, optimizer, {**state, **described, "scheduler": scheduler.state_dict()})
-        log(f"checkpoint: step {state['step']}", flush=True)
 
-    # ---- the loop
-    metrics = open_metrics(run_dir / "metrics.jsonl", after_step=state["step"]) if rank0 else None
-    tensorboard = open_tensorboard(run_dir, first_step=offset + state["step"] + 1) if rank0 else None
+class MetricsLogger:
+    """Rank 0's record of each step: `metrics.jsonl`, TensorBoard, and the progress line the launcher follows
+    (written after the record, so a line seen means a step on disk). Other ranks log nothing."""
+
+    def __init__(self, run_dir: Path, resumed_step: int, offset: int, steps: int, enabled: bool):
+        self.steps, self.offset, self.enabled = steps, offset, enabled
+        if enabled:
+            self.metrics = open_metrics(run_dir / "metrics.jsonl", after_step=resumed_step)
+            self.tensorboard = open_tensorboard(run_dir, first_step=offset + resumed_step + 1)
+
+    def record(self, record: dict, logged: bool, eta: str | None) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        for key, tag in TENSORBOARD_TAGS.items():
+            if record.get(key) is not None:
+                self.tensorboard.add_scalar(tag, record[key], global_step=self.offset + record["step"])
+        if logged:
+            self.tensorboard.flush()
+            print(f"step={record['step']}/{self.steps} " + " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                if v is not None and k != "step") + f" eta={eta}", flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.metrics.close()
+            self.tensorboard.close()
+
+
+def train_step(t: Training, batch: dict[str, torch.Tensor]) -> dict:
+    """One optimizer step on this rank's share of the global batch: its loss, learning rate and gradient norm."""
+    t.model.zero_grad_buffer()
+    t.optimizer.zero_grad()
+    loss = run_batches(t.model, batch, t.train.micro_batch, t.model_cfg.seq_len, forward_only=False)
+    _, grad_norm, _ = t.optimizer.step()
+    t.scheduler.step(increment=1)
+    return {"loss": loss, "lr": t.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    on_gpu = torch.cuda.is_available()
+    train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                           if f.name != "adam_betas"}).for_device(on_gpu)
+    model_cfg = model_config(args, load_manifest(args.manifest))
+    parallel = ParallelConfig(args.tp, args.pp)
+    run_dir = Path(args.run_dir)
+
+    dp = init_distributed(parallel, train, on_gpu)
+    from megatron.core import parallel_state as ps
+
+    world, rank0 = dist.get_world_size(), dist.get_rank() == 0
+    log = print if rank0 else (lambda *a, **k: None)
+    log(f"layout: world {world} = TP {parallel.tensor_parallel} x PP {parallel.pipeline_parallel} x DP {dp}; "
+        f"{'GPU (NCCL)' if on_gpu else 'CPU (gloo, Megatron-Core via model/compat.py)'}, "
+        f"{'bf16' if train.bf16 else 'fp32'}, gradients reduced in {train.grad_reduce_dtype}"
+        + "".join(f", {name.replace('_', ' ')}" for name in ("distributed_optimizer", "overlap_grad_reduce",
+                                                             "overlap_param_gather") if getattr(train, name)),
+        flush=True)
+    if args.eval_only:
+        evaluate_checkpoint(Path(args.eval_only), args.eval_manifests or [args.manifest],
+                            args.eval_backends or [train.attention_backend], parallel, train, dp)
+        dist.destroy_process_group()
+        return
+
+    # Data is read before the model is built so that, on CPU, its host memory is not counted as training memory
+    # (on GPU it lives in host memory too, outside the CUDA allocator's peak).
+    valid = validation_batch(args.manifest, train)
+    samples = TrainSamples(args.manifest, seed=train.seed)
+    rss_before_model = psutil.Process().memory_info().rss
+    t = build(model_cfg, parallel, train)
+    log(f"model: {args.preset} {model_cfg.num_parameters() / 1e6:.1f}M parameters, {t.attention} attention",
+        flush=True)
+
+    state, offset = resume_or_init(t, run_dir, args.init_from, log)
+    # What a checkpoint needs to be used without this command line (export, evaluation, lineage):
+    described = {"preset": args.preset, "model": dataclasses.asdict(model_cfg),
+                 "manifest": str(Path(args.manifest).resolve()), "init_from": args.init_from,
+                 "distributed_optimizer": train.distributed_optimizer, "step_offset": offset}
+    metrics = MetricsLogger(run_dir, state["step"], offset, train.steps, enabled=rank0)
+    tokens_per_step = train.global_batch * model_cfg.seq_len
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
+                                     if on_gpu and k in torch.cuda.get_device_name()), None)
     # The next step's batch is read while this one computes; the order is the same (a pure function of indices).
     prefetch = BatchPrefetcher(samples, pin=on_gpu)
     data_wait = 0.0  # seconds spent waiting for batches since the last log step
-    model.train()
+    t.model.train()
     tick = time.perf_counter()
     while state["step"] < train.steps:
         start, count = rank_slice(state["consumed_samples"], train.global_batch, ps.get_data_parallel_rank(), dp)
         last = state["step"] + 1 == train.steps
         batch, waited = prefetch.get(start, count, None if last else start + train.global_batch)
         data_wait += waited
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = run_batches(batch, forward_only=False)
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
+        stepped = train_step(t, batch)
         state["step"] += 1
         state["consumed_samples"] += train.global_batch
         step = state["step"]
-
-        record = {"step": step, "loss": loss, "lr": optimizer.param_groups[0]["lr"],
-                  "grad_norm": float(grad_norm) if grad_norm is not None else None}
+        record = {"step": step, **stepped}
         if step % train.eval_every == 0 or step == train.steps:
-            record["val_loss"] = evaluate()
+            record["val_loss"] = evaluate(t, valid)
         logged = step % train.log_every == 0 or "val_loss" in record
+        eta = None
         if logged:
             elapsed = time.perf_counter() - tick
             steps_done = step % train.log_every or train.log_every
@@ -333,26 +452,17 @@ def main(argv=None) -> None:
             record["peak_mem_gib"] = peak_memory_gib(rss_before_model)
             record["data_wait"] = data_wait / elapsed  # share of step time spent waiting for the input batch
             data_wait = 0.0
-        if metrics:  # recorded before the step's line is printed: a line seen means a step on disk
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            for key, tag in TENSORBOARD_TAGS.items():
-                if record.get(key) is not None:
-                    tensorboard.add_scalar(tag, record[key], global_step=offset + step)
-            if logged:
-                tensorboard.flush()
-        if logged:
             eta = duration(elapsed / steps_done * (train.steps - step))
-            log(f"step={step}/{train.steps} " + " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
-                if v is not None and k != "step") + f" eta={eta}", flush=True)
+        metrics.record(record, logged, eta)
+        if logged:
             tick = time.perf_counter()
         if train.save_every and (step % train.save_every == 0 or step == train.steps):
-            checkpoint_now()
+            with parameters_gathered(t):
+                save_checkpoint(run_dir, t.gpt, t.optimizer,
+                                {**state, **described, "scheduler": t.scheduler.state_dict()})
+            log(f"checkpoint: step {step}", flush=True)
     prefetch.close()
-    if metrics:
-        metrics.close()
-        tensorboard.close()
+    metrics.close()
     dist.barrier()
     dist.destroy_process_group()
 

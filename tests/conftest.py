@@ -1,16 +1,32 @@
-"""Shared fixtures: small slices of the real bundled corpus, and a real Prefect server for flow tests."""
+"""Shared fixtures: small slices of the real bundled corpus, a real Prefect server for flow tests, and the
+training runs that many tests read.
+
+Work that several tests need is done once per session: the tiny shards, a TP-1 and a TP-2 training run, the
+TP-1 checkpoint's evaluation at three layouts, and a pretrain flow run. Tests only read them; a test that changes
+a run (resumes, kills or continues it) copies it or starts its own.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import itertools
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tasks.spec import PROJECT_ROOT, DataSpec, ExecutorConfig
+from model.distributed import free_port
+from tasks.spec import PROJECT_ROOT, DataSpec, ExecutorConfig, SFTSpec
+
+ROOT = PROJECT_ROOT
+# Six steps of the tiny model: it learns visibly, checkpoints at steps 3 and 6, and evaluates at both.
+FAST = ["--steps", "6", "--warmup-steps", "1", "--global-batch", "8", "--micro-batch", "2", "--log-every", "1",
+        "--eval-every", "3", "--eval-batches", "4", "--save-every", "3", "--lr", "3e-3"]
 
 BUNDLED = PROJECT_ROOT / "data" / "bundled"
 # One process per datatrove pipeline keeps small test runs fast; the multi-process path runs in the flow tests.
@@ -92,3 +108,108 @@ def tiny_manifest(small_corpus, tmp_path_factory) -> Path:
     shard_documents(docs, root / "tokenizer", ShardingConfig(seq_len=64, validation_fraction=0.05),
                     {"tokenizer_dir": str(root / "tokenizer")}, root / "shard")
     return root / "shard"
+
+
+# ---------------------------------------------------------------- training under torchrun
+
+def launch_cmd(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "model.train", *args]
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = launch_cmd(nproc, *args)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return proc
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard tag as TensorBoard itself reads the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def eval_lines(stdout: str) -> list[dict]:
+    """The `EVAL {json}` lines of an eval-only launch."""
+    return [json.loads(line[5:]) for line in stdout.splitlines() if line.startswith("EVAL ")]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A finished FAST run of the tiny model on the tiny manifest. Shared: read it, never change it."""
+
+    dir: Path
+    stdout: str
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.dir / "checkpoints" / "step-000006"
+
+    def metrics(self) -> list[dict]:
+        return metrics(self.dir)
+
+
+@pytest.fixture(scope="session")
+def tp1_run(tiny_manifest, tmp_path_factory) -> TrainedRun:
+    """One rank, fp32, the default attention backend (sdpa on CPU)."""
+    run_dir = tmp_path_factory.mktemp("tp1_run")
+    proc = torchrun(1, "--manifest", str(tiny_manifest), "--run-dir", str(run_dir), *FAST)
+    return TrainedRun(run_dir, proc.stdout)
+
+
+@pytest.fixture(scope="session")
+def tp2_run(tiny_manifest, tmp_path_factory) -> TrainedRun:
+    """Two ranks at tensor-parallel 2."""
+    run_dir = tmp_path_factory.mktemp("tp2_run")
+    proc = torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(run_dir), "--tp", "2", *FAST)
+    return TrainedRun(run_dir, proc.stdout)
+
+
+def sft_spec(path: Path, **overrides) -> SFTSpec:
+    return SFTSpec.model_validate({"name": "t", "sources": [{"name": "chat", "kind": "local", "paths": [str(path)],
+                                                            "license": "test"}], **overrides})
+
+
+@pytest.fixture(scope="session")
+def packed_sft_manifest(tiny_manifest, tmp_path_factory) -> tuple[Path, dict]:
+    """SFT shards of short chats, several packed per row (validation rows too), with the tiny tokenizer:
+    (manifest directory, build summary)."""
+    from tasks.download import resolve_source
+    from tasks.sft_data import build_sft_shards
+
+    root = tmp_path_factory.mktemp("packed_sft")
+    chats = [{"messages": [{"role": "user", "content": f"What is {a} times {b}?"},
+                           {"role": "assistant", "content": f"{a} times {b} is {a * b}."}]}
+             for a in range(10) for b in range(10)]
+    spec = sft_spec(write_jsonl(root / "sft.jsonl", chats), validation_fraction=0.3)
+    (root / "shards").mkdir()
+    summary = build_sft_shards([resolve_source(s) for s in spec.sources], spec, tiny_manifest.parent / "tokenizer",
+                               64, root / "shards")
+    return root / "shards", summary
+
+
+EVAL_LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "pp2": (2, ["--pp", "2"])}
+
+
+@pytest.fixture(scope="session")
+def tp1_evaluations(tp1_run, tiny_manifest, packed_sft_manifest, tmp_path_factory) -> dict[tuple, dict]:
+    """The TP-1 run's last checkpoint evaluated at TP 1, TP 2 and PP 2, with sdpa and local attention, on the
+    pretraining and the packed SFT manifest: one eval-only launch per layout.
+    {(layout, backend, "pretrain" | "sft"): its EVAL record}"""
+    manifests = {str(tiny_manifest): "pretrain", str(packed_sft_manifest[0]): "sft"}
+    results = {}
+    for layout, (nproc, flags) in EVAL_LAYOUTS.items():
+        proc = torchrun(nproc, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path_factory.mktemp("eval")),
+                        *FAST, *flags, "--eval-only", str(tp1_run.checkpoint), "--eval-manifests", *manifests,
+                        "--eval-backends", "sdpa", "local")
+        for record in eval_lines(proc.stdout):
+            results[layout, record["attention_backend"], manifests[record["manifest"]]] = record
+    return results

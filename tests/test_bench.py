@@ -14,7 +14,7 @@ import pytest
 from bench.gpu import plan, planned_gib
 from bench.scale import generate_corpus
 from model.config import llama2_7b
-from test_model import ROOT
+from conftest import ROOT
 
 
 def test_benchmark_fits_the_most_7b_width_layers_the_planner_allows():

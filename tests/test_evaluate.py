@@ -18,17 +18,15 @@ from model.evaluate import LMEvalTaskError, lm_eval_tasks, load, run_lm_eval, wr
 from tasks.evaluate import load_items
 from tasks.spec import EvalSpec, load_spec
 
-from test_model import FAST, ROOT, torchrun
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_manifest, tmp_path_factory):
+def exported(tp1_run, tmp_path_factory):
     """A fixed checkpoint (6 seeded steps on the tiny manifest), exported to a transformers folder."""
-    root = tmp_path_factory.mktemp("evaluate")
-    torchrun(1, "--manifest", str(tiny_manifest), "--run-dir", str(root / "run"), *FAST)
-    out = root / "hf"
-    proc = subprocess.run([sys.executable, "-m", "model.export_hf", str(root / "run/checkpoints/step-000006"),
-                           str(out)], cwd=ROOT, capture_output=True, text=True)
+    out = tmp_path_factory.mktemp("evaluate") / "hf"
+    proc = subprocess.run([sys.executable, "-m", "model.export_hf", str(tp1_run.checkpoint), str(out)], cwd=ROOT,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 

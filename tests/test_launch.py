@@ -14,7 +14,7 @@ from model.plan import recommend
 from model.distributed import free_port
 from tasks.lib.launch import PretrainConfig, SlurmLaunch, launch_command, slurm_script, train_args
 
-from test_model import FAST, ROOT, metrics, torchrun
+from conftest import FAST, ROOT, metrics
 
 
 def test_launch_command_per_layout(tmp_path):
@@ -71,10 +71,9 @@ def test_slurm_script_for_7b_on_two_nodes_of_eight_h100(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_nodes_over_loopback_train_like_one(tiny_manifest, tmp_path):
+def test_two_nodes_over_loopback_train_like_one(tiny_manifest, tp2_run, tmp_path):
     """Two torchrun agents (node ranks 0 and 1, one rank each) meet at a c10d rendezvous and train TP=2 with the
-    same losses as one agent running both ranks."""
-    torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / "one"), "--tp", "2", *FAST)
+    same losses as one agent running both ranks (the shared tp2_run)."""
     endpoint = f"127.0.0.1:{free_port()}"
     agents = []
     for node in (0, 1):
@@ -87,6 +86,6 @@ def test_two_nodes_over_loopback_train_like_one(tiny_manifest, tmp_path):
     outputs = [a.communicate(timeout=300)[0] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert "TP 2 x PP 1 x DP 1" in "".join(outputs)
-    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    one, two = tp2_run.metrics(), metrics(tmp_path / "two")
     assert [r["loss"] for r in two] == [r["loss"] for r in one]
     assert [r["val_loss"] for r in two if "val_loss" in r] == [r["val_loss"] for r in one if "val_loss" in r]

@@ -14,36 +14,8 @@ import psutil
 import pytest
 
 from model.config import TrainConfig, llama2_7b, tiny
-from model.distributed import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--steps", "6", "--warmup-steps", "1", "--global-batch", "8", "--micro-batch", "2", "--log-every", "1",
-        "--eval-every", "3", "--eval-batches", "4", "--save-every", "3", "--lr", "3e-3"]
-
-
-def launch_cmd(nproc: int, *args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "model.train", *args]
-
-
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = launch_cmd(nproc, *args)
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of one TensorBoard tag as TensorBoard itself reads the run's event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+from conftest import FAST, ROOT, launch_cmd, metrics, tensorboard_scalars, torchrun
 
 
 def test_7b_preset_has_llama2_parameter_count():
@@ -83,28 +55,27 @@ def test_precision_and_communication_settings_default_by_device():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_parallel_layouts_train(tiny_manifest, tmp_path, tp, pp):
-    proc = torchrun(tp * pp, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path), "--tp", str(tp),
-                    "--pp", str(pp), *FAST)
-    assert f"TP {tp} x PP {pp} x DP 1" in proc.stdout
-    m = metrics(tmp_path)
+def test_parallel_layouts_train(tiny_manifest, tmp_path, tp, pp, request):
+    if (tp, pp) == (2, 1):  # the session's shared TP-2 run
+        run = request.getfixturevalue("tp2_run")
+        stdout, run_dir = run.stdout, run.dir
+    else:
+        stdout, run_dir = torchrun(tp * pp, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path), "--tp",
+                                   str(tp), "--pp", str(pp), *FAST).stdout, tmp_path
+    assert f"TP {tp} x PP {pp} x DP 1" in stdout
+    m = metrics(run_dir)
     assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]
     assert m[-1]["loss"] < m[0]["loss"] - 0.3  # it learns
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-000006"
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step-000006"
 
 
 @pytest.mark.slow
-def test_same_weights_same_loss_at_tp1_tp2_and_pp2(tiny_manifest, tmp_path):
-    """Train at TP=1, then evaluate that checkpoint resharded to TP=2 and to PP=2: identical validation loss."""
-    torchrun(1, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path), *FAST)
-    reference = metrics(tmp_path)[-1]["val_loss"]
-    ckpt = str(tmp_path / "checkpoints" / "step-000006")
-    for nproc, layout in ((2, ["--tp", "2"]), (2, ["--pp", "2"])):
-        proc = torchrun(nproc, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / "eval"), *FAST,
-                        *layout, "--eval-only", ckpt)
-        (line,) = [line for line in proc.stdout.splitlines() if line.startswith("EVAL ")]
-        result = json.loads(line[5:])
-        assert result["step"] == 6
+def test_same_weights_same_loss_at_tp1_tp2_and_pp2(tp1_run, tp1_evaluations):
+    """Trained at TP=1, that checkpoint evaluated resharded to TP=2 and to PP=2: identical validation loss."""
+    reference = tp1_run.metrics()[-1]["val_loss"]
+    for layout in ("tp2", "pp2"):
+        result = tp1_evaluations[layout, "sdpa", "pretrain"]
+        assert result["step"] == 6 and result["layout"]["tp" if layout == "tp2" else "pp"] == 2
         assert abs(result["val_loss"] - reference) < 1e-5, (layout, result["val_loss"], reference)
 
 
@@ -128,10 +99,9 @@ def kill_after_step_4(nproc: int, args: list[str], run_dir: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_reproduces_uninterrupted_losses(tiny_manifest, tmp_path):
-    args = ["--manifest", str(tiny_manifest), "--tp", "2", *FAST]
-    torchrun(2, *args, "--run-dir", str(tmp_path / "straight"))
-    expected = metrics(tmp_path / "straight")
+def test_sigkill_then_resume_reproduces_uninterrupted_losses(tiny_manifest, tp2_run, tmp_path):
+    args = ["--manifest", str(tiny_manifest), "--tp", "2", *FAST]  # as the uninterrupted tp2_run
+    expected = tp2_run.metrics()
 
     run_dir = tmp_path / "killed"
     kill_after_step_4(2, args, run_dir)
@@ -164,14 +134,13 @@ GPU_SETTINGS = ["--bf16", "--distributed-optimizer", "--overlap-grad-reduce", "-
 
 
 @pytest.mark.slow
-def test_gpu_settings_on_two_data_parallel_ranks(tiny_manifest, tmp_path):
+def test_gpu_settings_on_two_data_parallel_ranks(tiny_manifest, tp1_run, tmp_path):
     """DP=2 with bf16, the distributed optimizer, both overlaps and bf16 gradient reduction trains like fp32 at
     DP=1 (same global batch; within 2e-3 of loss, about 20x what bf16 rounding gave here, while unaveraged
     gradients were 0.06 off by step 6). A SIGKILL and resume continues bit for bit, and its step-3 checkpoint
     resumes at DP=1 where the DP=2 run went on."""
     common = ["--manifest", str(tiny_manifest), *FAST]
-    torchrun(1, *common, "--run-dir", str(tmp_path / "fp32"))
-    reference = metrics(tmp_path / "fp32")
+    reference = tp1_run.metrics()  # fp32 at DP 1
 
     args = [*common, *GPU_SETTINGS]
     proc = torchrun(2, *args, "--run-dir", str(tmp_path / "straight"))

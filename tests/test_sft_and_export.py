@@ -18,12 +18,9 @@ from model.chat import encode_chat
 from model.data import read_rows
 from tasks.download import resolve_source
 from tasks.sft_data import build_sft_shards
-from tasks.spec import SFTSpec
 
-from conftest import write_jsonl
-from test_model import FAST, metrics, tensorboard_scalars, torchrun
+from conftest import FAST, ROOT, metrics, sft_spec, tensorboard_scalars, torchrun, write_jsonl
 
-ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is AI?"},
         {"role": "assistant", "content": "A field of science."}, {"role": "user", "content": "Thanks"},
         {"role": "assistant", "content": "You're welcome!"}]
@@ -54,9 +51,13 @@ def test_loss_mask_covers_exactly_the_assistant_replies(sp, tiny_manifest):
     assert list(hf.apply_chat_template(CHAT, tokenize=True)["input_ids"]) == ids.tolist()
 
 
-def sft_spec(path: Path, **overrides) -> SFTSpec:
-    return SFTSpec.model_validate({"name": "t", "sources": [{"name": "chat", "kind": "local", "paths": [str(path)],
-                                                            "license": "test"}], **overrides})
+def megatron_logits(checkpoint: Path, inputs: list[dict], work: Path) -> list[torch.Tensor]:
+    """Logits of the checkpoint's Megatron model for each {"tokens", "segments"} input, from one process."""
+    torch.save(inputs, work / "inputs.pt")
+    proc = subprocess.run([sys.executable, str(ROOT / "tests/scripts/megatron_logits.py"), str(checkpoint),
+                           str(work / "inputs.pt"), str(work / "logits.pt")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(work / "logits.pt")
 
 
 def test_sft_rows_pack_examples_and_quarantine_bad_records(sp, tiny_manifest, tmp_path):
@@ -99,9 +100,8 @@ def test_sft_rows_pack_examples_and_quarantine_bad_records(sp, tiny_manifest, tm
     assert summary["rows_train"] == 30
 
 
-def test_packed_examples_do_not_attend_to_each_other(tiny_manifest, tmp_path, sp):
+def test_packed_examples_do_not_attend_to_each_other(tp1_run, tmp_path, sp):
     """In a packed row, the second example's logits equal its logits alone; without the mask they differ."""
-    torchrun(1, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / "run"), *FAST)
     first, _ = encode_chat(sp, CHAT)
     second, _ = encode_chat(sp, [{"role": "user", "content": "Tell me a joke."},
                                  {"role": "assistant", "content": "Why did the chicken cross the road?"}])
@@ -109,21 +109,11 @@ def test_packed_examples_do_not_attend_to_each_other(tiny_manifest, tmp_path, sp
     segments = torch.tensor([[1] * len(first) + [2] * len(second)])
     alone = torch.tensor([second.tolist()])
 
-    def logits(tokens, segs=None):
-        paths = [tmp_path / "tokens.pt", tmp_path / "out.pt", tmp_path / "segments.pt"]
-        torch.save(tokens, paths[0])
-        args = [str(paths[0]), str(paths[1])]
-        if segs is not None:
-            torch.save(segs, paths[2])
-            args.append(str(paths[2]))
-        proc = subprocess.run([sys.executable, str(ROOT / "tests/scripts/megatron_logits.py"),
-                               str(tmp_path / "run/checkpoints/step-000006"), *args], capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return torch.load(paths[1])
-
-    reference = logits(alone)[0]
-    assert torch.allclose(logits(packed, segments)[0, len(first):], reference, atol=1e-5)
-    assert not torch.allclose(logits(packed)[0, len(first):], reference, atol=1e-3)
+    alone_logits, packed_logits, unmasked_logits = megatron_logits(tp1_run.checkpoint, [
+        {"tokens": alone}, {"tokens": packed, "segments": segments}, {"tokens": packed}], tmp_path)
+    reference = alone_logits[0]
+    assert torch.allclose(packed_logits[0, len(first):], reference, atol=1e-5)
+    assert not torch.allclose(unmasked_logits[0, len(first):], reference, atol=1e-3)
 
 
 @pytest.mark.slow
@@ -145,21 +135,17 @@ def test_export_from_tp2_checkpoint_matches_megatron_logits(tiny_manifest, tmp_p
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     assert model.config.num_key_value_heads == 2 and not model.config.tie_word_embeddings
     tokens = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
-    torch.save(tokens, tmp_path / "tokens.pt")
-    proc = subprocess.run([sys.executable, str(ROOT / "tests/scripts/megatron_logits.py"), str(checkpoint),
-                           str(tmp_path / "tokens.pt"), str(tmp_path / "megatron.pt")], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    (megatron,) = megatron_logits(checkpoint, [{"tokens": tokens}], tmp_path)
     with torch.no_grad():
         hf_logits = model(tokens).logits
-    assert (hf_logits - torch.load(tmp_path / "megatron.pt")).abs().max() < 1e-4
+    assert (hf_logits - megatron).abs().max() < 1e-4
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and tok.convert_tokens_to_ids("<|end|>") in GenerationConfig.from_pretrained(out).eos_token_id
 
 
 @pytest.mark.slow
-def test_sft_from_a_tp2_checkpoint_trains_at_pp2_on_replies(tiny_manifest, tmp_path, sp):
+def test_sft_from_a_tp2_checkpoint_trains_at_pp2_on_replies(tiny_manifest, tp2_run, tmp_path, sp):
     """Instruction tuning starts from a pretraining checkpoint saved at another layout and learns the replies."""
-    torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / "pre"), "--tp", "2", *FAST)
     replies = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                              {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}
                for a in range(12) for b in range(12)]
@@ -169,10 +155,10 @@ def test_sft_from_a_tp2_checkpoint_trains_at_pp2_on_replies(tiny_manifest, tmp_p
     build_sft_shards([resolve_source(s) for s in spec.sources], spec, tiny_manifest.parent / "tokenizer", 64,
                      tmp_path / "sft")
     torchrun(2, "--manifest", str(tmp_path / "sft"), "--run-dir", str(tmp_path / "tuned"), "--pp", "2",
-             "--init-from", str(tmp_path / "pre/checkpoints/step-000006"),
+             "--init-from", str(tp2_run.checkpoint),
              *FAST[:FAST.index("--steps")], "--steps", "12", *FAST[FAST.index("--steps") + 2:])
     m = metrics(tmp_path / "tuned")
-    assert m[0]["loss"] < metrics(tmp_path / "pre")[0]["loss"]  # it started from the pretrained weights
+    assert m[0]["loss"] < tp2_run.metrics()[0]["loss"]  # it started from the pretrained weights
     assert m[-1]["val_loss"] < m[2]["val_loss"] - 0.3  # and learned the reply format
     state = json.loads((tmp_path / "tuned/checkpoints/step-000012/train_state.json").read_text())
     assert state["init_from"].endswith("step-000006") and state["model"]["vocab_size"] == 1000

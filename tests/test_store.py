@@ -18,8 +18,7 @@ import pytest
 
 from tasks.lib.artifacts import TMP_PREFIX, remove_stale_temporaries, verify
 
-from conftest import bundled_docs
-from test_model import ROOT
+from conftest import ROOT, bundled_docs
 
 SCRIPT = ROOT / "tests" / "scripts" / "build_data.py"
 STAGES = ("download", "clean", "dedup", "decontaminate", "tokenizer", "shard")

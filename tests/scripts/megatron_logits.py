@@ -1,7 +1,8 @@
-"""Logits of a checkpoint's Megatron model (loaded at TP=1/PP=1) for given tokens, optionally with packed-example
-segments (the training attention mask); saved with torch.save. Runs in its own process (one-rank gloo group).
+"""Logits of a checkpoint's Megatron model (loaded at TP=1/PP=1) for several inputs, in one process (one-rank
+gloo group). INPUTS.pt holds a list of {"tokens": [b, s], "segments": [b, s] or None}: packed-example segments
+give the training attention mask. OUT.pt gets the list of [b, s, vocab] logits, in the same order.
 
-    python tests/scripts/megatron_logits.py CHECKPOINT TOKENS.pt OUT.pt [SEGMENTS.pt]
+    python tests/scripts/megatron_logits.py CHECKPOINT INPUTS.pt OUT.pt
 """
 
 import sys
@@ -16,6 +17,6 @@ from model.train import segment_attention_mask
 
 if __name__ == "__main__":
     gpt, _, _ = load_megatron(Path(sys.argv[1]))
-    tokens = torch.load(sys.argv[2])
-    mask = segment_attention_mask(torch.load(sys.argv[4])) if len(sys.argv) > 4 else None
-    torch.save(megatron_logits(gpt, tokens, mask), sys.argv[3])
+    inputs = torch.load(sys.argv[2])
+    torch.save([megatron_logits(gpt, x["tokens"], None if x.get("segments") is None
+                                else segment_attention_mask(x["segments"])) for x in inputs], sys.argv[3])
