@@ -24,8 +24,9 @@ run: setup up
 	@echo "Training curves: .venv/bin/tensorboard --logdir runs"
 	@echo "Evaluation report: $$(ls -t $(CURDIR)/reports/*/report.md | head -1)"
 
+# Two pytest-xdist workers (tests that share a session run stay on one worker; see tests/conftest.py).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 # Opt-in: the pipeline against its own Prefect server, checked in headless Chromium (Debian `chromium`).
 test-ui: setup

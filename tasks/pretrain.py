@@ -5,14 +5,13 @@ re-running the same deployment resumes (or, if finished, returns at once) instea
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import task
 
 from tasks.lib.log import progress
 from tasks.lib.launch import PretrainConfig, check_resources, run_training
-from tasks.lib.runs import checkpoint_architecture, continuation_checkpoint, run_key
+from tasks.lib.runs import checkpoint_architecture, continuation_checkpoint, finished_summary, run_key, write_summary
 from tasks.lib.training_report import final_validation, publish_training
 
 
@@ -37,6 +36,10 @@ def pretrain(manifest_path: str, config: PretrainConfig, runs_dir: str, init_fro
     manifest_dir = Path(manifest_path).parent
     key = run_key(manifest=str(manifest_dir), config=config, **({"init": init_from} if init_from else {}))
     run_dir = Path(runs_dir) / f"{config.preset}-{key}"
+    if (done := finished_summary(run_dir)) is not None:  # the same request again: nothing to launch or rewrite
+        progress(f"pretrain: {run_dir} already finished at step {done['steps']} (validation loss "
+                 f"{done['final_val_loss']:.3f}); returning it")
+        return str(run_dir)
     records = run_training(config, manifest_dir, run_dir, extra=("--init-from", init_from) if init_from else ())
     baseline, sample_tokens = unigram_entropy(manifest_dir)
     publish_training(records, run_dir, baseline)
@@ -44,7 +47,7 @@ def pretrain(manifest_path: str, config: PretrainConfig, runs_dir: str, init_fro
                "final_val_loss": final_validation(records).get("val_loss"),
                "unigram_entropy": baseline, "unigram_sample_tokens": sample_tokens,
                **({"continued_from": init_from} if init_from else {})}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_summary(run_dir, summary)
     progress(f"pretrain: {run_dir} finished at step {summary['steps']}, validation loss "
              f"{summary['final_val_loss']:.3f} (unigram baseline {baseline:.3f}); curves: tensorboard --logdir {runs_dir}")
     return str(run_dir)

@@ -79,6 +79,32 @@ def write_spec(path: Path, spec: dict) -> Path:
     return path
 
 
+# The pretraining of the flow tests: 80 steps of the tiny model on the small corpus.
+FLOW_TRAIN = {"steps": 80, "global_batch": 8, "micro_batch": 4, "warmup_steps": 8, "lr": 0.005, "eval_every": 40,
+              "eval_batches": 8, "log_every": 20, "save_every": 40}
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowRun:
+    state: object  # the pretrain flow run's final Prefect state
+    spec_path: Path
+    runs_dir: Path
+
+
+@pytest.fixture(scope="session")
+def pretrained_by_flow(prefect_server, small_corpus, tmp_path_factory) -> FlowRun:
+    """The pretrain flow once, from cold, on the small corpus: its data flow builds every stage, then it trains
+    FLOW_TRAIN. The pretrain-flow test checks this run; the pipeline test starts from it (same spec, training
+    settings and runs folder: its data is cached and its pretraining found finished)."""
+    from flows.pretrain import pretrain_flow
+
+    root = tmp_path_factory.mktemp("flow")
+    spec = small_spec(small_corpus, root / "artifacts", sharding={"seq_len": 64, "validation_fraction": 0.05})
+    spec_path = write_spec(root / "spec.yaml", spec)
+    state = pretrain_flow(str(spec_path), train=FLOW_TRAIN, runs_dir=str(root / "runs"), return_state=True)
+    return FlowRun(state, spec_path, root / "runs")
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """A real Prefect server (temporary SQLite database) for the whole session."""
@@ -194,6 +220,21 @@ def packed_sft_manifest(tiny_manifest, tmp_path_factory) -> tuple[Path, dict]:
     summary = build_sft_shards([resolve_source(s) for s in spec.sources], spec, tiny_manifest.parent / "tokenizer",
                                64, root / "shards")
     return root / "shards", summary
+
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Tests that read the same
+# session runs go to the same worker, so each run is still made once.
+SHARED_GROUPS = {"training-runs": {"tp1_run", "tp2_run", "tp1_evaluations"},
+                 "prefect-server": {"prefect_server", "pretrained_by_flow"}}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for group, fixtures in SHARED_GROUPS.items():
+            if fixtures & set(item.fixturenames):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
 
 
 EVAL_LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "pp2": (2, ["--pp", "2"])}

@@ -55,10 +55,9 @@ def test_precision_and_communication_settings_default_by_device():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_parallel_layouts_train(tiny_manifest, tmp_path, tp, pp, request):
+def test_parallel_layouts_train(tiny_manifest, tp2_run, tmp_path, tp, pp):
     if (tp, pp) == (2, 1):  # the session's shared TP-2 run
-        run = request.getfixturevalue("tp2_run")
-        stdout, run_dir = run.stdout, run.dir
+        stdout, run_dir = tp2_run.stdout, tp2_run.dir
     else:
         stdout, run_dir = torchrun(tp * pp, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path), "--tp",
                                    str(tp), "--pp", str(pp), *FAST).stdout, tmp_path

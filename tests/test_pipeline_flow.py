@@ -13,23 +13,23 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from flows.pipeline import pipeline_flow
 from tasks.lineage import lineage
 
-from conftest import small_spec, write_spec
+from conftest import FLOW_TRAIN
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-PRETRAIN = {"steps": 40, "global_batch": 8, "micro_batch": 4, "warmup_steps": 4, "lr": 0.005, "eval_every": 20,
-            "eval_batches": 4, "log_every": 10, "save_every": 20}
 SFT = {"steps": 30, "global_batch": 8, "micro_batch": 4, "warmup_steps": 3, "eval_every": 15, "save_every": 15}
 
 
 @pytest.mark.slow
-def test_pipeline_pretrains_tunes_and_reports(small_corpus, tmp_path):
-    spec = small_spec(small_corpus, tmp_path / "artifacts", sharding={"seq_len": 128, "validation_fraction": 0.05})
-    spec_path = write_spec(tmp_path / "spec.yaml", spec)
-    state = pipeline_flow(str(spec_path), pretrain_train=PRETRAIN, sft_train=SFT, runs_dir=str(tmp_path / "runs"),
-                          reports_dir=str(tmp_path / "reports"), return_state=True)
+def test_pipeline_pretrains_tunes_and_reports(pretrained_by_flow, tmp_path):
+    """The pipeline with the pretrain flow test's spec and training settings: its data and pretraining are that
+    run's (cached, and found finished), then instruction tuning and evaluation run."""
+    state = pipeline_flow(str(pretrained_by_flow.spec_path), pretrain_train=FLOW_TRAIN, sft_train=SFT,
+                          runs_dir=str(pretrained_by_flow.runs_dir), reports_dir=str(tmp_path / "reports"),
+                          return_state=True)
     assert state.is_completed(), state
     report = Path(state.result())
     results = json.loads((report / "results.json").read_text())
+    assert Path(results["checkpoints"]["pretrained"]).parents[1] == Path(pretrained_by_flow.state.result())
     pre, tuned = results["results"]["pretrained"], results["results"]["instruction-tuned"]
     # The tuned checkpoint was initialised from the pretrained one.
     tuned_state = json.loads((Path(results["checkpoints"]["instruction-tuned"]) / "train_state.json").read_text())

@@ -15,18 +15,14 @@ from prefect.logging.handlers import APILogWorker
 from flows.pretrain import pretrain_flow
 from tasks.lib.launch import PretrainConfig, run_training
 
-from conftest import small_spec, write_spec
+from conftest import FLOW_TRAIN
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-TRAIN = {"steps": 80, "global_batch": 8, "micro_batch": 4, "warmup_steps": 8, "lr": 0.005, "eval_every": 40,
-         "eval_batches": 8, "log_every": 20, "save_every": 40}
 
 
 @pytest.mark.slow
-def test_pretrain_flow_learns_and_publishes(small_corpus, tmp_path):
-    spec = small_spec(small_corpus, tmp_path / "artifacts", sharding={"seq_len": 64, "validation_fraction": 0.05})
-    spec_path = write_spec(tmp_path / "spec.yaml", spec)
-    state = pretrain_flow(str(spec_path), train=TRAIN, runs_dir=str(tmp_path / "runs"), return_state=True)
+def test_pretrain_flow_learns_and_publishes(pretrained_by_flow):
+    state, spec_path, runs_dir = pretrained_by_flow.state, pretrained_by_flow.spec_path, pretrained_by_flow.runs_dir
     assert state.is_completed(), state
     run_dir = Path(state.result())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -58,7 +54,7 @@ def test_pretrain_flow_learns_and_publishes(small_corpus, tmp_path):
 
     # Same inputs again: the finished run is found and nothing retrains (data cached, training at its last step).
     started = time.perf_counter()
-    again = pretrain_flow(str(spec_path), train=TRAIN, runs_dir=str(tmp_path / "runs"))
+    again = pretrain_flow(str(spec_path), train=FLOW_TRAIN, runs_dir=str(runs_dir))
     assert again == str(run_dir)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 80
     assert time.perf_counter() - started < 60

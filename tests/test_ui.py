@@ -1,5 +1,6 @@
 """End to end through the Prefect UI: a pipeline run on a real Prefect server (its own SQLite database, UI on),
-then the UI in headless Chromium shows the run, every stage as a named task run, and the artifacts.
+then the UI in headless Chromium (driven over its DevTools protocol, as a person clicks) shows the run, every stage
+as a named task run, and the artifacts.
 
 Opt-in, since it starts its own server and runs the whole pipeline (about 4 minutes on 2 cores):
     LLM_PIPELINE_UI_TEST=1 .venv/bin/python -m pytest tests/test_ui.py      # or: make test-ui
@@ -8,6 +9,7 @@ Screenshots are saved under the test's tmp_path (printed) and, if set, $UI_SCREE
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -30,7 +32,7 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium (Debian package `chromium`)"),
 ]
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--virtual-time-budget=20000", "--window-size=1440,1000"]
+                  "--window-size=1440,1000", "--no-first-run"]
 PIPELINE = """
 import json, sys
 from flows.pipeline import pipeline_flow
@@ -76,11 +78,81 @@ def api(base: str, path: str, body: dict) -> list[dict]:
     return json.loads(urllib.request.urlopen(request, timeout=10).read())
 
 
-def chromium(url: str, screenshot: Path | None = None) -> str:
-    """The page's DOM after its scripts ran (and a screenshot of it, if asked)."""
-    args = [CHROMIUM, *CHROMIUM_FLAGS, *([f"--screenshot={screenshot}"] if screenshot else ["--dump-dom"]), url]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
-    return result.stdout
+class Browser:
+    """Headless Chromium driven over the DevTools protocol: open a page, wait until its text shows something,
+    click what a person would click, read the rendered text, take a screenshot."""
+
+    def __init__(self, profile: Path):
+        from websockets.sync.client import connect
+
+        port = free_port()
+        self.process = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--remote-debugging-port={port}",
+                                         f"--user-data-dir={profile}", "about:blank"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(60):
+            try:
+                pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2).read())
+                page = next(p for p in pages if p["type"] == "page")
+                break
+            except (OSError, StopIteration, ValueError):
+                time.sleep(0.5)
+        else:
+            self.process.kill()
+            pytest.fail("Chromium did not open its DevTools port")
+        self.socket = connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10)
+        self.ids = iter(range(1, 10**9))
+
+    def send(self, method: str, **params) -> dict:
+        call = next(self.ids)
+        self.socket.send(json.dumps({"id": call, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=60))
+            if message.get("id") == call:
+                assert "error" not in message, message
+                return message["result"]
+
+    def run(self, script: str):
+        return self.send("Runtime.evaluate", expression=script, returnByValue=True)["result"].get("value")
+
+    def text(self) -> str:
+        return self.run("document.body ? document.body.innerText : ''") or ""
+
+    def open(self, url: str, shows: str) -> str:
+        """Go to `url` and wait until the rendered page text contains `shows`; returns that text."""
+        self.send("Page.navigate", url=url)
+        return self.wait_for(shows)
+
+    def wait_for(self, shows: str) -> str:
+        """Wait until the rendered text contains `shows`; returns that text."""
+        self.wait_until(f"document.body && document.body.innerText.includes({json.dumps(shows)})", repr(shows))
+        return self.text()
+
+    def wait_until(self, script: str, what: str, seconds: float = 60) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.run(script):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the page never showed {what}; it shows:\n{self.text()[:3000]}")
+            time.sleep(0.5)
+
+    def click(self, label: str) -> None:
+        """Click the innermost element whose whole visible text is `label` (a tab, a button)."""
+        clicked = self.run(f"""(() => {{
+            const all = [...document.querySelectorAll('button, a, [role=tab], li, span, div')]
+                .filter(e => e.innerText && e.innerText.trim() === {json.dumps(label)} && e.offsetParent !== null);
+            const inner = all.filter(e => !all.some(o => o !== e && e.contains(o)));
+            if (!inner.length) return false;
+            inner[0].click();
+            return true;
+        }})()""")
+        assert clicked, f"nothing to click labelled {label!r}"
+
+    def screenshot(self, path: Path) -> None:
+        path.write_bytes(base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"]))
+
+    def close(self) -> None:
+        self.socket.close()
+        self.process.kill()
+        self.process.wait(timeout=30)
 
 
 def test_pipeline_run_and_artifacts_are_visible_in_the_ui(ui_server, small_corpus, tmp_path):
@@ -100,32 +172,40 @@ def test_pipeline_run_and_artifacts_are_visible_in_the_ui(ui_server, small_corpu
 
     shots = tmp_path / "screenshots"
     shots.mkdir()
-    # The pipeline run's page names the run and its subflow runs.
-    dom = chromium(f"{base}/runs/flow-run/{pipeline['id']}")
-    assert pipeline["name"] in dom
-    chromium(f"{base}/runs/flow-run/{pipeline['id']}", shots / "pipeline-run.png")
+    browser = Browser(tmp_path / "chromium-profile")
+    try:
+        # The pipeline run's page names the run and its subflow runs.
+        browser.open(f"{base}/runs/flow-run/{pipeline['id']}", shows=pipeline["name"])
+        browser.screenshot(shots / "pipeline-run.png")
 
-    # The data run lists every stage as a named task run.
-    dom = chromium(f"{base}/runs/flow-run/{children['data']['id']}?tab=Task+Runs")
-    for stage in ("download-sotu", "clean-kjv", "dedup-", "decontaminate-", "tokenizer-", "shard-", "report-"):
-        assert stage in dom, stage
-    chromium(f"{base}/runs/flow-run/{children['data']['id']}?tab=Task+Runs", shots / "data-task-runs.png")
+        # The data run lists every stage as a named task run: its page opens on Logs; a click opens the list.
+        browser.open(f"{base}/runs/flow-run/{children['data']['id']}", shows="Task Runs")
+        browser.click("Task Runs")
+        listed = browser.wait_for("shard-")
+        for stage in ("download-sotu", "clean-kjv", "dedup-", "decontaminate-", "tokenizer-", "shard-", "report-"):
+            assert stage in listed, stage
+        browser.screenshot(shots / "data-task-runs.png")
 
-    # Training publishes a progress artifact, a metrics table and a loss-curve image; the UI renders them.
-    artifacts = {a["key"]: a for a in api(base, "/artifacts/filter", {}) if a["key"]}
-    assert {"data-flow-stages", "pretrain-progress", "pretrain-metrics", "pretrain-loss-curve",
-            "sft-loss-curve", "evaluation-report"} <= set(artifacts)
-    assert artifacts["pretrain-progress"]["data"] == 100.0
-    pretrain_task = artifacts["pretrain-progress"]["task_run_id"]
-    assert artifacts["pretrain-progress"]["flow_run_id"] == children["pretrain"]["id"]
-    dom = chromium(f"{base}/runs/task-run/{pretrain_task}?tab=Artifacts")
-    for key in ("pretrain-progress", "pretrain-metrics", "pretrain-loss-curve"):
-        assert key in dom, key
-    chromium(f"{base}/runs/task-run/{pretrain_task}?tab=Artifacts", shots / "pretrain-artifacts.png")
-    assert "100%" in chromium(f"{base}/artifacts/artifact/{artifacts['pretrain-progress']['id']}")
-    dom = chromium(f"{base}/artifacts/artifact/{artifacts['pretrain-loss-curve']['id']}")
-    assert "data:image/png;base64" in dom
-    chromium(f"{base}/artifacts/artifact/{artifacts['pretrain-loss-curve']['id']}", shots / "loss-curve.png")
+        # Training publishes a progress artifact, a metrics table and a loss-curve image; the UI renders them.
+        artifacts = {a["key"]: a for a in api(base, "/artifacts/filter", {}) if a["key"]}
+        assert {"data-flow-stages", "pretrain-progress", "pretrain-metrics", "pretrain-loss-curve",
+                "sft-loss-curve", "evaluation-report"} <= set(artifacts)
+        assert artifacts["pretrain-progress"]["data"] == 100.0
+        pretrain_task = artifacts["pretrain-progress"]["task_run_id"]
+        assert artifacts["pretrain-progress"]["flow_run_id"] == children["pretrain"]["id"]
+        browser.open(f"{base}/runs/task-run/{pretrain_task}", shows="Artifacts")
+        browser.click("Artifacts")
+        shown = browser.wait_for("pretrain-loss-curve")
+        for key in ("pretrain-progress", "pretrain-metrics", "pretrain-loss-curve"):
+            assert key in shown, key
+        browser.screenshot(shots / "pretrain-artifacts.png")
+        browser.open(f"{base}/artifacts/artifact/{artifacts['pretrain-progress']['id']}", shows="100%")
+        browser.open(f"{base}/artifacts/artifact/{artifacts['pretrain-loss-curve']['id']}", shows="pretrain-loss-curve")
+        browser.wait_until("[...document.images].some(i => i.src.startsWith('data:image/png;base64') && "
+                           "i.naturalWidth > 100)", "the loss curve drawn")
+        browser.screenshot(shots / "loss-curve.png")
+    finally:
+        browser.close()
 
     for png in shots.iterdir():
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 20_000, png  # a rendered page

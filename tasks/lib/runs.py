@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 from tasks.lib.artifacts import canonical
@@ -13,11 +15,29 @@ from tasks.lib.launch import PretrainConfig
 from tasks.spec import resolve_path
 
 
+SUMMARY = "summary.json"  # written once, when a run has finished: its presence marks a finished run
+
+
+def write_summary(run_dir: Path, summary: dict) -> dict:
+    """Record that the run finished (with when), atomically: a crash leaves no half-written summary."""
+    summary = {**summary, "finished_at": time.time()}
+    tmp = run_dir / f".{SUMMARY}.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, run_dir / SUMMARY)
+    return summary
+
+
+def finished_summary(run_dir: Path) -> dict | None:
+    """The summary of a finished run, or None while it has not finished (or never started)."""
+    path = Path(run_dir) / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def finished_runs(runs_dir: str | Path, kind: str) -> list[Path]:
-    """The finished runs of a kind ("pretrain" or "sft") under runs_dir, newest first."""
-    runs = [p.parent for p in Path(runs_dir).glob("*/summary.json")
-            if ("init_checkpoint" in json.loads(p.read_text())) == (kind == "sft")]
-    return sorted(runs, key=lambda p: (p / "summary.json").stat().st_mtime, reverse=True)
+    """The finished runs of a kind ("pretrain" or "sft") under runs_dir, newest first by recorded finish time."""
+    summaries = {p.parent: json.loads(p.read_text()) for p in Path(runs_dir).glob(f"*/{SUMMARY}")}
+    runs = [run for run, s in summaries.items() if ("init_checkpoint" in s) == (kind == "sft")]
+    return sorted(runs, key=lambda run: summaries[run].get("finished_at", 0.0), reverse=True)
 
 
 def newest_run(runs_dir: str | Path, kind: str) -> Path:
