@@ -16,9 +16,9 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.lib.artifacts import MANIFEST_NAME, STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
+from tasks.lib.artifacts import MANIFEST_NAME, STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file, verify
+from tasks.lib.code_version import stage_code_version
 from tasks.lib.log import get_logger
-from tasks.lib.artifacts import stage_code_version, verify
 from tasks.shard import ShardManifest, mixture_weights
 from tasks.spec import DataSpec, ShardingConfig
 

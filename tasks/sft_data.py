@@ -28,7 +28,6 @@ from tasks.spec import InstructionSourceSpec, SFTSpec
 from tasks.lib.blocks import keep_in_sample
 
 ROW_GROUP = 32
-CODE_DEPENDENCIES = ("model.chat",)  # the chat template and loss mask shape these rows
 
 
 def conversation(rec: Record, source: InstructionSourceSpec, system_prompt: str | None) -> tuple[list | None, str]:

@@ -28,7 +28,6 @@ from tasks.lib.log import get_logger
 from tasks.spec import ExecutorConfig, TokenizerConfig
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
-CODE_DEPENDENCIES = ("model.chat",)  # the chat template is written into the tokenizer files
 
 
 def iter_documents(folder: Path) -> Iterator[dict]:

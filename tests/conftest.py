@@ -228,13 +228,11 @@ SHARED_GROUPS = {"training-runs": {"tp1_run", "tp2_run", "tp1_evaluations"},
                  "prefect-server": {"prefect_server", "pretrained_by_flow"}}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the markers
-def pytest_collection_modifyitems(items):
-    for item in items:
-        for group, fixtures in SHARED_GROUPS.items():
-            if fixtures & set(item.fixturenames):
-                item.add_marker(pytest.mark.xdist_group(group))
-                break
+def pytest_itemcollected(item):  # as each test is collected, before xdist reads the groups off the marks
+    for group, fixtures in SHARED_GROUPS.items():
+        if fixtures & set(item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group(group))
+            break
 
 
 EVAL_LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "pp2": (2, ["--pp", "2"])}

@@ -60,6 +60,28 @@ def test_pretrain_flow_learns_and_publishes(pretrained_by_flow):
     assert time.perf_counter() - started < 60
 
 
+def test_a_finished_run_returns_at_once_without_launching(pretrained_by_flow, monkeypatch):
+    """The pretrain task on a run that finished: its directory back in well under 5 s, nothing launched (any
+    process start fails this test) and no file of the run rewritten."""
+    import subprocess
+
+    from model.checkpoint import read_train_state, resolve_checkpoint
+    from tasks.pretrain import pretrain
+
+    run_dir = Path(pretrained_by_flow.state.result())
+    manifest = Path(read_train_state(resolve_checkpoint(run_dir))["manifest"]) / "manifest.json"
+    files = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError(f"launched {args[0]}")
+
+    monkeypatch.setattr(subprocess, "Popen", no_launch)
+    started = time.perf_counter()
+    returned = pretrain.fn(str(manifest), PretrainConfig(train=FLOW_TRAIN), str(pretrained_by_flow.runs_dir))
+    assert returned == str(run_dir) and time.perf_counter() - started < 5
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == files
+
+
 def test_server_streams_run_logs_for_watch():
     """`prefect deployment run ... --watch` subscribes to the run's logs over a websocket, which the server
     serves only with these settings (prefect.toml); without them the terminal shows events and no progress."""

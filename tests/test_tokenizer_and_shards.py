@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from tasks.spec import ExecutorConfig, ShardingConfig, TokenizerConfig
 from tasks.lib.blocks import keep_in_sample
 from tasks.tokenizer import iter_documents, read_lines, sample_lines, train_tokenizer
 
-from conftest import bundled_docs
+from conftest import ROOT, bundled_docs
 
 SPECIAL = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
@@ -89,9 +90,19 @@ def test_long_lines_are_split_not_skipped(tmp_path):
 
 
 def test_sampling_is_deterministic_and_bounded():
+    """The same documents in every process (nothing of Python's per-process string hashing), another seed another
+    sample, and the asked fraction."""
+    import subprocess
+    import sys
+
     ids = [f"doc-{i}" for i in range(20000)]
     chosen = [i for i in ids if keep_in_sample(i, 0.1, seed=0)]
-    assert chosen == [i for i in ids if keep_in_sample(i, 0.1, seed=0)]
+    elsewhere = subprocess.run(
+        [sys.executable, "-c", "from tasks.lib.blocks import keep_in_sample\n"
+                               "print(' '.join(f'doc-{i}' for i in range(20000) if keep_in_sample(f'doc-{i}', 0.1, 0)))"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "12345"}, check=True)
+    assert elsewhere.stdout.split() == chosen
+    assert chosen != [i for i in ids if keep_in_sample(i, 0.1, seed=1)]
     assert 1800 < len(chosen) < 2200
 
 

@@ -16,14 +16,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib
 import inspect
 import json
 import os
 import re
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +29,7 @@ from typing import Any, Callable
 import psutil
 from pydantic import BaseModel
 
+from tasks.lib.code_version import stage_code_version
 from tasks.lib.log import get_logger, progress
 
 MANIFEST_NAME = "_artifact.json"
@@ -72,17 +71,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def stage_code_version(stage: str) -> str:
-    """Hash of the stage module's source, and of the modules it lists in CODE_DEPENDENCIES (code outside tasks/
-    that shapes its output): editing them invalidates the stage's outputs (and everything downstream)."""
-    module = sys.modules.get(f"tasks.{stage}")
-    if module is None:
-        raise KeyError(f"no stage module tasks.{stage}: a stage task's name must be its module's name")
-    sources = [inspect.getsource(module)] + [inspect.getsource(importlib.import_module(name))
-                                             for name in getattr(module, "CODE_DEPENDENCIES", ())]
-    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
 
 
 # Parameters that describe a run without changing its output: where it is stored, and lineage records that are

@@ -6,12 +6,15 @@ traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import queue
 import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Literal
@@ -157,12 +160,7 @@ def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extr
                "PYTHONUNBUFFERED": "1"}
         output = run_dir / "ranks.log"
         with open(output, "w") as ranks_log:
-            proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=ranks_log, text=True,
-                                    bufsize=1, env=env)
-            for line in iter(proc.stdout.readline, ""):
-                progress(line.rstrip())
-                tracker.line(line)
-            code = proc.wait()
+            code = follow_launcher(cmd, env, ranks_log, tracker)
     if code != 0:
         failures = FAILURE.findall(output.read_text())
         if failures:
@@ -172,6 +170,79 @@ def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extr
                                f"\nAll ranks' output: {output}")
         raise RuntimeError(f"training exited with code {code}; last output:\n{output.read_text()[-3000:]}")
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgress) -> int:
+    """Run torchrun in a session of its own, streaming its stdout (rank 0's lines) into the log until it exits;
+    returns its exit code. torchrun starts each rank in a session of the rank's own, so the sessions of its
+    descendants are noted as they appear; when the launcher exits, however it exits (or this process is
+    interrupted), every process left in any of those sessions is killed: a rank's orphaned children (checkpoint
+    writers) would otherwise live on, holding the output pipe open, and a read-until-end-of-output would wait
+    forever."""
+    import psutil
+
+    lines: queue.Queue[str | None] = queue.Queue()
+    proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=ranks_log, text=True, bufsize=1,
+                            env=env, start_new_session=True)
+    sessions = {proc.pid}
+
+    def read() -> None:
+        for line in iter(proc.stdout.readline, ""):
+            lines.put(line)
+        lines.put(None)  # end of output: every writer is gone
+
+    threading.Thread(target=read, daemon=True, name="launcher-output").start()
+    try:
+        ended, noted = None, 0.0
+        while True:
+            if time.monotonic() - noted > 1 and proc.poll() is None:
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
+                    sessions |= {os.getsid(p.pid) for p in psutil.Process(proc.pid).children(recursive=True)}
+                noted = time.monotonic()
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                break
+            if line:
+                progress(line.rstrip())
+                tracker.line(line)
+            if proc.poll() is not None:
+                # The launcher is gone: take what its ranks printed before it, but wait no longer than a few
+                # seconds for an end of output that orphans may never give.
+                ended = ended or time.monotonic()
+                if time.monotonic() - ended > 5:
+                    break
+        return proc.wait()
+    finally:
+        kill_sessions(sessions)
+
+
+def kill_sessions(sessions: set[int]) -> None:
+    """SIGKILL every process in these sessions and wait until they are gone; sweep again for any that a dying
+    process forked meanwhile."""
+    import psutil
+
+    def members() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["status"]):
+            try:
+                if p.info["status"] != psutil.STATUS_ZOMBIE and os.getsid(p.pid) in sessions:
+                    found.append(p)
+            except (ProcessLookupError, PermissionError):
+                continue
+        return found
+
+    for _ in range(10):
+        left = members()
+        if not left:
+            return
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        psutil.wait_procs(left, timeout=5)
+    get_logger().warning(f"processes of the training launch still running after SIGKILL: {members()}")
 
 
 def run_slurm_job(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...],

@@ -1,0 +1,112 @@
+"""A stage's fingerprint follows the code it runs (tasks/lib/code_version.py): a semantic edit of anything the
+stage reaches changes it, and that stage and those after it rebuild; an edit of comments or docstrings, or of code
+the stage never reaches, changes nothing. Edits are made in a copy of the project, never in this checkout."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.lib.code_version import stage_code_version
+
+from conftest import ROOT, bundled_docs
+
+STAGES = ("download", "clean", "dedup", "decontaminate", "tokenizer", "shard", "append", "sft_data")
+# TokenizeAndPack's train/validation split: only the shard stage runs it.
+SPLIT_SEED = 'keep_in_sample(doc.id, self.config.validation_fraction, seed=1234)'
+
+
+def project_copy(where: Path) -> Path:
+    """The code (tasks/, model/, the test scripts) copied, the data and specs linked."""
+    root = where / "project"
+    ignore = shutil.ignore_patterns("__pycache__")
+    for folder in ("tasks", "model", "tests/scripts"):
+        shutil.copytree(ROOT / folder, root / folder, ignore=ignore)
+    for folder in ("data", "data_specs"):
+        (root / folder).symlink_to(ROOT / folder)
+    return root
+
+
+def versions(root: Path) -> dict[str, str]:
+    return {stage: stage_code_version(stage, root) for stage in STAGES}
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert text.count(old) == 1, old
+    path.write_text(text.replace(old, new))
+
+
+def test_code_version_covers_what_the_stage_reaches_and_nothing_else(tmp_path):
+    root = project_copy(tmp_path)
+    before = versions(root)
+    assert before == versions(ROOT)  # where the checkout lives is not in a fingerprint
+    blocks = root / "tasks" / "lib" / "blocks.py"
+
+    # Comments, docstrings, blank lines: nothing changes.
+    edit(blocks, "class TokenizeAndPack(PipelineStep):\n", "class TokenizeAndPack(PipelineStep):  # packs rows\n")
+    edit(blocks, 'def keep_in_sample(doc_id: str, fraction: float, seed: int) -> bool:\n    """',
+         'def keep_in_sample(doc_id: str, fraction: float, seed: int) -> bool:\n\n    """Reworded. ')
+    assert versions(root) == before
+
+    # The split's seed in the shard stage's block: the shard stage only (upstream stages never run it).
+    edit(blocks, SPLIT_SEED, SPLIT_SEED.replace("1234", "999"))
+    after = versions(root)
+    assert {s for s in STAGES if after[s] != before[s]} == {"shard"}
+
+    # keep_in_sample itself: everything that samples by document id (the tokenizer's sample, the shard split,
+    # the SFT split), and nothing that does not.
+    edit(blocks, "def keep_in_sample(doc_id: str, fraction: float, seed: int) -> bool:",
+         "def keep_in_sample(doc_id: str, fraction: float, seed: int = 0) -> bool:")
+    again = versions(root)
+    assert {s for s in STAGES if again[s] != after[s]} == {"tokenizer", "shard", "sft_data"}
+
+    # A module the stage imports through another: the chat template reaches the tokenizer (written into its
+    # files) and the SFT rows, through model/chat.py.
+    edit(root / "model" / "chat.py", "CHAT_TEMPLATE = (", "CHAT_TEMPLATE = ('' + ")
+    third = versions(root)
+    assert {s for s in STAGES if third[s] != again[s]} >= {"tokenizer", "sft_data"}
+    assert third["shard"] == again["shard"] and third["clean"] == again["clean"]
+
+
+@pytest.fixture(scope="module")
+def raw_documents(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("raw")
+    with gzip.open(root / "docs.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(d) + "\n" for d in bundled_docs("sotu", 6) + bundled_docs("kjv", 100))
+    return root
+
+
+def build(root: Path, documents: Path, artifacts: Path) -> dict[str, str]:
+    """Run the data chain from the project copy; {stage: "built" | "reused"}."""
+    out = subprocess.run([sys.executable, str(root / "tests/scripts/build_data.py"), str(documents), str(artifacts)],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    states = {}
+    for stage in ("download", "clean", "dedup", "decontaminate", "tokenizer", "shard"):
+        if f"{stage}: built " in out.stdout:
+            states[stage] = "built"
+        elif f"{stage}: reusing verified artifact" in out.stdout:
+            states[stage] = "reused"
+    return states
+
+
+@pytest.mark.slow
+def test_a_library_edit_rebuilds_the_stage_that_runs_it_and_after(raw_documents, tmp_path):
+    root, artifacts = project_copy(tmp_path), tmp_path / "artifacts"
+    assert set(build(root, raw_documents, artifacts).values()) == {"built"}
+
+    blocks = root / "tasks" / "lib" / "blocks.py"
+    edit(blocks, "class TokenizeAndPack(PipelineStep):\n", "# Rows of seq_len + 1 tokens.\nclass TokenizeAndPack(PipelineStep):\n")
+    assert set(build(root, raw_documents, artifacts).values()) == {"reused"}  # a comment: nothing rebuilds
+
+    edit(blocks, SPLIT_SEED, SPLIT_SEED.replace("1234", "999"))
+    assert build(root, raw_documents, artifacts) == {
+        "download": "reused", "clean": "reused", "dedup": "reused", "decontaminate": "reused",
+        "tokenizer": "reused", "shard": "built"}
