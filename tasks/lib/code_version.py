@@ -54,6 +54,7 @@ class ModuleIndex:
     code: dict[str, str]  # name -> its defining statements' syntax trees, docstrings removed
     refers: dict[str, frozenset[tuple[str, str | None]]]  # name -> (module, name or None for a whole module)
     on_import: tuple[str, frozenset[tuple[str, str | None]]]  # statements that define no name: code, references
+    imports: dict[str, tuple[str, str | None]]  # name bound by an import -> (module, name or None)
 
 
 def reached_code(start: str, root: Path) -> dict[tuple[str, str], str]:
@@ -76,8 +77,8 @@ def reached_code(start: str, root: Path) -> dict[tuple[str, str], str]:
             names = list(index.code)
         elif name in index.code:
             names = [name]
-        else:  # not defined here: a submodule (`from tasks.lib import blocks`) or a name bound by an import
-            pending.append((f"{module}.{name}", None))
+        else:  # bound here by an import (a re-export), or a submodule (`from tasks.lib import blocks`)
+            pending.append(index.imports.get(name, (f"{module}.{name}", None)))
             names = []
         for n in names:
             if (module, n) not in reached:
@@ -122,7 +123,7 @@ def module_index(module: str, source: str) -> ModuleIndex:
 
     return ModuleIndex(code={n: normalised(nodes) for n, nodes in defined.items()},
                        refers={n: references(nodes) for n, nodes in defined.items()},
-                       on_import=(normalised(on_import), references(on_import)))
+                       on_import=(normalised(on_import), references(on_import)), imports=imported)
 
 
 def import_bindings(node: ast.stmt) -> list[tuple[str, tuple[str, str | None]]]:
