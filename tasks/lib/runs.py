@@ -18,13 +18,11 @@ from tasks.spec import resolve_path
 SUMMARY = "summary.json"  # written once, when a run has finished: its presence marks a finished run
 
 
-def write_summary(run_dir: Path, summary: dict) -> dict:
+def write_summary(run_dir: Path, summary: dict) -> None:
     """Record that the run finished (with when), atomically: a crash leaves no half-written summary."""
-    summary = {**summary, "finished_at": time.time()}
     tmp = run_dir / f".{SUMMARY}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.write_text(json.dumps({**summary, "finished_at": time.time()}, indent=1))
     os.replace(tmp, run_dir / SUMMARY)
-    return summary
 
 
 def finished_summary(run_dir: Path) -> dict | None:
