@@ -20,7 +20,7 @@ from tasks.download import resolve
 from tasks.lib.launch import PretrainConfig
 from tasks.lib.runs import newest_run
 from tasks.pretrain import preflight
-from tasks.sft import sft
+from tasks.sft import SFT_TRAIN_DEFAULTS, sft
 from tasks.sft_data import sft_data
 from tasks.spec import SFTSpec, load_spec, resolve_path
 
@@ -31,7 +31,8 @@ def sft_flow(sft_spec_path: str = "data_specs/sft_default.yaml", pretrained: str
              runs_dir: str = "runs") -> str:
     """Fine-tune `pretrained` (a run directory or checkpoint; default the newest pretraining run) on the
     instruction set of `sft_spec_path`; returns the SFT run directory."""
-    config = PretrainConfig(tp=tp, pp=pp, nproc=nproc, gpus_required=gpus_required, train=train or {})
+    config = PretrainConfig(tp=tp, pp=pp, nproc=nproc, gpus_required=gpus_required,
+                            train={**SFT_TRAIN_DEFAULTS, **(train or {})})
     preflight(config)
     runs = resolve_path(runs_dir)
     checkpoint = resolve_checkpoint(resolve_path(pretrained) if pretrained else newest_run(runs, "pretrain"))

@@ -10,14 +10,16 @@ from pathlib import Path
 from prefect import task
 
 from tasks.lib.log import progress
-from tasks.lib.launch import PretrainConfig, check_resources, run_training
+from tasks.lib.launch import PretrainConfig, check_resources, check_train_settings, run_training
 from tasks.lib.runs import checkpoint_architecture, continuation_checkpoint, finished_summary, run_key, write_summary
 from tasks.lib.training_report import final_validation, publish_training
 
 
 @task(name="preflight")
 def preflight(config: PretrainConfig) -> None:
-    """Runs before the data flow, so a layout that cannot run here fails in seconds, not after hours of data."""
+    """Runs before the data flow, so a layout that cannot run here, or a bad training setting, fails in seconds,
+    not after hours of data."""
+    check_train_settings(config.train)
     check_resources(config)
 
 

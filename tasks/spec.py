@@ -26,6 +26,11 @@ class Strict(BaseModel):
 # ---------------------------------------------------------------- sources
 
 
+# The location fields that only one kind of source reads; setting one on another kind is refused.
+KIND_FIELDS = {"paths": "local", "dataset": "hf", "config": "hf", "split": "hf", "revision": "hf",
+               "data_files": "hf", "url": "url", "sha256": "url"}
+
+
 class SourceSpec(Strict):
     """One corpus source. `kind` selects which of the location fields apply."""
 
@@ -62,6 +67,10 @@ class SourceSpec(Strict):
         for field in needed:
             if not getattr(self, field):
                 raise ValueError(f"a '{self.kind}' source needs `{field}`")
+        misplaced = sorted(f for f in self.model_fields_set if KIND_FIELDS.get(f, self.kind) != self.kind)
+        if misplaced:
+            raise ValueError(f"`{misplaced[0]}` applies to '{KIND_FIELDS[misplaced[0]]}' sources, not to this "
+                             f"'{self.kind}' one: remove it, or set kind: {KIND_FIELDS[misplaced[0]]}")
         if self.kind == "url" and not self.url.startswith(("http://", "https://")):
             raise ValueError(f"`url` must start with http:// or https://, got {self.url!r}")
         return self
@@ -252,6 +261,10 @@ class DataSpec(Strict):
         unknown = sorted(set(self.sharding.mixture) - set(names))
         if unknown:
             raise ValueError(f"sharding.mixture names unknown sources {unknown}; sources are {names}")
+        mixture = self.sharding.mixture
+        if set(names) <= set(mixture) and not any(mixture[n] > 0 for n in names):
+            raise ValueError(f"sharding.mixture gives every source weight 0 ({mixture}): nothing could be sampled; "
+                             f"give at least one source a weight above 0")
         for source in self.sources:
             self.cleaning_for(source)  # an invalid per-source override is a spec error, found now
         return self

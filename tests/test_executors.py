@@ -154,3 +154,20 @@ def test_slurm_executor_submits_arrays_with_dependencies(sources, tokenizer_dir,
         number = int(job.split("-")[1])
         assert f"#SBATCH --dependency=afterok:{number - 1}" in scripts[job]
         assert f"--export=ALL,RUN_OFFSET=0" in args[f"job-{number - 1}"]
+
+
+def test_a_failing_squeue_is_an_error_not_a_finished_job(tmp_path, monkeypatch):
+    """Only squeue's "Invalid job id" (a job purged after it ended) means finished; any other failure stops the
+    wait with squeue's own words."""
+    from types import SimpleNamespace
+
+    from tasks.lib.blocks import wait_for_slurm
+
+    squeue = tmp_path / "squeue"
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
+    squeue.chmod(0o755)
+    with pytest.raises(RuntimeError, match="squeue failed .* Unable to contact slurm controller"):
+        wait_for_slurm(SimpleNamespace(job_id=42), poll_seconds=0.01)
+    squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
+    wait_for_slurm(SimpleNamespace(job_id=42), poll_seconds=0.01)  # returns: the job is long gone

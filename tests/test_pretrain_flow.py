@@ -102,6 +102,19 @@ def test_7b_without_gpus_fails_fast_saying_what_it_needs(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("train,message", [
+    ({"steps": 10, "warmup_steps": 50}, r"warmup_steps \(50\) must be below steps \(10\)"),
+    ({"stepz": 10}, r"train: unknown setting 'stepz'"),
+])
+def test_bad_train_settings_fail_before_any_data_work(tmp_path, train, message):
+    started = time.perf_counter()
+    state = pretrain_flow("data_specs/default.yaml", train=train, runs_dir=str(tmp_path / "runs"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValueError, match=message):
+        state.result()
+    assert time.perf_counter() - started < 30 and not (tmp_path / "runs").exists()
+
+
 def test_rank_failure_reports_that_ranks_traceback(tmp_path):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "manifest.json").write_text('{"vocab_size": 1000, "seq_len": 64}')

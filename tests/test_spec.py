@@ -67,6 +67,32 @@ def test_mixture_must_name_known_sources():
             {"name": "a", "kind": "local", "paths": ["x"], "license": "x"}]})
 
 
+def test_mixture_of_all_zero_weights_is_refused():
+    sources = [{"name": n, "kind": "local", "paths": ["x"], "license": "x"} for n in ("a", "b")]
+    with pytest.raises(ValueError, match="sharding.mixture gives every source weight 0"):
+        DataSpec.model_validate({"name": "x", "sharding": {"mixture": {"a": 0, "b": 0.0}}, "sources": sources})
+    # An unlisted source still gets its token share, and one weight above 0 is enough.
+    DataSpec.model_validate({"name": "x", "sharding": {"mixture": {"a": 0}}, "sources": sources})
+    DataSpec.model_validate({"name": "x", "sharding": {"mixture": {"a": 0, "b": 1}}, "sources": sources})
+
+
+def test_fields_of_another_kind_of_source_are_refused(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("""
+name: bad
+sources:
+  - {name: a, kind: local, paths: [x], split: validation, license: x}
+  - {name: b, kind: hf, dataset: json, url: "https://example.org/x.jsonl", license: x}
+  - {name: c, kind: url, url: "https://example.org/x.jsonl", paths: [x], license: x}
+""")
+    with pytest.raises(SpecError) as err:
+        load_spec(bad)
+    msg = str(err.value)
+    for fragment in ("sources.0", "`split` applies to 'hf' sources, not to this 'local' one", "sources.1",
+                     "`url` applies to 'url' sources", "sources.2", "`paths` applies to 'local' sources"):
+        assert fragment in msg, fragment
+
+
 def test_missing_spec_file_lists_available_specs(tmp_path):
     with pytest.raises(SpecError, match="default.yaml"):
         load_spec(tmp_path / "nope.yaml")

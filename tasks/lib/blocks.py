@@ -368,6 +368,9 @@ def wait_for_slurm(runner, poll_seconds: float) -> None:
     while True:
         queued = subprocess.run(["squeue", "--noheader", "--format=%i", "--jobs", str(runner.job_id)],
                                 capture_output=True, text=True)
+        if queued.returncode != 0 and "Invalid job id" not in queued.stderr:
+            raise RuntimeError(f"squeue failed (exit {queued.returncode}) while waiting for Slurm job "
+                               f"{runner.job_id}: {queued.stderr.strip() or queued.stdout.strip()}")
         if queued.returncode != 0 or not queued.stdout.strip():
-            return  # squeue forgets finished jobs (and errors on unknown ids)
+            return  # finished: squeue lists it no more (or, once purged, calls its id invalid)
         time.sleep(poll_seconds)

@@ -126,6 +126,23 @@ def slurm_script(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extr
         ""])
 
 
+def check_train_settings(train: dict) -> None:
+    """The `train:` settings as model.train will read them, validated as its TrainConfig now, before any work:
+    an unknown name or a bad value fails naming the field."""
+    import dataclasses
+
+    from model.config import TrainConfig
+
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(train) - set(fields))
+    if unknown:
+        raise ValueError(f"train: unknown setting {unknown[0]!r}; TrainConfig's settings are {', '.join(fields)}")
+    try:
+        TrainConfig(**{k: tuple(v) if k == "adam_betas" else v for k, v in train.items() if v is not None})
+    except TypeError as err:  # a value of the wrong type, e.g. steps: "ten"
+        raise ValueError(f"train: {err}") from None
+
+
 def check_resources(config: PretrainConfig) -> None:
     """Fail before launching when the layout cannot run here, saying what it needs. (A Slurm launch runs on
     the cluster's nodes, not here.)"""
