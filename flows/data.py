@@ -3,6 +3,7 @@ content; files added to a source later are ingested incrementally and appended a
 
     python -m flows.data --spec data_specs/default.yaml
     python -m flows.data --spec data_specs/default.yaml --full     # rebuild from all files, retrain the tokenizer
+    python -m flows.data --spec data_specs/default.yaml --verify   # hash every reused file, not only stat it
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from prefect import flow
 from prefect.events import emit_event
 
 from tasks.append import Base, append, find_base, settings_key
-from tasks.lib.artifacts import ArtifactRef, run_stage
+from tasks.lib.artifacts import ArtifactRef, full_verification, run_stage
 from tasks.lib.log import progress
 from tasks.clean import clean
 from tasks.decontaminate import decontaminate, reference_sets
@@ -30,7 +31,8 @@ MANIFEST_EVENT = "llm-pipeline.manifest.created"
 
 
 @flow(name="data")
-def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False, incremental: bool = True) -> str:
+def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False, incremental: bool = True,
+              verify: bool = False) -> str:
     """Build training shards for a data spec; returns the path of the shard manifest.
 
     `incremental` (default): when the spec's sources have gained files since a manifest was built with the same
@@ -41,7 +43,18 @@ def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False
     With `announce` (the data deployment sets it), a manifest built by this run, not reused, that holds new
     training rows is announced as a Prefect event, `llm-pipeline.manifest.created`, for automations and
     deployment triggers. Flows that call this one as a step (pretrain, pipeline) leave it off, so they never
-    trigger a second run of their own work."""
+    trigger a second run of their own work.
+
+    A reused artifact is checked by stat (each file's size and build-time mtime); `verify` hashes every file of
+    every artifact it reuses instead, and rebuilds any that fails."""
+    token = full_verification.set(verify)
+    try:
+        return build_manifest(spec_path, announce, incremental)
+    finally:
+        full_verification.reset(token)
+
+
+def build_manifest(spec_path: str, announce: bool, incremental: bool) -> str:
     started = time.time()
     spec = load_spec(spec_path)
     artifacts_dir = spec.artifacts_path()
@@ -160,6 +173,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default="data_specs/default.yaml", help="data spec YAML (default: %(default)s)")
     parser.add_argument("--full", action="store_true", help="rebuild from all files instead of appending new ones")
+    parser.add_argument("--verify", action="store_true",
+                        help="hash every file of every reused artifact (default: check size and mtime)")
     args = parser.parse_args()
     require_server()
-    print(data_flow(args.spec, incremental=not args.full))
+    print(data_flow(args.spec, incremental=not args.full, verify=args.verify))

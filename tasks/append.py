@@ -16,7 +16,8 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.lib.artifacts import MANIFEST_NAME, STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file, verify
+from tasks.lib.artifacts import (MANIFEST_NAME, STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, full_verification,
+                                 verify)
 from tasks.lib.code_version import stage_code_version
 from tasks.lib.log import get_logger
 from tasks.shard import ShardManifest, mixture_weights
@@ -91,16 +92,21 @@ def find_base(artifacts_dir: Path, settings: str, files: dict[str, list[tuple[st
 
 
 def check_intact(manifest_dir: Path, manifest: ShardManifest) -> str | None:
-    """None if every shard, the tokenizer and the dedup index a manifest relies on are present and unmodified;
-    else what is wrong."""
-    for shard in manifest.shards:
-        path = manifest_dir / shard.path
-        if not path.is_file() or sha256_file(path) != shard.sha256:
-            return f"shard {path} is missing or modified"
-    tokenizer = Path(manifest.lineage.get("tokenizer_dir", "")) / "tokenizer.model"
-    if not tokenizer.is_file() or sha256_file(tokenizer) != manifest.tokenizer_sha256:
-        return f"tokenizer {tokenizer} is missing or modified"
-    return verify(Path(manifest.lineage.get("dedup_dir", "")))  # the dedup artifact, with its index
+    """None if every artifact a manifest relies on verifies (its own, those holding the shards it lists, its
+    tokenizer and the dedup index) and the tokenizer is the one it was tokenized with; else what is wrong."""
+    artifacts_dir = manifest_dir.parent.parent
+    tokenizer_dir = Path(manifest.lineage.get("tokenizer_dir", ""))
+    relied_on = {manifest_dir, tokenizer_dir, Path(manifest.lineage.get("dedup_dir", ""))}
+    for shard in manifest.shards:  # an appended manifest lists earlier artifacts' shards: <stage>/<fp>/...
+        relative = Path(os.path.normpath(manifest_dir / shard.path)).relative_to(artifacts_dir)
+        relied_on.add(artifacts_dir.joinpath(*relative.parts[:2]))
+    for artifact in sorted(relied_on):
+        if problem := verify(artifact, full=full_verification.get()):
+            return problem
+    recorded = json.loads((tokenizer_dir / MANIFEST_NAME).read_text())["files"].get("tokenizer.model", [None, None])
+    if recorded[1] != manifest.tokenizer_sha256:
+        return f"tokenizer {tokenizer_dir} is not the one the manifest was tokenized with"
+    return None
 
 
 def append_shards(base_dir: Path, added_dir: Path, config: ShardingConfig, lineage: dict, out_dir: Path) -> dict:

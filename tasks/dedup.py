@@ -42,8 +42,9 @@ def dedup_documents(inputs: dict[str, Path], config: DedupConfig, executor: Exec
                     base_index: Path | None = None) -> dict:
     """Deduplicate the documents under each `inputs[source]` folder into `out_dir/docs/<source>/`, also against
     the documents behind `base_index` (an earlier dedup artifact's `index/`), if given."""
-    work = out_dir.parent / f".work-{out_dir.name}"  # scratch space, never part of the artifact
-    shutil.rmtree(work, ignore_errors=True)
+    # Scratch space inside the build's temporary directory: a killed build leaves it where the store's sweep of
+    # temporaries finds it, and a failed one keeps its datatrove logs with the failed build's evidence.
+    work = out_dir / ".scratch"
     index = out_dir / "index"
     parts = 0
     if base_index is not None:
@@ -54,10 +55,8 @@ def dedup_documents(inputs: dict[str, Path], config: DedupConfig, executor: Exec
         parts = len(list((base_index / "parts").iterdir()))
     part = f"part-{parts + 1:04d}"  # this ingest's index files
     (index / "parts").mkdir(parents=True, exist_ok=True)
-    try:
-        summary = _dedup(inputs, config, executor, out_dir, work, index, part)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    summary = _dedup(inputs, config, executor, out_dir, work, index, part)
+    shutil.rmtree(work)  # not part of the artifact
     (index / "parts" / part).write_text(json.dumps({"docs_in": summary["docs_in"], "sources": sorted(inputs)}))
     return {**summary, "index_parts": parts + 1}
 

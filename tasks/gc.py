@@ -2,6 +2,7 @@
 
     python -m tasks.gc                  # list what nothing refers to any more, and the bytes it holds
     python -m tasks.gc --delete         # remove it
+    python -m tasks.gc --verify         # also hash every file of every artifact; a corrupt one is removed too
 
 What is kept:
   * every manifest (`shard/`, `append/`, `sft_data/`) that a training run under the runs directory used: each
@@ -13,7 +14,8 @@ What is kept:
     it), and builds in progress.
 A Prefect cache record names the artifact its stage built, so every artifact has one: the records decide nothing
 here. They are removed with their artifacts (`run_stage` rebuilds anyway when a cached artifact is gone).
-Also removed: temporary build directories of processes that no longer run, and the locks of absent artifacts.
+Also removed: failed builds' evidence (`<stage>/failed-<fingerprint>/`, whatever its age), temporary build
+directories of processes that no longer run, and the locks of absent artifacts.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.lib.artifacts import MANIFEST_NAME, TMP_PREFIX, remove_stale_temporaries
+from tasks.lib.artifacts import FAILED_PREFIX, MANIFEST_NAME, TMP_PREFIX, remove_stale_temporaries, verify
 from tasks.spec import resolve_path
 
 ARTIFACT_ID = re.compile(r"\b([a-z_]+)/([0-9a-f]{20})\b")  # <stage>/<fingerprint>, as in any path to one
@@ -39,6 +41,11 @@ class Artifact:
     bytes: int
     built_at: float
     meta: dict | None  # its _artifact.json; None if incomplete
+
+    @property
+    def failed(self) -> bool:
+        """The kept files of a failed build, not an artifact."""
+        return self.path.name.startswith(FAILED_PREFIX)
 
     def texts(self) -> str:
         """What it says about other artifacts: its build record and, for a manifest, the manifest."""
@@ -77,7 +84,7 @@ def kept_roots(artifacts: dict[str, Artifact], runs_dir: Path, keep: int, min_ag
             roots.setdefault(artifact.id, f"newest manifest of {spec}")
     recent = time.time() - min_age_hours * 3600
     for artifact in artifacts.values():
-        if artifact.built_at >= recent:
+        if artifact.built_at >= recent and not artifact.failed:
             roots.setdefault(artifact.id, f"built in the last {min_age_hours:g} h")
     return roots
 
@@ -130,17 +137,26 @@ def main(argv=None) -> None:
     p.add_argument("--keep", type=int, default=1, help="newest manifests kept per data spec")
     p.add_argument("--min-age-hours", type=float, default=24.0, help="artifacts younger than this are kept")
     p.add_argument("--delete", action="store_true", help="remove them (default: only list them)")
+    p.add_argument("--verify", action="store_true", help="hash every file of every artifact and count corrupt "
+                                                          "ones as garbage")
     args = p.parse_args(argv)
     artifacts_dir, runs_dir = resolve_path(args.artifacts), resolve_path(args.runs)
     if not artifacts_dir.is_dir():
         raise SystemExit(f"no artifact store at {artifacts_dir}; pass --artifacts (a data spec's artifacts_dir)")
     kept, garbage = collect(artifacts_dir, runs_dir, args.keep, args.min_age_hours)
+    if args.verify:  # a corrupt artifact goes whatever refers to it: the next run that needs it rebuilds it
+        unused = {a.id for a in garbage}
+        for artifact in scan(artifacts_dir).values():
+            if artifact.id not in unused and artifact.meta and (problem := verify(artifact.path, full=True)):
+                print(f"corrupt {artifact.id}: {problem}")
+                kept.pop(artifact.id)
+                garbage.append(artifact)
     for artifact_id, why in sorted(kept.items()):
         print(f"keep    {artifact_id}  ({why})")
     for artifact in sorted(garbage, key=lambda a: a.id):
         built = time.strftime("%Y-%m-%d %H:%M", time.localtime(artifact.built_at))
         print(f"{'delete' if args.delete else 'unused'}  {artifact.id}  {artifact.bytes / 1e6:,.1f} MB, built {built}"
-              + ("" if artifact.meta else ", incomplete"))
+              + (", a failed build's files" if artifact.failed else "" if artifact.meta else ", incomplete"))
     total = sum(a.bytes for a in garbage)
     if args.delete:
         delete(artifacts_dir, garbage, prefect_cache_dir())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,9 +20,9 @@ from conftest import bundled_docs, small_spec, write_jsonl, write_spec
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-def run_flow(spec_path: Path, incremental: bool = True) -> tuple[str, dict[str, str]]:
+def run_flow(spec_path: Path, incremental: bool = True, verify: bool = False) -> tuple[str, dict[str, str]]:
     """Run the data flow; return the manifest path and {task run name prefix: final state name}."""
-    state = data_flow(str(spec_path), incremental=incremental, return_state=True)
+    state = data_flow(str(spec_path), incremental=incremental, verify=verify, return_state=True)
     assert state.is_completed(), state
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
@@ -79,9 +80,19 @@ def test_caching_recomputes_exactly_what_changed(small_corpus, tmp_path):
     assert states["shard"] == "Completed" and states["tokenizer"] == "Cached"
     assert shard.read_bytes()[:4] == b"PAR1"
 
+    # 5. The same bytes flipped with the size and mtime kept: reuse trusts the stat (the accepted blind spot), the
+    # `verify` run hashes every file and rebuilds the shards.
+    good, stat = shard.read_bytes(), shard.stat()
+    shard.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _, states = run_flow(spec_path)
+    assert "shard" not in states and shard.read_bytes() != good
+    _, states = run_flow(spec_path, verify=True)
+    assert states["shard"] == "Completed" and states["tokenizer"] == "Cached" and shard.read_bytes() == good
+
 
 @pytest.mark.slow
-def test_new_files_are_ingested_incrementally(small_corpus, tmp_path):
+def test_new_files_are_ingested_incrementally(small_corpus, tmp_path, capsys):
     """A file added to a source: only it is downloaded and cleaned, its documents are deduplicated against
     everything ingested before, tokenized with the existing tokenizer, and appended as manifest version 2."""
     from model.data import TrainSamples
@@ -140,6 +151,10 @@ def test_new_files_are_ingested_incrementally(small_corpus, tmp_path):
     state = runs / "tiny-x" / "checkpoints" / "step-000001" / "train_state.json"
     state.parent.mkdir(parents=True)
     state.write_text(json.dumps({"step": 1, "manifest": str(Path(second_path).parent)}))
+    failed = artifacts / "clean" / "failed-0123456789abcdef0123"  # a failed build's files, however recent
+    failed.mkdir()
+    (failed / "quarantine.jsonl").write_text("{}\n")
+    assert failed in [a.path for a in collect(artifacts, runs, keep=1, min_age_hours=24)[1]]
     kept, garbage = collect(artifacts, runs, keep=1, min_age_hours=0)
     ids = lambda path: f"{Path(path).parent.parent.name}/{Path(path).parent.name}"  # noqa: E731
     assert {ids(rebuilt), ids(second_path), ids(first_path)} <= set(kept)
@@ -152,6 +167,16 @@ def test_new_files_are_ingested_incrementally(small_corpus, tmp_path):
     assert collect(artifacts, runs, keep=1, min_age_hours=0)[1] == []
     again, states = run_flow(spec_path)  # what was kept is whole: nothing is rebuilt
     assert again == rebuilt and not {"download-sotu", "dedup", "tokenizer", "shard", "append"} & set(states)
+
+    # `tasks.gc --verify` hashes every file: a kept shard flipped under its old size and mtime is found corrupt.
+    shard = Path(rebuilt).parent / ShardManifest.load(Path(rebuilt).parent).shards[0].path
+    stat, data = shard.stat(), bytearray(shard.read_bytes())
+    data[100] ^= 1
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+    gc_main(["--artifacts", str(artifacts), "--runs", str(runs), "--verify"])
+    assert f"corrupt {ids(rebuilt)}: {shard} fails its sha256 check" in capsys.readouterr().out
 
 
 def deployment(name: str) -> dict:

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import http.server
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -222,24 +223,41 @@ def test_unreachable_url_fails_fast_with_a_hint(tmp_path):
         fetch_url("http://127.0.0.1:9/corpus.jsonl", None, tmp_path / "cache", "web")
 
 
-def test_failed_stage_leaves_nothing_behind(tmp_path):
-    def build(out: Path) -> dict:
-        (out / "half.txt").write_text("partial")
-        raise RuntimeError("boom")
+def test_a_failed_build_keeps_its_evidence_where_the_error_says(tmp_path):
+    """A source that fails its bad-record check names its quarantine file; after the failed build that file
+    exists, under `<stage>/failed-<fingerprint>/`. A later successful build of the fingerprint removes it."""
+    raw = write_jsonl(tmp_path / "wrong.jsonl", [{"id": i, "content": "x"} for i in range(10)])
+    resolved = resolve_source(source(paths=[str(raw)]))
+    attempts = []
 
-    params = {"x": 1, "artifacts_dir": str(tmp_path)}
-    with pytest.raises(RuntimeError, match="boom"):
+    def build(out: Path) -> dict:
+        attempts.append(out)
+        if len(attempts) == 1:
+            return normalise_source(resolved, out, ExecutorConfig(tasks=2), tmp_path / "_dl")
+        return {"docs": 0}
+
+    params = {"resolved": resolved, "artifacts_dir": str(tmp_path / "store")}
+    with pytest.raises(SourceError, match="examples are in ") as failure:
         build_artifact("download", params, build)
-    left = [p.name for p in (tmp_path / "download").iterdir()]
-    assert [name[:6] for name in left] == [".lock-"]  # neither the temp dir nor a final dir; the lock stays
+    named = Path(str(failure.value).split("examples are in ")[1].split()[0])
+    assert named.parent.name.startswith("failed-") and named.name == "quarantine.jsonl"
+    assert len(named.read_text().splitlines()) == 10
+    stage_dir = tmp_path / "store" / "download"
+    assert sorted(p.name[:6] for p in stage_dir.iterdir()) == [".lock-", "failed"]  # no temporary directory
+    ref = build_artifact("download", params, build)
+    assert verify(ref.dir) is None and not named.parent.exists()
 
 
 def test_artifact_verification_catches_corruption(tmp_path):
     params = {"x": 2, "artifacts_dir": str(tmp_path)}
     ref = build_artifact("download", params, lambda out: (out / "a.txt").write_text("abc") and {})
     assert verify(ref.dir) is None
-    (ref.dir / "a.txt").write_text("abd")
+    built = (ref.dir / "a.txt").stat().st_mtime_ns
+    (ref.dir / "a.txt").write_text("abd")  # same size, new mtime: the stat differs, so the file is hashed
+    os.utime(ref.dir / "a.txt", ns=(built, built + 1))
     assert "fails its sha256 check" in verify(ref.dir)
+    os.utime(ref.dir / "a.txt", ns=(built, built))  # mtime restored: only a full check sees it
+    assert verify(ref.dir) is None and "fails its sha256 check" in verify(ref.dir, full=True)
     (ref.dir / "a.txt").unlink()
     assert "missing" in verify(ref.dir)
 

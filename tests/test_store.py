@@ -51,7 +51,8 @@ def shard_bytes(artifact: Path) -> dict[str, bytes]:
 
 
 def temporaries(folder: Path) -> list[Path]:
-    return list(folder.glob(f"*/{TMP_PREFIX}*"))
+    """Every hidden folder in a stage directory (builds in progress and any scratch space beside them)."""
+    return [p for p in folder.glob("*/.*") if p.is_dir()]
 
 
 @pytest.mark.slow
@@ -108,9 +109,8 @@ def test_only_temporaries_of_dead_processes_on_this_host_are_removed(tmp_path):
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout.strip()
     dead = tmp_path / f"{TMP_PREFIX}abc123-{os.uname().nodename}-{dead_pid}"
-    old_style = tmp_path / f"{TMP_PREFIX}abc123-{dead_pid}"
     elsewhere = tmp_path / f"{TMP_PREFIX}abc123-some-other-host-{dead_pid}"
-    for d in (alive, dead, old_style, elsewhere):
+    for d in (alive, dead, elsewhere):
         d.mkdir()
-    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([dead, old_style])
+    assert sorted(remove_stale_temporaries(tmp_path)) == [dead]
     assert alive.exists() and elsewhere.exists()

@@ -7,13 +7,16 @@ return value (an `ArtifactRef`) under the same fingerprint; since Prefect cannot
 still exists, `run_stage` verifies the directory first and bypasses the cache when it does not.
 
 A build holds a lock per fingerprint, so concurrent runs of a stage build it once; a build killed mid-way leaves
-its temporary directory, which the next build of that stage removes once the owning process is gone.
-`python -m tasks.gc` removes what nothing refers to any more.
+its temporary directory, which the next build of that stage removes once the owning process is gone. A build that
+fails keeps its evidence (quarantine, logs, partial output) in `<stage>/failed-<fingerprint>/`, which errors name
+and the next successful build of that fingerprint removes. `python -m tasks.gc` removes what nothing refers to
+any more, failed builds included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import hashlib
 import inspect
@@ -33,8 +36,9 @@ from tasks.lib.code_version import stage_code_version
 from tasks.lib.log import get_logger, progress
 
 MANIFEST_NAME = "_artifact.json"
-TMP_PREFIX = ".tmp-"  # a build in progress: .tmp-<fingerprint>-<host>-<pid> (before hosts: .tmp-<fp>-<pid>)
-TMP_NAME = re.compile(r"\.tmp-(?P<fingerprint>[0-9a-f]+)-(?:(?P<host>.+)-)?(?P<pid>\d+)")
+TMP_PREFIX = ".tmp-"  # a build in progress: .tmp-<fingerprint>-<host>-<pid>
+TMP_NAME = re.compile(r"\.tmp-(?P<fingerprint>[0-9a-f]+)-(?P<host>.+)-(?P<pid>\d+)")
+FAILED_PREFIX = "failed-"  # a failed build's evidence: failed-<fingerprint>
 
 
 class ArtifactRef(BaseModel):
@@ -90,8 +94,12 @@ def artifact_path(stage: str, params: dict) -> Path:
     return Path(params["artifacts_dir"]) / stage / stage_fingerprint(stage, params)
 
 
-def verify(path: Path) -> str | None:
-    """None if the artifact at `path` is complete and unmodified, else a sentence saying what is wrong."""
+def verify(path: Path, full: bool = False) -> str | None:
+    """None if the artifact at `path` is complete and unmodified, else a sentence saying what is wrong.
+
+    By default it checks what a stat shows: every file present, with the size and mtime recorded at build; a file
+    whose stat differs is hashed. `full` hashes every file (the data flow's and `tasks.gc`'s `--verify`). A file
+    rewritten to the same size with its mtime restored passes the stat check: that is its accepted blind spot."""
     manifest = path / MANIFEST_NAME
     if not manifest.is_file():
         return f"{path} is missing or incomplete (no {MANIFEST_NAME})"
@@ -99,15 +107,20 @@ def verify(path: Path) -> str | None:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError) as err:
         return f"{manifest} is unreadable: {err}"
-    for rel, (size, digest) in files.items():
+    for rel, (size, digest, mtime_ns) in files.items():
         f = path / rel
         if not f.is_file():
             return f"{f} is missing"
-        if f.stat().st_size != size:
-            return f"{f} has {f.stat().st_size} bytes, expected {size}"
-        if sha256_file(f) != digest:
+        stat = f.stat()
+        if stat.st_size != size:
+            return f"{f} has {stat.st_size} bytes, expected {size}"
+        if (full or stat.st_mtime_ns != mtime_ns) and sha256_file(f) != digest:
             return f"{f} fails its sha256 check"
     return None
+
+
+# Set by a flow run with `verify` (flows/data.py): every reuse hashes every file instead of trusting its stat.
+full_verification: contextvars.ContextVar[bool] = contextvars.ContextVar("full_verification", default=False)
 
 
 def build_artifact(stage: str, params: dict, build: Callable[[Path], dict], label: str = "all") -> ArtifactRef:
@@ -144,7 +157,7 @@ def _build(stage: str, params: dict, build: Callable[[Path], dict], label: str, 
     try:
         summary = build(tmp)
         summary["seconds"] = round(time.perf_counter() - started, 2)
-        files = {str(p.relative_to(tmp)): (p.stat().st_size, sha256_file(p))
+        files = {str(p.relative_to(tmp)): (p.stat().st_size, sha256_file(p), p.stat().st_mtime_ns)
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = {"stage": stage, "fingerprint": final.name, "params": canonical(params),
                 "summary": summary, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -153,12 +166,27 @@ def _build(stage: str, params: dict, build: Callable[[Path], dict], label: str, 
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except Exception as err:
+        keep_failed_build(tmp, final, err)
+        raise
+    except BaseException:  # interrupted: nothing to learn from the partial output
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(final.parent / f"{FAILED_PREFIX}{final.name}", ignore_errors=True)  # an earlier failure's
     log.info(f"{stage}: built {final} in {summary['seconds']} s")
     publish_summary(f"{stage}-{label}", summary)
     return ref
+
+
+def keep_failed_build(tmp: Path, final: Path, err: Exception) -> None:
+    """Move a failed build's directory to `<stage>/failed-<fingerprint>/` (replacing an earlier failure's) and
+    make the error name the files there: it was raised while they lay under the temporary name."""
+    failed = final.parent / f"{FAILED_PREFIX}{final.name}"
+    shutil.rmtree(failed, ignore_errors=True)
+    os.replace(tmp, failed)
+    err.args = tuple(a.replace(str(tmp), str(failed)) if isinstance(a, str) else a for a in err.args)
+    err.add_note(f"the failed build's files (quarantine, logs, partial output) are kept in {failed}")
+    get_logger().error(f"{final.parent.name}: build failed; its files are kept in {failed}")
 
 
 @contextlib.contextmanager
@@ -184,7 +212,7 @@ def remove_stale_temporaries(stage_dir: Path) -> list[Path]:
     removed = []
     for tmp in stage_dir.glob(f"{TMP_PREFIX}*"):
         owner = TMP_NAME.fullmatch(tmp.name)
-        if owner is None or owner["host"] not in (None, socket.gethostname()):
+        if owner is None or owner["host"] != socket.gethostname():
             continue  # not ours to judge: another host's process may be alive
         if not psutil.pid_exists(int(owner["pid"])):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -242,9 +270,13 @@ def run_stage(stage_task, **params) -> ArtifactRef:
     start and its summary are progress lines (tasks/lib/log.py)."""
     bound = inspect.signature(stage_task.fn).bind(**params)
     bound.apply_defaults()  # the fingerprint covers parameters left at their defaults too
-    problem = verify(artifact_path(stage_task.name, bound.arguments))
+    path = artifact_path(stage_task.name, bound.arguments)
+    problem = verify(path, full=full_verification.get())
     if problem is not None:
         stage_task = stage_task.with_options(refresh_cache=True)
+        if (path / MANIFEST_NAME).is_file():  # complete but corrupt: mark it incomplete, so the task rebuilds it
+            get_logger().warning(f"{stage_task.name}: rebuilding {path} because {problem}")
+            (path / MANIFEST_NAME).unlink()
     name = stage_task.task_run_name.format(**bound.arguments) if isinstance(stage_task.task_run_name, str) \
         else stage_task.name
     progress(f"> {name}: started")
