@@ -53,6 +53,7 @@ pipeline: setup
 bench: setup
 	$(PY) bench/data.py
 	$(PY) bench/incremental.py
+	$(PY) bench/reuse.py
 
 clean-artifacts:
 	rm -rf artifacts .prefect/storage

@@ -27,13 +27,17 @@ from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact,
 from tasks.lib.blocks import in_process_if_small, run_pipeline
 from tasks.lib.normalise import (NormaliseSource, Quarantine, Record, SourceError, file_format, hf_records,
                                  load_hf_dataset, read_records, write_documents)
-from tasks.spec import ExecutorConfig, SourceSpec, resolve_path
+from tasks.spec import ExecutorConfig, SourceSpec, project_relative, resolve_path
 
 class ResolvedSource(BaseModel):
     """A source pinned to content: the files it matched and their checksums, so caching follows the data."""
 
     source: SourceSpec
     files: list[tuple[str, str]] = []  # (absolute path, sha256)
+
+    def fingerprint_payload(self) -> dict:
+        """The files by content and by their path in the project, not by where the checkout lives."""
+        return {"source": self.source, "files": [(project_relative(p), digest) for p, digest in self.files]}
 
 
 # ---------------------------------------------------------------- resolving

@@ -212,7 +212,9 @@ class ExecutorConfig(Strict):
     the same whichever runs it; with Ray or Slurm the artifacts directory must be on storage every node sees."""
 
     kind: Literal["local", "ray", "slurm"] = "local"
-    tasks: int = Field(default=2, ge=1, description="datatrove tasks (input shards) per pipeline.")
+    tasks: int = Field(default=2, ge=1, description="datatrove tasks (input shares) per pipeline. Unlike the other "
+                                                    "executor fields it changes the output (where files and shards "
+                                                    "split), so it is part of every stage's fingerprint.")
     workers: int = Field(default=2, ge=1, description="Tasks running at once (processes, Ray tasks, array jobs).")
     cpus_per_task: int = Field(default=1, ge=1, description="ray/slurm: CPUs reserved per task.")
     mem_per_cpu_gb: float = Field(default=2, gt=0, description="ray/slurm: memory reserved per CPU.")
@@ -224,6 +226,11 @@ class ExecutorConfig(Strict):
                                                                     "e.g. 'source /shared/project/.venv/bin/activate'.")
     slurm_sbatch_args: dict[str, str] = Field(default={}, description="slurm: extra #SBATCH directives.")
     poll_seconds: float = Field(default=15, gt=0, description="slurm: how often to check whether a job finished.")
+
+    def fingerprint_payload(self) -> dict:
+        """What of the executor changes a stage's output: only the task count (it sets the input shares, so the
+        output files' boundaries). Where and on what the tasks run does not."""
+        return {"tasks": self.tasks}
 
     @model_validator(mode="after")
     def _slurm_needs_partition(self) -> ExecutorConfig:
@@ -284,6 +291,15 @@ class DataSpec(Strict):
 def resolve_path(path: str | Path) -> Path:
     path = Path(path).expanduser()
     return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def project_relative(path: str | Path) -> str:
+    """A path as fingerprints and document ids name it: relative to the project root when inside it, so that
+    neither depends on where the checkout lives."""
+    try:
+        return str(Path(path).relative_to(PROJECT_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def _deep_merge(base: dict, override: dict) -> dict:

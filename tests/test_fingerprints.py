@@ -110,3 +110,30 @@ def test_a_library_edit_rebuilds_the_stage_that_runs_it_and_after(raw_documents,
     assert build(root, raw_documents, artifacts) == {
         "download": "reused", "clean": "reused", "dedup": "reused", "decontaminate": "reused",
         "tokenizer": "reused", "shard": "built"}
+
+
+def test_only_fields_that_change_the_output_are_in_a_key():
+    """Where and how a stage or a training run is executed leaves its key alone; the task count (which moves
+    shard boundaries) and the model's layout do not."""
+    from tasks.lib.artifacts import ArtifactRef, stage_fingerprint
+    from tasks.lib.launch import PretrainConfig, SlurmLaunch
+    from tasks.lib.runs import run_key
+    from tasks.spec import ExecutorConfig
+
+    upstream = ArtifactRef(stage="download", fingerprint="0" * 20, path="/store/one/download/" + "0" * 20)
+    key = lambda executor, path=upstream.path: stage_fingerprint("clean", {  # noqa: E731
+        "downloaded": upstream.model_copy(update={"path": path}), "executor": executor, "artifacts_dir": "x"})
+    local = key(ExecutorConfig())
+    assert key(ExecutorConfig(kind="slurm", slurm_partition="gpu", slurm_time="99:00:00", workers=64,
+                              slurm_sbatch_args={"account": "llm"}, mem_per_cpu_gb=8)) == local
+    assert key(ExecutorConfig(kind="ray", ray_address="auto", cpus_per_task=4)) == local
+    assert key(ExecutorConfig(), path="/elsewhere/download/" + "0" * 20) == local
+    assert key(ExecutorConfig(tasks=8)) != local
+
+    config = PretrainConfig(train={"steps": 10})
+    run = run_key(manifest="m", config=config)
+    assert run_key(manifest="m", config=config.model_copy(update={
+        "launcher": "slurm", "slurm": SlurmLaunch(partition="big", time="96:00:00", sbatch_args={"account": "x"})
+    })) == run
+    assert run_key(manifest="m", config=config.model_copy(update={"tp": 2})) != run
+    assert run_key(manifest="m", config=config.model_copy(update={"train": {"steps": 20}})) != run

@@ -114,3 +114,13 @@ def test_only_temporaries_of_dead_processes_on_this_host_are_removed(tmp_path):
         d.mkdir()
     assert sorted(remove_stale_temporaries(tmp_path)) == [dead]
     assert alive.exists() and elsewhere.exists()
+
+
+@pytest.mark.slow
+def test_the_same_spec_under_two_stores_gives_the_same_fingerprints_and_shards(raw_documents, tmp_path):
+    """Nothing in a key depends on where the store lives: upstream artifacts are keyed by fingerprint."""
+    one, two = (finish(build(raw_documents, tmp_path / name))[0] for name in ("one", "two"))
+    fingerprints = lambda store: sorted(p.relative_to(store) for p in store.glob("*/*") if p.is_dir())  # noqa: E731
+    assert fingerprints(tmp_path / "one") == fingerprints(tmp_path / "two")
+    assert one.relative_to(tmp_path / "one") == two.relative_to(tmp_path / "two")
+    assert shard_bytes(one) == shard_bytes(two) and shard_bytes(one)

@@ -55,15 +55,23 @@ class ArtifactRef(BaseModel):
     def meta(self) -> dict:
         return json.loads((self.dir / MANIFEST_NAME).read_text())
 
+    def fingerprint_payload(self) -> dict:
+        """Downstream keys name an upstream artifact by fingerprint, never by where the store lives."""
+        return {"stage": self.stage, "fingerprint": self.fingerprint}
 
-def canonical(value: Any) -> Any:
-    """A JSON-able form of task parameters with a stable order, for hashing."""
+
+def canonical(value: Any, keyed: bool = True) -> Any:
+    """A JSON-able form of task parameters with a stable order. `keyed` (for hashing into a key): a model that
+    has a `fingerprint_payload` contributes only that, the fields that change the output; else (for records that
+    people and `tasks.gc` read) everything, paths included."""
+    if keyed and hasattr(value, "fingerprint_payload"):
+        return canonical(value.fingerprint_payload())
     if isinstance(value, BaseModel):
-        return canonical(value.model_dump(mode="json"))
+        return canonical(value.model_dump(mode="json"), keyed)
     if isinstance(value, dict):
-        return {str(k): canonical(v) for k, v in sorted(value.items())}
+        return {str(k): canonical(v, keyed) for k, v in sorted(value.items())}
     if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
+        return [canonical(v, keyed) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value
@@ -159,7 +167,7 @@ def _build(stage: str, params: dict, build: Callable[[Path], dict], label: str, 
         summary["seconds"] = round(time.perf_counter() - started, 2)
         files = {str(p.relative_to(tmp)): (p.stat().st_size, sha256_file(p), p.stat().st_mtime_ns)
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
-        meta = {"stage": stage, "fingerprint": final.name, "params": canonical(params),
+        meta = {"stage": stage, "fingerprint": final.name, "params": canonical(params, keyed=False),
                 "summary": summary, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "built_at": time.time()}
         (tmp / MANIFEST_NAME).write_text(json.dumps(meta, indent=1))

@@ -59,6 +59,12 @@ class PretrainConfig(BaseModel):
                                                                 "the c10d rendezvous, reachable from every node")
     slurm: SlurmLaunch = SlurmLaunch()
 
+    def fingerprint_payload(self) -> dict:
+        """What of the config decides the trained model, for the run's key: not how it is launched, so raising a
+        Slurm time limit or moving partitions resumes the same run."""
+        return self.model_dump(mode="json", exclude={"launcher", "slurm", "node_rank", "rdzv_endpoint",
+                                                      "gpus_required"})
+
     @property
     def ranks(self) -> int:
         return self.nproc or self.tp * self.pp

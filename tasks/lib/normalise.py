@@ -22,7 +22,7 @@ from datatrove.pipeline.base import PipelineStep
 from pydantic import BaseModel
 
 from tasks.lib.log import get_logger
-from tasks.spec import SourceSpec
+from tasks.spec import SourceSpec, project_relative
 
 PREVIEW_CHARS = 500
 
@@ -56,11 +56,13 @@ def _open(path: Path):
 
 
 def read_records(path: Path, fmt: str, text_field: str) -> Iterator[Record]:
-    """Yield raw records of one file; undecodable ones carry a `problem` instead of data."""
+    """Yield raw records of one file; undecodable ones carry a `problem` instead of data. Their origin names the
+    file relative to the project when inside it: it becomes the id of a record that has none."""
+    name = project_relative(path)
     if fmt == "jsonl":
         with _open(path) as f:
             for lineno, line in enumerate(f, start=1):
-                origin = f"{path}:{lineno}"
+                origin = f"{name}:{lineno}"
                 if not line.strip():
                     continue
                 try:
@@ -77,9 +79,9 @@ def read_records(path: Path, fmt: str, text_field: str) -> Iterator[Record]:
     elif fmt == "txt":
         data = _open(path).read()
         try:
-            yield Record(origin=f"{path}:1", raw={text_field: data.decode("utf-8"), "id": path.stem})
+            yield Record(origin=f"{name}:1", raw={text_field: data.decode("utf-8"), "id": path.stem})
         except UnicodeDecodeError as err:
-            yield Record(origin=f"{path}:1", raw=data[:PREVIEW_CHARS].decode("utf-8", "replace"),
+            yield Record(origin=f"{name}:1", raw=data[:PREVIEW_CHARS].decode("utf-8", "replace"),
                          problem=f"not UTF-8 (byte {err.start})")
     elif fmt == "parquet":
         pf = pq.ParquetFile(path)
@@ -90,7 +92,7 @@ def read_records(path: Path, fmt: str, text_field: str) -> Iterator[Record]:
         for batch in pf.iter_batches(batch_size=1024):
             for rec in batch.to_pylist():
                 row += 1
-                yield Record(origin=f"{path}:row {row}", raw=rec)
+                yield Record(origin=f"{name}:row {row}", raw=rec)
 
 
 def load_hf_dataset(source: SourceSpec):
