@@ -258,6 +258,10 @@ def test_artifact_verification_catches_corruption(tmp_path):
     assert "fails its sha256 check" in verify(ref.dir)
     os.utime(ref.dir / "a.txt", ns=(built, built))  # mtime restored: only a full check sees it
     assert verify(ref.dir) is None and "fails its sha256 check" in verify(ref.dir, full=True)
+    record = json.loads((ref.dir / "_artifact.json").read_text())  # a store built before mtimes were recorded:
+    record["files"] = {rel: entry[:2] for rel, entry in record["files"].items()}  # every file is hashed
+    (ref.dir / "_artifact.json").write_text(json.dumps(record))
+    assert "fails its sha256 check" in verify(ref.dir)
     (ref.dir / "a.txt").unlink()
     assert "missing" in verify(ref.dir)
 
