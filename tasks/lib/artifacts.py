@@ -165,8 +165,7 @@ def _build(stage: str, params: dict, build: Callable[[Path], dict], label: str, 
     try:
         summary = build(tmp)
         summary["seconds"] = round(time.perf_counter() - started, 2)
-        files = {str(p.relative_to(tmp)): (p.stat().st_size, sha256_file(p), p.stat().st_mtime_ns)
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         meta = {"stage": stage, "fingerprint": final.name, "params": canonical(params, keyed=False),
                 "summary": summary, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "built_at": time.time()}
@@ -180,16 +179,27 @@ def _build(stage: str, params: dict, build: Callable[[Path], dict], label: str, 
     except BaseException:  # interrupted: nothing to learn from the partial output
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(final.parent / f"{FAILED_PREFIX}{final.name}", ignore_errors=True)  # an earlier failure's
+    shutil.rmtree(failed_path(final), ignore_errors=True)  # an earlier failure's evidence
     log.info(f"{stage}: built {final} in {summary['seconds']} s")
     publish_summary(f"{stage}-{label}", summary)
     return ref
 
 
+def file_record(path: Path) -> tuple[int, str, int]:
+    """(size, sha256, mtime in ns) of a built file, as `_artifact.json` lists it and `verify` checks it."""
+    stat = path.stat()
+    return stat.st_size, sha256_file(path), stat.st_mtime_ns
+
+
+def failed_path(final: Path) -> Path:
+    """Where a failed build of the artifact `final` keeps its files."""
+    return final.parent / f"{FAILED_PREFIX}{final.name}"
+
+
 def keep_failed_build(tmp: Path, final: Path, err: Exception) -> None:
     """Move a failed build's directory to `<stage>/failed-<fingerprint>/` (replacing an earlier failure's) and
     make the error name the files there: it was raised while they lay under the temporary name."""
-    failed = final.parent / f"{FAILED_PREFIX}{final.name}"
+    failed = failed_path(final)
     shutil.rmtree(failed, ignore_errors=True)
     os.replace(tmp, failed)
     err.args = tuple(a.replace(str(tmp), str(failed)) if isinstance(a, str) else a for a in err.args)
