@@ -4,6 +4,7 @@ content; files added to a source later are ingested incrementally and appended a
     python -m flows.data --spec data_specs/default.yaml
     python -m flows.data --spec data_specs/default.yaml --full     # rebuild from all files, retrain the tokenizer
     python -m flows.data --spec data_specs/default.yaml --verify   # hash every reused file, not only stat it
+    python -m flows.data --spec data_specs/default.yaml --plan     # build nothing: per stage, reuse or build, why
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from prefect.events import emit_event
 from tasks.append import Base, append, find_base, settings_key
 from tasks.lib.artifacts import ArtifactRef, full_verification, run_stage
 from tasks.lib.log import progress
+from tasks.lib.plan import collecting_plan, format_plan, publish_plan
 from tasks.clean import clean
 from tasks.decontaminate import decontaminate, reference_sets
 from tasks.dedup import dedup
@@ -32,8 +34,11 @@ MANIFEST_EVENT = "llm-pipeline.manifest.created"
 
 @flow(name="data")
 def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False, incremental: bool = True,
-              verify: bool = False) -> str:
+              verify: bool = False, plan: bool = False) -> str:
     """Build training shards for a data spec; returns the path of the shard manifest.
+
+    Every run first plans: one line per stage, reuse or build and why (tasks/lib/plan.py), logged and published
+    as the `data-plan` table artifact. `plan` stops there, builds nothing, and returns the plan's text.
 
     `incremental` (default): when the spec's sources have gained files since a manifest was built with the same
     settings, only the new files are processed, deduplicated against the persistent index, tokenized with the
@@ -49,12 +54,12 @@ def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False
     every artifact it reuses instead, and rebuilds any that fails."""
     token = full_verification.set(verify)
     try:
-        return build_manifest(spec_path, announce, incremental)
+        return build_manifest(spec_path, announce, incremental, plan_only=plan)
     finally:
         full_verification.reset(token)
 
 
-def build_manifest(spec_path: str, announce: bool, incremental: bool) -> str:
+def build_manifest(spec_path: str, announce: bool, incremental: bool, plan_only: bool = False) -> str:
     started = time.time()
     spec = load_spec(spec_path)
     artifacts_dir = spec.artifacts_path()
@@ -64,16 +69,26 @@ def build_manifest(spec_path: str, announce: bool, incremental: bool) -> str:
                "source_files": files, "settings": settings_key(spec)}
     base = find_base(artifacts_dir, lineage["settings"], files) if incremental else None
     if base is not None and not base.new_files:
-        progress(f"no new files since manifest version {base.manifest.data_version} ({base.manifest_dir}): "
-                 f"nothing to do")
-        return str(base.manifest_dir / "manifest.json")
+        message = (f"no new files since manifest version {base.manifest.data_version} ({base.manifest_dir}): "
+                   f"nothing to do")
+        progress(message)
+        return message if plan_only else str(base.manifest_dir / "manifest.json")
     if base is not None:
         new = ", ".join(f"{len(fs)} in {s}" for s, fs in base.new_files.items())
         progress(f"incremental: new files ({new}) on top of manifest version {base.manifest.data_version} "
                  f"({base.manifest_dir}); the tokenizer is reused")
-        shards, refs = ingest_new_files(spec, resolved, base, lineage)
-    else:
-        shards, refs = build_all(spec, resolved, lineage)
+
+    def run_stages() -> tuple[ArtifactRef, list]:
+        return ingest_new_files(spec, resolved, base, lineage) if base else build_all(spec, resolved, lineage)
+
+    with collecting_plan() as plan:
+        run_stages()
+    table = format_plan(plan)
+    progress(f"plan: {sum(r.decision == 'build' for r in plan)} of {len(plan)} stages to build\n{table}")
+    publish_plan(plan)
+    if plan_only:
+        return table
+    shards, refs = run_stages()
     manifest = str(shards.dir / "manifest.json")
     report(refs, manifest)
     meta = shards.meta()
@@ -175,6 +190,8 @@ if __name__ == "__main__":
     parser.add_argument("--full", action="store_true", help="rebuild from all files instead of appending new ones")
     parser.add_argument("--verify", action="store_true",
                         help="hash every file of every reused artifact (default: check size and mtime)")
+    parser.add_argument("--plan", action="store_true",
+                        help="build nothing: print, per stage, reuse or build and why")
     args = parser.parse_args()
     require_server()
-    print(data_flow(args.spec, incremental=not args.full, verify=args.verify))
+    print(data_flow(args.spec, incremental=not args.full, verify=args.verify, plan=args.plan))

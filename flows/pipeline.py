@@ -9,7 +9,7 @@ import argparse
 
 from prefect import flow
 
-from flows.data import require_server
+from flows.data import data_flow, require_server
 from flows.evaluate import evaluate_flow
 from flows.pretrain import pretrain_flow
 from flows.sft import sft_flow
@@ -21,8 +21,14 @@ def pipeline_flow(data_spec_path: str = "data_specs/default.yaml", sft_spec_path
                   eval_spec_path: str = "data_specs/eval_default.yaml", preset: str = "tiny", tp: int = 1,
                   pp: int = 1, nproc: int | None = None, gpus_required: bool = False,
                   pretrain_train: dict | None = None, sft_train: dict | None = None, runs_dir: str = "runs",
-                  reports_dir: str = "reports") -> str:
-    """Returns the evaluation report directory (report.md, results.json)."""
+                  reports_dir: str = "reports", plan: bool = False) -> str:
+    """Returns the evaluation report directory (report.md, results.json).
+
+    `plan`: build and train nothing; return the data flow's plan (per stage, reuse or build and why). The
+    training steps need no plan of their own: a run keyed like a finished one returns it at once, and an
+    unfinished one resumes from its latest checkpoint."""
+    if plan:
+        return data_flow(data_spec_path, plan=True)
     pretrained = pretrain_flow(data_spec_path, preset, tp, pp, nproc, gpus_required, pretrain_train, runs_dir)
     tuned = sft_flow(sft_spec_path, pretrained, tp, pp, nproc, gpus_required, sft_train, runs_dir)
     report = evaluate_flow(pretrained, tuned, eval_spec_path, runs_dir, reports_dir)
@@ -34,7 +40,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrain-steps", type=int, default=None)
     parser.add_argument("--sft-steps", type=int, default=None)
+    parser.add_argument("--plan", action="store_true", help="run nothing: print the data stages' plan")
     args = parser.parse_args()
     require_server()
     print(pipeline_flow(pretrain_train={"steps": args.pretrain_steps} if args.pretrain_steps else None,
-                        sft_train={"steps": args.sft_steps} if args.sft_steps else None))
+                        sft_train={"steps": args.sft_steps} if args.sft_steps else None, plan=args.plan))

@@ -37,7 +37,7 @@ class ResolvedSource(BaseModel):
 
     def fingerprint_payload(self) -> dict:
         """The files by content and by their path in the project, not by where the checkout lives."""
-        return {"source": self.source, "files": [(project_relative(p), digest) for p, digest in self.files]}
+        return {"source": self.source, "files": {project_relative(p): digest for p, digest in self.files}}
 
 
 # ---------------------------------------------------------------- resolving

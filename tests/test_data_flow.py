@@ -5,12 +5,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
 from flows.data import data_flow
 from tasks.shard import ShardManifest
@@ -32,6 +34,22 @@ def run_flow(spec_path: Path, incremental: bool = True, verify: bool = False) ->
                                                                           "report") else run.name
         names[name] = run.state.name
     return state.result(), names
+
+
+def planned(spec_path: Path, incremental: bool = True) -> dict[str, str]:
+    """The data flow's plan, which builds nothing: {"stage [what]": "reuse <fp>" | "build <fp>  <reason>"}. Also
+    checks that the run wrote nothing to the store and published the plan as a table artifact."""
+    store = Path(yaml.safe_load(spec_path.read_text())["artifacts_dir"])
+    before = sorted(store.rglob("*"))
+    state = data_flow(str(spec_path), incremental=incremental, plan=True, return_state=True)
+    assert sorted(store.rglob("*")) == before
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-plan"])),
+                                            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    lines = dict(re.fullmatch(r"(\w+ \[.*?\])\s+(.*)", line).groups() for line in state.result().splitlines())
+    assert [f"{r['stage']} [{r['what']}]" for r in json.loads(artifact.data)] == list(lines)
+    print("\n".join(f"{k}  {v}" for k, v in lines.items()))
+    return lines
 
 
 def run_flow_full(spec_path: Path) -> tuple[str, dict[str, str]]:
@@ -57,9 +75,15 @@ def test_caching_recomputes_exactly_what_changed(small_corpus, tmp_path):
     assert again == manifest_path
     assert not set(STAGES) & set(states)
 
-    # 2. One cleaning threshold of one source: that source's cleaning and everything after it recompute.
+    # 2. One cleaning threshold of one source: that source's cleaning and everything after it recompute. The
+    # plan says so first, naming the setting and the upstream artifact that differ.
     spec["sources"][1]["cleaning"]["gopher_quality"]["min_doc_words"] = 200
     write_spec(spec_path, spec)
+    plan = planned(spec_path)
+    assert [k for k, v in plan.items() if v.startswith("reuse ")] == ["download [sotu]", "clean [sotu]",
+                                                                       "download [kjv]"]
+    assert plan["clean [kjv]"].endswith("cleaning.gopher_quality.min_doc_words: 50 -> 200")
+    assert re.search(r"upstream clean \w{8} -> \w{8}$", plan["dedup [all sources]"])
     changed, states = run_flow(spec_path)
     assert changed != manifest_path
     assert [states[s] for s in ("download-sotu", "download-kjv", "clean-sotu")] == ["Cached"] * 3
@@ -89,6 +113,16 @@ def test_caching_recomputes_exactly_what_changed(small_corpus, tmp_path):
     assert "shard" not in states and shard.read_bytes() != good
     _, states = run_flow(spec_path, verify=True)
     assert states["shard"] == "Completed" and states["tokenizer"] == "Cached" and shard.read_bytes() == good
+
+    # 6. A new input file: a full build would download that source again, naming the file; the default
+    # (incremental) run ingests only it.
+    added = write_jsonl(small_corpus.parent / f"{tmp_path.name}-extra" / "part-1.jsonl", bundled_docs("sotu", 45)[40:])
+    spec["sources"][0]["paths"].append(str(added))
+    write_spec(spec_path, spec)
+    plan = planned(spec_path, incremental=False)
+    assert plan["download [sotu]"].endswith(f"input files new {added}")
+    assert plan["download [kjv]"].startswith("reuse ")
+    assert planned(spec_path)["download [sotu]"].startswith("build ")
 
 
 @pytest.mark.slow

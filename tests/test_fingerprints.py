@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -83,11 +84,17 @@ def raw_documents(tmp_path_factory) -> Path:
     return root
 
 
-def build(root: Path, documents: Path, artifacts: Path) -> dict[str, str]:
+def build(root: Path, documents: Path, artifacts: Path, *options: str) -> subprocess.CompletedProcess:
     """Run the data chain from the project copy; {stage: "built" | "reused"}."""
-    out = subprocess.run([sys.executable, str(root / "tests/scripts/build_data.py"), str(documents), str(artifacts)],
-                         cwd=root, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(root / "tests/scripts/build_data.py"), str(documents), str(artifacts),
+                          *options], cwd=root, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def build_states(root: Path, documents: Path, artifacts: Path) -> dict[str, str]:
+    """Run the data chain from the project copy; {stage: "built" | "reused"}."""
+    out = build(root, documents, artifacts)
     states = {}
     for stage in ("download", "clean", "dedup", "decontaminate", "tokenizer", "shard"):
         if f"{stage}: built " in out.stdout:
@@ -97,17 +104,31 @@ def build(root: Path, documents: Path, artifacts: Path) -> dict[str, str]:
     return states
 
 
+def plan(root: Path, documents: Path, artifacts: Path) -> dict[str, str]:
+    """{stage: its plan line after the stage name} from `build_data.py --plan`, which builds nothing."""
+    lines = build(root, documents, artifacts, "--plan").stdout.strip().splitlines()[-6:]
+    return {stage: rest for stage, rest in (re.fullmatch(r"(\w+) \[.*?\]\s+(.*)", line).groups() for line in lines)}
+
+
 @pytest.mark.slow
 def test_a_library_edit_rebuilds_the_stage_that_runs_it_and_after(raw_documents, tmp_path):
     root, artifacts = project_copy(tmp_path), tmp_path / "artifacts"
-    assert set(build(root, raw_documents, artifacts).values()) == {"built"}
+    assert all(p.startswith("build ") and p.endswith("no earlier build of this stage")
+               for p in plan(root, raw_documents, artifacts).values())
+    assert not artifacts.exists()  # planning built nothing
+    assert set(build_states(root, raw_documents, artifacts).values()) == {"built"}
 
     blocks = root / "tasks" / "lib" / "blocks.py"
     edit(blocks, "class TokenizeAndPack(PipelineStep):\n", "# Rows of seq_len + 1 tokens.\nclass TokenizeAndPack(PipelineStep):\n")
-    assert set(build(root, raw_documents, artifacts).values()) == {"reused"}  # a comment: nothing rebuilds
+    assert all(p.startswith("reuse ") for p in plan(root, raw_documents, artifacts).values())
+    assert set(build_states(root, raw_documents, artifacts).values()) == {"reused"}  # a comment: nothing rebuilds
 
     edit(blocks, SPLIT_SEED, SPLIT_SEED.replace("1234", "999"))
-    assert build(root, raw_documents, artifacts) == {
+    planned = plan(root, raw_documents, artifacts)
+    print("\n".join(f"{stage} {line}" for stage, line in planned.items()))
+    assert [s for s, p in planned.items() if p.startswith("build ")] == ["shard"]
+    assert planned["shard"].endswith("code tasks/lib/blocks.py (TokenizeAndPack)")
+    assert build_states(root, raw_documents, artifacts) == {
         "download": "reused", "clean": "reused", "dedup": "reused", "decontaminate": "reused",
         "tokenizer": "reused", "shard": "built"}
 

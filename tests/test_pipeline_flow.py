@@ -23,6 +23,8 @@ SFT = {"steps": 30, "global_batch": 8, "micro_batch": 4, "warmup_steps": 3, "eva
 def test_pipeline_pretrains_tunes_and_reports(pretrained_by_flow, tmp_path):
     """The pipeline with the pretrain flow test's spec and training settings: its data and pretraining are that
     run's (cached, and found finished), then instruction tuning and evaluation run."""
+    plan = pipeline_flow(str(pretrained_by_flow.spec_path), plan=True).splitlines()
+    assert len(plan) == 8 and all(line.split()[-2] == "reuse" for line in plan), plan  # its data: all cached
     state = pipeline_flow(str(pretrained_by_flow.spec_path), pretrain_train=FLOW_TRAIN, sft_train=SFT,
                           runs_dir=str(pretrained_by_flow.runs_dir), reports_dir=str(tmp_path / "reports"),
                           return_state=True)

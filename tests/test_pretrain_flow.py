@@ -45,6 +45,7 @@ def test_pretrain_flow_learns_and_publishes(pretrained_by_flow):
     with get_client(sync_client=True) as client:
         root_logs = [log.message for log in client.read_logs(log_filter=LogFilter(
             flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))]
+    assert any(m.startswith("plan: 8 of 8 stages to build\n") for m in root_logs)  # said before building
     for stage in ("download-sotu", "clean-kjv", "dedup", "tokenizer", "shard"):
         assert f"> {stage}: started" in root_logs, stage
         assert any(m.startswith(f"< {stage}: built; ") for m in root_logs), stage

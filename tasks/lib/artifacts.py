@@ -32,7 +32,7 @@ from typing import Any, Callable
 import psutil
 from pydantic import BaseModel
 
-from tasks.lib.code_version import stage_code_version
+from tasks.lib.code_version import stage_code_parts, stage_code_version
 from tasks.lib.log import get_logger, progress
 
 MANIFEST_NAME = "_artifact.json"
@@ -92,10 +92,14 @@ UNKEYED_PARAMS = {"artifacts_dir", "lineage"}
 
 def stage_fingerprint(stage: str, params: dict) -> str:
     """Fingerprint of one stage run: its code, its config and its upstream fingerprints."""
-    keyed = {k: v for k, v in params.items() if k not in UNKEYED_PARAMS}
-    payload = json.dumps({"stage": stage, "code": stage_code_version(stage), "params": canonical(keyed)},
+    payload = json.dumps({"stage": stage, "code": stage_code_version(stage), "params": keyed_params(params)},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def keyed_params(params: dict) -> dict:
+    """The parameters as the fingerprint hashes them."""
+    return canonical({k: v for k, v in params.items() if k not in UNKEYED_PARAMS})
 
 
 def artifact_path(stage: str, params: dict) -> Path:
@@ -166,7 +170,9 @@ def _build(stage: str, params: dict, build: Callable[[Path], dict], label: str, 
         summary = build(tmp)
         summary["seconds"] = round(time.perf_counter() - started, 2)
         files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        # "key" is what the fingerprint hashed, per code definition: what a plan compares a new build with.
         meta = {"stage": stage, "fingerprint": final.name, "params": canonical(params, keyed=False),
+                "key": {"code": stage_code_parts(stage), "params": keyed_params(params)},
                 "summary": summary, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "built_at": time.time()}
         (tmp / MANIFEST_NAME).write_text(json.dumps(meta, indent=1))
@@ -286,17 +292,23 @@ STAGE_TASK_OPTIONS = dict(cache_key_fn=stage_cache_key, persist_result=True, ret
 def run_stage(stage_task, **params) -> ArtifactRef:
     """Call a stage task, trusting Prefect's cached result only if the artifact directory still verifies; its
     start and its summary are progress lines (tasks/lib/log.py)."""
+    from tasks.lib.plan import plan_row, planning
+
     bound = inspect.signature(stage_task.fn).bind(**params)
     bound.apply_defaults()  # the fingerprint covers parameters left at their defaults too
     path = artifact_path(stage_task.name, bound.arguments)
+    name = stage_task.task_run_name.format(**bound.arguments) if isinstance(stage_task.task_run_name, str) \
+        else stage_task.name
+    if (plan := planning.get()) is not None:  # planning: decide and say why, build nothing
+        what = name.removeprefix(f"{stage_task.name}-") if name != stage_task.name else "all sources"
+        plan.append(plan_row(stage_task.name, what, bound.arguments, path, full=full_verification.get()))
+        return ArtifactRef(stage=stage_task.name, fingerprint=path.name, path=str(path))
     problem = verify(path, full=full_verification.get())
     if problem is not None:
         stage_task = stage_task.with_options(refresh_cache=True)
         if (path / MANIFEST_NAME).is_file():  # complete but corrupt: mark it incomplete, so the task rebuilds it
             get_logger().warning(f"{stage_task.name}: rebuilding {path} because {problem}")
             (path / MANIFEST_NAME).unlink()
-    name = stage_task.task_run_name.format(**bound.arguments) if isinstance(stage_task.task_run_name, str) \
-        else stage_task.name
     progress(f"> {name}: started")
     started = time.time()
     ref = stage_task(**params)

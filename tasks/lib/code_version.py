@@ -28,12 +28,19 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def stage_code_version(stage: str, root: Path = PROJECT_ROOT) -> str:
     """Hash of the code that shapes `stage`'s output (module docstring); the same for the same code under any
     checkout directory."""
+    h = hashlib.sha256()
+    for definition, digest in stage_code_parts(stage, root).items():
+        h.update(f"{definition} {digest}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def stage_code_parts(stage: str, root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """{"module:name": hash of its code} for every definition `stage` reaches, sorted: what `_artifact.json`
+    records, so a plan can name the definitions that changed since an earlier build."""
     if module_file(f"tasks.{stage}", root) is None:
         raise KeyError(f"no stage module tasks.{stage}: a stage task's name must be its module's name")
-    h = hashlib.sha256()
-    for (module, name), code in sorted(reached_code(f"tasks.{stage}", root).items()):
-        h.update(f"{module}:{name}\n{code}\n".encode())
-    return h.hexdigest()[:16]
+    return {f"{module}:{name}": hashlib.sha256(code.encode()).hexdigest()[:12]
+            for (module, name), code in sorted(reached_code(f"tasks.{stage}", root).items())}
 
 
 def module_file(name: str, root: Path) -> Path | None:
