@@ -18,7 +18,7 @@ from prefect.events import emit_event
 from tasks.append import Base, append, find_base, settings_key
 from tasks.lib.artifacts import ArtifactRef, full_verification, run_stage
 from tasks.lib.log import progress
-from tasks.lib.plan import collecting_plan, format_plan, publish_plan
+from tasks.lib.plan import PlanRow, collecting_plan, format_plan, publish_plan
 from tasks.clean import clean
 from tasks.decontaminate import decontaminate, reference_sets
 from tasks.dedup import dedup
@@ -69,10 +69,12 @@ def build_manifest(spec_path: str, announce: bool, incremental: bool, plan_only:
                "source_files": files, "settings": settings_key(spec)}
     base = find_base(artifacts_dir, lineage["settings"], files) if incremental else None
     if base is not None and not base.new_files:
-        message = (f"no new files since manifest version {base.manifest.data_version} ({base.manifest_dir}): "
-                   f"nothing to do")
-        progress(message)
-        return message if plan_only else str(base.manifest_dir / "manifest.json")
+        progress(f"no new files since manifest version {base.manifest.data_version} ({base.manifest_dir}): "
+                 f"nothing to do")
+        if plan_only:
+            return format_plan([PlanRow(base.artifact.stage, "all sources", "reuse", base.artifact.fingerprint,
+                                        f"no new files since manifest version {base.manifest.data_version}")])
+        return str(base.manifest_dir / "manifest.json")
     if base is not None:
         new = ", ".join(f"{len(fs)} in {s}" for s, fs in base.new_files.items())
         progress(f"incremental: new files ({new}) on top of manifest version {base.manifest.data_version} "
