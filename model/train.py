@@ -369,6 +369,45 @@ class MetricsLogger:
             self.tensorboard.close()
 
 
+class Heartbeat:
+    """This rank's last sign of progress, `<run-dir>/heartbeats/rank-<N>.json`: which step it is in (or has
+    finished) and since when. The launcher (tasks/lib/launch.py) reads them to find a stalled step and the rank
+    that holds it up; a write costs well under a millisecond a step."""
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.path = run_dir / "heartbeats" / f"rank-{rank}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+
+    def beat(self, step: int, done: bool) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"rank": self.rank, "pid": os.getpid(), "step": step, "done": done,
+                                   "time": time.time()}))
+        os.replace(tmp, self.path)
+
+
+# A fault drill for the recovery tests (tests/test_launch.py), e.g. TRAIN_FAULT=kill:1:4: rank 1 SIGKILLs itself
+# after step 4; `stall` sleeps there instead, `kill-launcher` SIGKILLs torchrun's agent. Only in a run that started
+# from step 0, so the run that resumes from a checkpoint before that step goes through.
+FAULT_ENV = "TRAIN_FAULT"
+
+
+def fault_drill(rank: int, step: int, started_at: int) -> None:
+    fault = os.environ.get(FAULT_ENV)
+    if not fault or started_at != 0:
+        return
+    kind, fault_rank, fault_step = fault.split(":")
+    if (int(fault_rank), int(fault_step)) != (rank, step):
+        return
+    print(f"[rank {rank}] fault drill: {kind} after step {step}", file=sys.stderr, flush=True)
+    if kind == "kill":
+        os.kill(os.getpid(), 9)
+    elif kind == "kill-launcher":
+        os.kill(os.getppid(), 9)
+    elif kind == "stall":
+        time.sleep(3600)
+
+
 def train_step(t: Training, batch: dict[str, torch.Tensor]) -> dict:
     """One optimizer step on this rank's share of the global batch: its loss, learning rate and gradient norm."""
     t.model.zero_grad_buffer()
@@ -427,9 +466,11 @@ def main(argv=None) -> None:
     # The next step's batch is read while this one computes; the order is the same (a pure function of indices).
     prefetch = BatchPrefetcher(samples, pin=on_gpu)
     data_wait = 0.0  # seconds spent waiting for batches since the last log step
+    heartbeat, started_at = Heartbeat(run_dir, dist.get_rank()), state["step"]
     t.model.train()
     tick = time.perf_counter()
     while state["step"] < train.steps:
+        heartbeat.beat(state["step"] + 1, done=False)
         start, count = rank_slice(state["consumed_samples"], train.global_batch, ps.get_data_parallel_rank(), dp)
         last = state["step"] + 1 == train.steps
         batch, waited = prefetch.get(start, count, None if last else start + train.global_batch)
@@ -461,6 +502,8 @@ def main(argv=None) -> None:
                 save_checkpoint(run_dir, t.gpt, t.optimizer,
                                 {**state, **described, "scheduler": t.scheduler.state_dict()})
             log(f"checkpoint: step {step}", flush=True)
+        heartbeat.beat(step, done=True)
+        fault_drill(dist.get_rank(), step, started_at)
     prefetch.close()
     metrics.close()
     dist.barrier()

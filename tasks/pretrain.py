@@ -10,7 +10,8 @@ from pathlib import Path
 from prefect import task
 
 from tasks.lib.log import progress
-from tasks.lib.launch import PretrainConfig, check_resources, check_train_settings, run_training
+from tasks.lib.launch import (TRAINING_TASK_OPTIONS, PretrainConfig, check_resources, check_train_settings,
+                              run_training)
 from tasks.lib.runs import checkpoint_architecture, continuation_checkpoint, finished_summary, run_key, write_summary
 from tasks.lib.training_report import final_validation, publish_training
 
@@ -26,7 +27,7 @@ def preflight(config: PretrainConfig) -> None:
 continue_from_task = task(name="continue-from")(continuation_checkpoint)
 
 
-@task(name="pretrain")
+@task(name="pretrain", **TRAINING_TASK_OPTIONS)
 def pretrain(manifest_path: str, config: PretrainConfig, runs_dir: str, init_from: str | None = None) -> str:
     """Train (or resume) on the shards of `manifest_path`, from scratch or (continued pretraining) from the
     weights of checkpoint `init_from`; returns the run directory."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks.lib.log import progress
-from tasks.lib.launch import PretrainConfig, check_resources, run_training
+from tasks.lib.launch import TRAINING_TASK_OPTIONS, PretrainConfig, check_resources, run_training
 from tasks.lib.runs import checkpoint_architecture, finished_summary, run_key, write_summary
 from tasks.lib.training_report import final_validation, publish_training
 
@@ -18,7 +18,7 @@ SFT_TRAIN_DEFAULTS = {"steps": 80, "global_batch": 16, "micro_batch": 4, "lr": 1
                       "warmup_steps": 8, "log_every": 10, "eval_every": 20, "save_every": 40, "eval_batches": 4}
 
 
-@task(name="sft")
+@task(name="sft", **TRAINING_TASK_OPTIONS)
 def sft(sft_manifest: str, init_checkpoint: str, config: PretrainConfig, runs_dir: str) -> str:
     """Fine-tune from `init_checkpoint` on the SFT shards; returns the run directory. The architecture is the
     checkpoint's own, so it cannot drift from what was pretrained."""

@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -58,12 +59,24 @@ class PretrainConfig(BaseModel):
     rdzv_endpoint: str | None = Field(default=None, description="torchrun launcher with nnodes > 1: host:port of "
                                                                 "the c10d rendezvous, reachable from every node")
     slurm: SlurmLaunch = SlurmLaunch()
+    max_restarts: int | None = Field(
+        default=None, ge=0, description="times the whole group is restarted, from the latest checkpoint, after a "
+                                        "rank dies or stalls; default 3 with gpus_required, else 1. A rank that "
+                                        "fails with a Python error before any new checkpoint is not restarted: "
+                                        "it would fail the same way")
+    step_timeout_s: float = Field(
+        default=900, gt=0, description="a step (with its evaluation and checkpoint save) in which no rank makes "
+                                       "progress for this long is a stall: the group is killed and restarted")
 
     def fingerprint_payload(self) -> dict:
         """What of the config decides the trained model, for the run's key: not how it is launched, so raising a
         Slurm time limit or moving partitions resumes the same run."""
         return self.model_dump(mode="json", exclude={"launcher", "slurm", "node_rank", "rdzv_endpoint",
-                                                      "gpus_required"})
+                                                      "gpus_required", "max_restarts", "step_timeout_s"})
+
+    @property
+    def restarts(self) -> int:
+        return self.max_restarts if self.max_restarts is not None else 3 if self.gpus_required else 1
 
     @property
     def ranks(self) -> int:
@@ -165,39 +178,128 @@ def check_resources(config: PretrainConfig) -> None:
             f"memory per GPU), submit it with launcher: slurm, or run pretrain/tiny here.")
 
 
+class LauncherDied(RuntimeError):
+    """torchrun itself (not a rank) was killed: the pretrain and sft tasks retry on this (Prefect retries)."""
+
+
+def launcher_died(task, task_run, state) -> bool:
+    """Prefect's retry condition of the training tasks: retry (and so resume) when the launcher was killed, not
+    when training failed on its own (that has had its restarts) or a setting is wrong."""
+    try:
+        state.result()
+    except LauncherDied:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+# The training tasks' Prefect options: a retry re-runs the task, which resumes its run directory.
+TRAINING_TASK_OPTIONS = dict(retries=2, retry_delay_seconds=5, retry_condition_fn=launcher_died)
+
+
 def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...] = (),
                  stage: str = "pretrain") -> list[dict]:
     """Run training to completion, streaming rank 0's lines to the log and a progress artifact; returns the
-    metrics records."""
+    metrics records.
+
+    A rank that dies, or a step that stalls (no rank makes progress for `step_timeout_s`), ends the attempt;
+    the whole group is then started again, up to `max_restarts` times, and resumes from the run's latest
+    checkpoint. (Restarts are a fresh torchrun each, on a fresh port: torchrun's own `--max-restarts` could
+    not rejoin a gloo group on torch 2.13, see docs/architecture.md.)"""
+    from model.checkpoint import latest_checkpoint
     from model.config import TrainConfig
 
     log = get_logger()
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = TrainingProgress(stage, config.train.get("steps", TrainConfig.steps))
+    for attempt in range(config.restarts + 1):
+        shutil.rmtree(run_dir / "heartbeats", ignore_errors=True)  # the last attempt's would look stalled
+        code, output, offset, stalled = launch_once(config, manifest_dir, run_dir, extra, tracker, attempt)
+        if code == 0:
+            return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        error = stalled or describe_failure(code, output.read_bytes()[offset:].decode(errors="replace"), output)
+        if config.launcher == "torchrun" and code < 0 and not stalled:
+            raise LauncherDied(f"the torchrun launcher was killed (signal {-code}); ranks' output: {output}")
+        # A Python error before any step of this attempt (a setting, a missing file, a shape) would recur.
+        stepped = any(json.loads(p.read_text())["done"] for p in (run_dir / "heartbeats").glob("rank-*.json"))
+        if attempt == config.restarts or (error.startswith("training failed on rank") and not stepped):
+            raise RuntimeError(error + (f"\n(after {attempt} restart{'s' * (attempt != 1)})" if attempt else ""))
+        resume = latest_checkpoint(run_dir)
+        progress(f"{stage}: {error.splitlines()[0]}; restarting the group ({attempt + 1} of {config.restarts}) "
+                 f"from {resume.name if resume else 'step 0'}")
+        log.warning(error)
+    raise AssertionError("unreachable")
+
+
+def launch_once(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...],
+                tracker: TrainingProgress, attempt: int) -> tuple[int, Path, int, str | None]:
+    """One attempt: (exit code, the ranks' output file, where this attempt's output starts in it, the stall
+    that ended it or None)."""
+    watch = StallWatch(run_dir, config.step_timeout_s)
     if config.launcher == "slurm":
-        code, output = run_slurm_job(config, manifest_dir, run_dir, extra, tracker)
-    else:
-        cmd = launch_command(config, manifest_dir, run_dir, extra)
-        log.info("launching: " + " ".join(cmd))
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // config.ranks)),
-               "PYTHONUNBUFFERED": "1"}
-        output = run_dir / "ranks.log"
-        with open(output, "w") as ranks_log:
-            code = follow_launcher(cmd, env, ranks_log, tracker)
-    if code != 0:
-        failures = FAILURE.findall(output.read_text())
-        if failures:
-            rank, trace = failures[0]
-            trace = trace.split("\n[rank")[0]  # torch's elastic agent repeats it with [rankN]: prefixes
-            raise RuntimeError(f"training failed on rank {rank} (exit code {code}); its traceback:\n{trace.strip()}"
-                               f"\nAll ranks' output: {output}")
-        raise RuntimeError(f"training exited with code {code}; last output:\n{output.read_text()[-3000:]}")
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return run_slurm_job(config, manifest_dir, run_dir, extra, tracker, watch)
+    cmd = launch_command(config, manifest_dir, run_dir, extra)
+    get_logger().info("launching: " + " ".join(cmd))
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // config.ranks)),
+           "PYTHONUNBUFFERED": "1"}
+    output = run_dir / "ranks.log"
+    with open(output, "a") as ranks_log:  # every attempt's output, a retried task's included
+        ranks_log.write(f"=== launch attempt {attempt} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        ranks_log.flush()
+        offset = ranks_log.tell()
+        code, stalled = follow_launcher(cmd, env, ranks_log, tracker, watch)
+    return code, output, offset, stalled
 
 
-def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgress) -> int:
-    """Run torchrun in a session of its own, streaming its stdout (rank 0's lines) into the log until it exits;
-    returns its exit code. torchrun starts each rank in a session of the rank's own, so the sessions of its
+def describe_failure(code: int, text: str, output: Path) -> str:
+    """A failed attempt in a sentence or two: the rank torchrun saw fail first, with its traceback if it printed
+    one (a rank killed by a signal prints none; the others then fail on a broken connection)."""
+    root = re.search(r"rank\s*:\s*(\d+).*?\n\s*exitcode\s*:\s*(-?\d+)", text.split("Root Cause")[-1], re.S) \
+        if "Root Cause" in text else None
+    if root and int(root[2]) < 0:
+        return f"rank {root[1]} died (exit code {root[2]}); training exited with code {code}. " \
+               f"All ranks' output: {output}"
+    failures = FAILURE.findall(text)
+    if failures:
+        rank, trace = next((f for f in failures if root and f[0] == root[1]), failures[0])
+        trace = trace.split("\n[rank")[0]  # torch's elastic agent repeats it with [rankN]: prefixes
+        return f"training failed on rank {rank} (exit code {code}); its traceback:\n{trace.strip()}\n" \
+               f"All ranks' output: {output}"
+    return f"training exited with code {code}; last output:\n{text[-3000:]}"
+
+
+class StallWatch:
+    """Finds a stalled step from the ranks' heartbeats (model/train.py): when no rank has made progress for
+    `timeout` seconds, names the step and the ranks furthest behind. Quiet until the first heartbeat, so
+    start-up (imports, loading a checkpoint) is not timed."""
+
+    def __init__(self, run_dir: Path, timeout: float):
+        self.dir, self.timeout = run_dir / "heartbeats", timeout
+
+    def check(self) -> str | None:
+        beats = []
+        for path in self.dir.glob("rank-*.json"):
+            with contextlib.suppress(ValueError, OSError):
+                beats.append(json.loads(path.read_text()))
+        if not beats:
+            return None
+        idle = time.time() - max(b["time"] for b in beats)
+        if idle < self.timeout:
+            return None
+        behind = min((b["step"], b["done"]) for b in beats)
+        ranks = sorted(b["rank"] for b in beats if (b["step"], b["done"]) == behind)
+        where = f"after step {behind[0]}" if behind[1] else f"in step {behind[0]}"
+        others = len(beats) - len(ranks)
+        return (f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))} stalled {where}: no rank made "
+                f"progress for {idle:.0f} s (step_timeout_s {self.timeout:g})"
+                + (f"; {others} other rank{'s wait' if others > 1 else ' waits'} for it further on" if others else ""))
+
+
+def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgress,
+                    watch: StallWatch | None = None) -> tuple[int, str | None]:
+    """Run torchrun in a session of its own, streaming its stdout (rank 0's lines) into the log until it exits
+    or `watch` finds a stalled step; returns (its exit code, the stall or None). torchrun starts each rank in a session of the rank's own, so the sessions of its
     descendants are noted as they appear; when the launcher exits, however it exits (or this process is
     interrupted), every process left in any of those sessions is killed: a rank's orphaned children (checkpoint
     writers) would otherwise live on, holding the output pipe open, and a read-until-end-of-output would wait
@@ -231,13 +333,18 @@ def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgr
             if line:
                 progress(line.rstrip())
                 tracker.line(line)
+            if watch is not None and proc.poll() is None and (stalled := watch.check()):
+                get_logger().error(f"{stalled}: killing the group")
+                kill_sessions(sessions)  # reaps torchrun too, so its exit code is lost: report a failure
+                proc.wait()
+                return 1, stalled
             if proc.poll() is not None:
                 # The launcher is gone: take what its ranks printed before it, but wait no longer than a few
                 # seconds for an end of output that orphans may never give.
                 ended = ended or time.monotonic()
                 if time.monotonic() - ended > 5:
                     break
-        return proc.wait()
+        return proc.wait(), None
     finally:
         kill_sessions(sessions)
 
@@ -269,8 +376,9 @@ def kill_sessions(sessions: set[int]) -> None:
 
 
 def run_slurm_job(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...],
-                  tracker: TrainingProgress) -> tuple[int, Path]:
-    """Submit the training job with `sbatch --wait` and follow its output file into the log until it ends."""
+                  tracker: TrainingProgress, watch: StallWatch) -> tuple[int, Path, int, str | None]:
+    """Submit the training job with `sbatch --wait` and follow its output file into the log until it ends, or
+    cancel it when `watch` finds a stalled step."""
     log = get_logger()
     script = run_dir / "pretrain.sbatch"
     script.write_text(slurm_script(config, manifest_dir, run_dir, extra))
@@ -290,5 +398,10 @@ def run_slurm_job(config: PretrainConfig, manifest_dir: Path, run_dir: Path, ext
                     tracker.line(line)
                 position = f.tell()
         if finished:
-            return proc.returncode, output
+            return proc.returncode, output, 0, None
+        if stalled := watch.check():
+            get_logger().error(f"{stalled}: cancelling Slurm job {job_id}")
+            subprocess.run(["scancel", job_id], check=False)
+            proc.wait()
+            return proc.returncode or 1, output, 0, stalled
         time.sleep(5)
