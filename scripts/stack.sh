@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local Prefect stack: server (SQLite, loopback only), a process work pool, deployments from prefect.yaml,
-# and one worker. Idempotent: `up` twice is fine. Pid files and logs live in .prefect/.
+# the automations of scripts/automations.py, and one worker. Idempotent: `up` twice is fine. Pid files and
+# logs live in .prefect/.
 #   scripts/stack.sh up | down | status
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,7 @@ up() {
   echo "work pool: $POOL"
   "$PREFECT" --no-prompt deploy --all >"$RUN/deploy.log" 2>&1 || { cat "$RUN/deploy.log" >&2; exit 1; }
   echo "deployments: $(grep -c '^  - name:' prefect.yaml) from prefect.yaml"
+  PREFECT_API_URL="$API" .venv/bin/python scripts/automations.py
   if alive "$RUN/worker.pid"; then
     echo "worker: already running (pid $(cat "$RUN/worker.pid"))"
   else

@@ -340,9 +340,10 @@ def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgr
                 return 1, stalled
             if proc.poll() is not None:
                 # The launcher is gone: take what its ranks printed before it, but wait no longer than a few
-                # seconds for an end of output that orphans may never give.
+                # seconds for an end of output that orphans may never give. Killed itself, it leaves orphan ranks
+                # still training: stop them at once.
                 ended = ended or time.monotonic()
-                if time.monotonic() - ended > 5:
+                if time.monotonic() - ended > 5 or proc.returncode < 0:
                     break
         return proc.wait(), None
     finally:
