@@ -23,7 +23,8 @@ def pretrain_flow(spec_path: str = "data_specs/default.yaml", preset: str = "tin
                   continue_from: str | None = None) -> str:
     """Build (or reuse) the shards for `spec_path`, then train `preset` on them; returns the run directory.
 
-    `launch` sets multi-node fields of PretrainConfig (nnodes, launcher, rdzv_endpoint, node_rank, slurm).
+    `launch` sets PretrainConfig's launch fields: multi-node (nnodes, launcher, rdzv_endpoint, node_rank, slurm)
+    and fault handling (max_restarts, step_timeout_s); none of them is in the run's key.
     `manifest`: train on this manifest.json instead of running the data flow (the new-manifest event passes it).
     `continue_from`: continued pretraining from a run directory or checkpoint's weights; "latest" takes the
     newest finished pretraining run on an earlier manifest with the same tokenizer (or trains from scratch)."""

@@ -28,11 +28,12 @@ from tasks.spec import SFTSpec, load_spec, resolve_path
 @flow(name="sft")
 def sft_flow(sft_spec_path: str = "data_specs/sft_default.yaml", pretrained: str | None = None, tp: int = 1,
              pp: int = 1, nproc: int | None = None, gpus_required: bool = False, train: dict | None = None,
-             runs_dir: str = "runs") -> str:
+             runs_dir: str = "runs", launch: dict | None = None) -> str:
     """Fine-tune `pretrained` (a run directory or checkpoint; default the newest pretraining run) on the
-    instruction set of `sft_spec_path`; returns the SFT run directory."""
+    instruction set of `sft_spec_path`; returns the SFT run directory. `launch` sets PretrainConfig's launch
+    fields, as in the pretrain flow (e.g. max_restarts, step_timeout_s)."""
     config = PretrainConfig(tp=tp, pp=pp, nproc=nproc, gpus_required=gpus_required,
-                            train={**SFT_TRAIN_DEFAULTS, **(train or {})})
+                            train={**SFT_TRAIN_DEFAULTS, **(train or {})}, **(launch or {}))
     preflight(config)
     runs = resolve_path(runs_dir)
     checkpoint = resolve_checkpoint(resolve_path(pretrained) if pretrained else newest_run(runs, "pretrain"))

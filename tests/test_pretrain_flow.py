@@ -79,7 +79,9 @@ def test_a_finished_run_returns_at_once_without_launching(pretrained_by_flow, mo
     monkeypatch.setattr(subprocess, "Popen", no_launch)
     started = time.perf_counter()
     returned = pretrain.fn(str(manifest), PretrainConfig(train=FLOW_TRAIN), str(pretrained_by_flow.runs_dir))
-    assert returned == str(run_dir) and time.perf_counter() - started < 5
+    seconds = time.perf_counter() - started
+    print(f"a finished run returned in {seconds:.3f} s")
+    assert returned == str(run_dir) and seconds < 5
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == files
 
 
@@ -124,25 +126,3 @@ def test_rank_failure_reports_that_ranks_traceback(tmp_path):
                      tmp_path / "run")
     assert "training failed" in (tmp_path / "run" / "ranks.log").read_text()
 
-
-@pytest.mark.slow
-def test_a_killed_launcher_is_retried_by_prefect_and_resumes(pretrained_by_flow, monkeypatch):
-    """torchrun itself SIGKILLed after step 6 (model/train.py's fault drill; checkpoints every 4 steps): the
-    pretrain task fails, Prefect retries it, and the retry resumes the same run directory from step 4."""
-    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName
-
-    monkeypatch.setenv("TRAIN_FAULT", "kill-launcher:0:6")
-    train = {**FLOW_TRAIN, "steps": 12, "save_every": 4, "eval_every": 12, "log_every": 1}
-    state = pretrain_flow(str(pretrained_by_flow.spec_path), train=train, runs_dir=str(pretrained_by_flow.runs_dir),
-                          return_state=True)
-    assert state.is_completed(), state
-    run_dir = Path(state.result())
-    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == \
-        list(range(1, 13))
-    log = (run_dir / "ranks.log").read_text()
-    assert "fault drill: kill-launcher after step 6" in log and log.count("=== launch attempt 0") == 2
-    with get_client(sync_client=True) as client:
-        (task_run,) = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])),
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="pretrain")))
-    assert task_run.run_count == 2 and task_run.state.is_completed()

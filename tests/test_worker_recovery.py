@@ -58,8 +58,8 @@ def own_server(tmp_path_factory):
         server.wait()
 
 
-def start_worker(env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "process",
+def start_worker(env: dict, pool: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
                              "--name", log.stem], cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
@@ -76,11 +76,18 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_a_dead_rank_and_a_dead_worker_end_in_completed_and_crashed_runs_that_resume(own_server, tiny_manifest,
-                                                                                     tmp_path):
+def test_dead_ranks_launchers_and_workers_end_in_completed_or_crashed_runs_that_resume(own_server, tiny_manifest,
+                                                                                       tmp_path):
+    """Three deployment runs at once, faults made by model/train.py's drill:
+    1. rank 0 SIGKILLs itself after step 6: the launch restarts the group, the flow run completes;
+    2. torchrun itself is SIGKILLed after step 6: the pretrain task fails, Prefect retries it, it resumes;
+    3. on a second work pool's worker, a longer run; once it has a checkpoint, that worker is killed with all it
+       started: the automation marks the flow run Crashed, and the deployment run again on a new worker resumes
+       the same run directory from that checkpoint."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, TaskRunFilter, TaskRunFilterName
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -88,73 +95,85 @@ def test_a_dead_rank_and_a_dead_worker_end_in_completed_and_crashed_runs_that_re
 
     url, env = own_server
     runs = tmp_path / "runs"
-    manifest = str(tiny_manifest / "manifest.json")
     train = {"steps": 12, "warmup_steps": 1, "global_batch": 8, "micro_batch": 4, "log_every": 1, "eval_every": 12,
              "save_every": 4}
+    long = {**train, "steps": 150, "log_every": 10, "eval_every": 150, "save_every": 10}
     with temporary_settings({PREFECT_API_URL: url}):
         ensure_automations()
         ensure_automations()  # `make up` twice: still one automation
         with get_client(sync_client=True) as client:
             assert len(client.read_automations_by_name("crash-zombie-flow-runs")) == 1
-            client.create_work_pool(WorkPoolCreate(name=POOL, type="process"))
-        pretrain_flow.from_source(source=str(ROOT), entrypoint="flows/pretrain.py:pretrain_flow").deploy(
-            name="recovery", work_pool_name=POOL, build=False, push=False,
-            parameters={"manifest": manifest, "runs_dir": str(runs)},
-            job_variables={"env": {"OMP_NUM_THREADS": "1"}})
+            for pool in (POOL, f"{POOL}-2"):
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        source = pretrain_flow.from_source(source=str(ROOT), entrypoint="flows/pretrain.py:pretrain_flow")
+        for name, pool in (("recovery", POOL), ("lost-worker", f"{POOL}-2")):
+            source.deploy(name=name, work_pool_name=pool, build=False, push=False,
+                          parameters={"manifest": str(tiny_manifest / "manifest.json"), "runs_dir": str(runs)},
+                          job_variables={"env": {"OMP_NUM_THREADS": "1"}})
+
+        def state_of(run_id):
+            with get_client(sync_client=True) as client:
+                return client.read_flow_run(run_id).state
 
         def wait_for(run_id, states: set[str], timeout: float):
             deadline = time.monotonic() + timeout
-            while True:
-                with get_client(sync_client=True) as client:
-                    run = client.read_flow_run(run_id)
-                if run.state.type.value in states:
-                    return run
-                assert time.monotonic() < deadline, f"flow run still {run.state.name} after {timeout} s"
+            while (state := state_of(run_id)).type.value not in states:
+                assert time.monotonic() < deadline, f"flow run still {state.name} after {timeout} s"
                 time.sleep(2)
+            return state
 
         def logs(run_id) -> list[str]:
             with get_client(sync_client=True) as client:
                 return [log.message for log in client.read_logs(log_filter=LogFilter(
                     flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
 
-        worker = start_worker(env, tmp_path / "worker-1.log")
-        try:
-            # 1. Rank 0 SIGKILLs itself after step 6: the launch restarts the group, the flow run completes.
-            first = run_deployment("pretrain/recovery", parameters={"train": train}, timeout=0,
-                                   job_variables={"env": {"TRAIN_FAULT": "kill:0:6", "OMP_NUM_THREADS": "1"}})
-            done = wait_for(first.id, {"COMPLETED", "FAILED", "CRASHED"}, 300)
-            assert done.state.is_completed(), (done.state, logs(first.id)[-20:])
-            (run_dir,) = runs.iterdir()
-            steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            assert steps == list(range(1, 13))  # one continuous curve
-            assert any("rank 0 died (exit code -9)" in m and "restarting the group" in m for m in logs(first.id))
+        def run_dir_of(run_id) -> Path:
+            (run_dir,) = {m.split("--run-dir ")[1].split()[0] for m in logs(run_id) if m.startswith("launching: ")}
+            return Path(run_dir)
 
-            # 2. A longer run; once it has a checkpoint, the worker dies with everything it started.
-            long = {**train, "steps": 150, "log_every": 10, "eval_every": 150, "save_every": 10}
-            second = run_deployment("pretrain/recovery", parameters={"train": long}, timeout=0)
-            wait_for(second.id, {"RUNNING"}, 120)
-            deadline = time.monotonic() + 180
-            while not (latest := [d for d in runs.iterdir() if d != run_dir and (d / "checkpoints" / "latest").is_file()]):
-                assert time.monotonic() < deadline, "training did not checkpoint"
+        workers = [start_worker(env, POOL, tmp_path / "worker-1.log"),
+                   start_worker(env, f"{POOL}-2", tmp_path / "worker-2.log")]
+        try:
+            faults = {fault: run_deployment("pretrain/recovery", parameters={"train": {**train, "lr": lr}}, timeout=0,
+                                            job_variables={"env": {"TRAIN_FAULT": fault, "OMP_NUM_THREADS": "1"}})
+                      for fault, lr in (("kill:0:6", 3e-3), ("kill-launcher:0:6", 2e-3))}
+            lost = run_deployment("pretrain/lost-worker", parameters={"train": long}, timeout=0)
+            deadline = time.monotonic() + 240
+            while not any((d / "checkpoints" / "latest").is_file() for d in runs.glob("*")
+                          if state_of(lost.id).is_running() and d.name in str(logs(lost.id))):
+                assert time.monotonic() < deadline, "the long run did not checkpoint"
                 time.sleep(1)
-        finally:
-            kill_tree(worker)
-        killed = time.monotonic()
-        (long_dir,) = latest
-        crashed = wait_for(second.id, {"CRASHED", "COMPLETED", "FAILED"}, MISSED_HEARTBEATS_S + 120)
-        print(f"flow run marked {crashed.state.name} {time.monotonic() - killed:.0f} s after the worker was killed")
-        assert crashed.state.type.value == "CRASHED" and "no heartbeat" in crashed.state.message
-        checkpoint = (long_dir / "checkpoints" / "latest").read_text().strip()
+            long_dir = run_dir_of(lost.id)
+            kill_tree(workers.pop())
+            killed = time.monotonic()
+            checkpoint = (long_dir / "checkpoints" / "latest").read_text().strip()
+            workers.append(start_worker(env, f"{POOL}-2", tmp_path / "worker-3.log"))
+            again = run_deployment("pretrain/lost-worker", parameters={"train": long}, timeout=0)
 
-        # 3. A new worker, the deployment run again: the same run directory resumes from its checkpoint.
-        worker = start_worker(env, tmp_path / "worker-2.log")
-        try:
-            third = run_deployment("pretrain/recovery", parameters={"train": long}, timeout=0)
-            done = wait_for(third.id, {"COMPLETED", "FAILED", "CRASHED"}, 300)
-            assert done.state.is_completed(), (done.state, logs(third.id)[-20:])
+            for fault, run in faults.items():
+                state = wait_for(run.id, {"COMPLETED", "FAILED", "CRASHED"}, 300)
+                assert state.is_completed(), (fault, state, logs(run.id)[-20:])
+                run_dir = run_dir_of(run.id)
+                steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                assert steps == list(range(1, 13))  # one continuous curve
+                assert "resumed from" in " ".join(logs(run.id))
+            assert any("rank 0 died (exit code -9)" in m and "restarting the group" in m
+                       for m in logs(faults["kill:0:6"].id))
+            with get_client(sync_client=True) as client:
+                (task_run,) = client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[faults["kill-launcher:0:6"].id])),
+                    task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="pretrain")))
+            assert task_run.run_count == 2 and task_run.state.is_completed()  # one Prefect retry
+
+            crashed = wait_for(lost.id, {"CRASHED", "COMPLETED", "FAILED"}, MISSED_HEARTBEATS_S + 120)
+            print(f"flow run marked {crashed.name} {time.monotonic() - killed:.0f} s after its worker was killed")
+            assert crashed.type.value == "CRASHED" and "no heartbeat" in crashed.message
+            state = wait_for(again.id, {"COMPLETED", "FAILED", "CRASHED"}, 300)
+            assert state.is_completed(), (state, logs(again.id)[-20:])
         finally:
-            kill_tree(worker)
-        assert sorted(runs.iterdir()) == sorted([run_dir, long_dir])
-        assert any(f"resumed from {long_dir}/checkpoints/{checkpoint}" in m for m in logs(third.id)), checkpoint
+            for worker in workers:
+                kill_tree(worker)
+        assert run_dir_of(again.id) == long_dir
+        assert any(f"resumed from {long_dir}/checkpoints/{checkpoint}" in m for m in logs(again.id)), checkpoint
         steps = [json.loads(line)["step"] for line in (long_dir / "metrics.jsonl").read_text().splitlines()]
         assert steps == list(range(1, 151))

@@ -205,8 +205,8 @@ def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extr
 
     A rank that dies, or a step that stalls (no rank makes progress for `step_timeout_s`), ends the attempt;
     the whole group is then started again, up to `max_restarts` times, and resumes from the run's latest
-    checkpoint. (Restarts are a fresh torchrun each, on a fresh port: torchrun's own `--max-restarts` could
-    not rejoin a gloo group on torch 2.13, see docs/architecture.md.)"""
+    checkpoint. (Restarts are a fresh torchrun each, on a fresh port: with torchrun's own `--max-restarts` the
+    restarted ranks of torch 2.13 could not form a gloo group again, see docs/scaling.md.)"""
     from model.checkpoint import latest_checkpoint
     from model.config import TrainConfig
 
