@@ -44,8 +44,9 @@ def planned(spec_path: Path, incremental: bool = True) -> dict[str, str]:
     state = data_flow(str(spec_path), incremental=incremental, plan=True, return_state=True)
     assert sorted(store.rglob("*")) == before
     with get_client(sync_client=True) as client:
+        this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-plan"])),
-                                            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+                                            flow_run_filter=this_run)
     lines = dict(re.fullmatch(r"(\w+ \[.*?\])\s+(.*)", line).groups() for line in state.result().splitlines())
     assert [f"{r['stage']} [{r['what']}]" for r in json.loads(artifact.data)] == list(lines)
     print("\n".join(f"{k}  {v}" for k, v in lines.items()))

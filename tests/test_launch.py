@@ -91,58 +91,6 @@ def test_two_nodes_over_loopback_train_like_one(tiny_manifest, tp2_run, tmp_path
     assert [r["val_loss"] for r in two if "val_loss" in r] == [r["val_loss"] for r in one if "val_loss" in r]
 
 
-@pytest.mark.slow
-def test_a_killed_rank_fails_the_launch_within_a_minute(tiny_manifest, tmp_path):
-    """SIGKILL one rank of a 2-rank run while it trains and checkpoints every step: the launch ends (a failed
-    run, never a wait on output that orphans keep open), and nothing of its session is left running."""
-    import threading
-    import time
-
-    import psutil
-
-    from tasks.lib.launch import run_training
-
-    run_dir = tmp_path / "run"
-    config = PretrainConfig(tp=2, max_restarts=0, train={"steps": 5000, "warmup_steps": 1, "global_batch": 4,
-                                                         "micro_batch": 2, "log_every": 1, "eval_every": 5000,
-                                                         "save_every": 1})
-    result: dict = {}
-
-    def launch() -> None:
-        try:
-            run_training(config, tiny_manifest, run_dir)
-        except RuntimeError as err:
-            result["error"] = err
-
-    thread = threading.Thread(target=launch)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not (run_dir / "checkpoints" / "latest").is_file() or \
-            len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:
-        assert time.monotonic() < deadline and thread.is_alive(), "training did not start"
-        time.sleep(0.2)
-    (agent,) = [p for p in psutil.process_iter(["cmdline"]) if "torch.distributed.run" in (p.info["cmdline"] or [])
-                and str(run_dir) in p.info["cmdline"]]
-    (rank1,) = [p for p in agent.children() if p.environ().get("RANK") == "1"]  # not its checkpoint writers
-    session = os.getsid(rank1.pid)
-    killed = time.monotonic()
-    rank1.kill()
-    thread.join(timeout=60)
-    assert not thread.is_alive(), "the launch still waits a minute after a rank died"
-    assert "rank 1 died (exit code -9)" in str(result.get("error"))
-    print(f"launch failed {time.monotonic() - killed:.1f} s after the kill")
-    left = [p for p in psutil.process_iter(["status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
-            and _sid(p.pid) == session]  # the dead not yet reaped hold nothing open
-    assert not left, [(p, p.cmdline(), p.ppid()) for p in left]
-
-
-def _sid(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except ProcessLookupError:
-        return None
-
-
 # FAST as the launcher's train settings, for runs that must match the tp2_run fixture step for step.
 FAST_TRAIN = {"steps": 6, "warmup_steps": 1, "global_batch": 8, "micro_batch": 2, "log_every": 1, "eval_every": 3,
               "eval_batches": 4, "save_every": 3, "lr": 3e-3}
@@ -156,6 +104,8 @@ def test_a_rank_that_dies_or_stalls_restarts_the_group_and_the_run_ends_as_if_un
     fault drill); the checkpoint is at step 3. The launch restarts the group, which resumes from step 3, and the
     run ends with the uninterrupted run's losses, one continuous curve."""
     import time
+
+    import psutil
 
     from tasks.lib.launch import run_training
 
@@ -172,6 +122,8 @@ def test_a_rank_that_dies_or_stalls_restarts_the_group_and_the_run_ends_as_if_un
     assert [r.get("val_loss") for r in records] == [r.get("val_loss") for r in tp2_run.metrics()]
     log = (run_dir / "ranks.log").read_text()
     assert log.count("=== launch attempt") == 2 and f"fault drill: {fault} after step 4" in log
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
+    assert not left, left  # no rank, checkpoint writer or launcher of either attempt outlives the launch
     said = {"kill": "rank 1 died (exit code -9)", "stall": "rank 1 stalled after step 4: no rank made progress"}
     assert any(said[fault] in m and "restarting the group (1 of 1) from step-000003" in m for m in caplog.messages)
     assert [s for s, _ in tensorboard_scalars(run_dir, "train/loss")] == [1, 2, 3, 4, 5, 6]

@@ -299,8 +299,8 @@ class StallWatch:
 def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgress,
                     watch: StallWatch | None = None) -> tuple[int, str | None]:
     """Run torchrun in a session of its own, streaming its stdout (rank 0's lines) into the log until it exits
-    or `watch` finds a stalled step; returns (its exit code, the stall or None). torchrun starts each rank in a session of the rank's own, so the sessions of its
-    descendants are noted as they appear; when the launcher exits, however it exits (or this process is
+    or `watch` finds a stalled step; returns (its exit code, the stall or None). torchrun starts each rank in a
+    session of the rank's own, so the sessions of its descendants are noted as they appear; when the launcher exits, however it exits (or this process is
     interrupted), every process left in any of those sessions is killed: a rank's orphaned children (checkpoint
     writers) would otherwise live on, holding the output pipe open, and a read-until-end-of-output would wait
     forever."""
