@@ -15,7 +15,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import resource
 import sys
