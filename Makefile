@@ -26,7 +26,7 @@ run: setup up
 
 # Two pytest-xdist workers (tests that share a session run stay on one worker; see tests/conftest.py).
 test: setup
-	$(PY) -m pytest -q -n 3 --dist loadgroup --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 # Opt-in: the pipeline against its own Prefect server, checked in headless Chromium (Debian `chromium`).
 test-ui: setup
