@@ -37,7 +37,7 @@ def run_flow(spec_path: Path, incremental: bool = True, verify: bool = False) ->
 
 
 def planned(spec_path: Path, incremental: bool = True) -> dict[str, str]:
-    """The data flow's plan, which builds nothing: {"stage [what]": "reuse <fp>" | "build <fp>  <reason>"}. Also
+    """The data flow's plan, which builds nothing: {"stage (what)": "reuse <fp>" | "build <fp>  <reason>"}. Also
     checks that the run wrote nothing to the store and published the plan as a table artifact."""
     store = Path(yaml.safe_load(spec_path.read_text())["artifacts_dir"])
     before = sorted(store.rglob("*"))
@@ -47,8 +47,8 @@ def planned(spec_path: Path, incremental: bool = True) -> dict[str, str]:
         this_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
         (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["data-plan"])),
                                             flow_run_filter=this_run)
-    lines = dict(re.fullmatch(r"(\w+ \[.*?\])\s+(.*)", line).groups() for line in state.result().splitlines())
-    assert [f"{r['stage']} [{r['what']}]" for r in json.loads(artifact.data)] == list(lines)
+    lines = dict(re.fullmatch(r"(\w+ \(.*?\))\s+(.*)", line).groups() for line in state.result().splitlines())
+    assert [f"{r['stage']} ({r['what']})" for r in json.loads(artifact.data)] == list(lines)
     print("\n".join(f"{k}  {v}" for k, v in lines.items()))
     return lines
 
@@ -81,10 +81,10 @@ def test_caching_recomputes_exactly_what_changed(small_corpus, tmp_path):
     spec["sources"][1]["cleaning"]["gopher_quality"]["min_doc_words"] = 200
     write_spec(spec_path, spec)
     plan = planned(spec_path)
-    assert [k for k, v in plan.items() if v.startswith("reuse ")] == ["download [sotu]", "clean [sotu]",
-                                                                       "download [kjv]"]
-    assert plan["clean [kjv]"].endswith("cleaning.gopher_quality.min_doc_words: 50 -> 200")
-    assert re.search(r"upstream clean \w{8} -> \w{8}$", plan["dedup [all sources]"])
+    assert [k for k, v in plan.items() if v.startswith("reuse ")] == ["download (sotu)", "clean (sotu)",
+                                                                       "download (kjv)"]
+    assert plan["clean (kjv)"].endswith("cleaning.gopher_quality.min_doc_words: 50 -> 200")
+    assert re.search(r"upstream clean \w{8} -> \w{8}$", plan["dedup (all sources)"])
     changed, states = run_flow(spec_path)
     assert changed != manifest_path
     assert [states[s] for s in ("download-sotu", "download-kjv", "clean-sotu")] == ["Cached"] * 3
@@ -121,9 +121,9 @@ def test_caching_recomputes_exactly_what_changed(small_corpus, tmp_path):
     spec["sources"][0]["paths"].append(str(added))
     write_spec(spec_path, spec)
     plan = planned(spec_path, incremental=False)
-    assert plan["download [sotu]"].endswith(f"input files new {added}")
-    assert plan["download [kjv]"].startswith("reuse ")
-    assert planned(spec_path)["download [sotu]"].startswith("build ")
+    assert plan["download (sotu)"].endswith(f"input files new {added}")
+    assert plan["download (kjv)"].startswith("reuse ")
+    assert planned(spec_path)["download (sotu)"].startswith("build ")
 
 
 @pytest.mark.slow

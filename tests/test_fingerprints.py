@@ -107,7 +107,7 @@ def build_states(root: Path, documents: Path, artifacts: Path) -> dict[str, str]
 def plan(root: Path, documents: Path, artifacts: Path) -> dict[str, str]:
     """{stage: its plan line after the stage name} from `build_data.py --plan`, which builds nothing."""
     lines = build(root, documents, artifacts, "--plan").stdout.strip().splitlines()[-6:]
-    return {stage: rest for stage, rest in (re.fullmatch(r"(\w+) \[.*?\]\s+(.*)", line).groups() for line in lines)}
+    return {stage: rest for stage, rest in (re.fullmatch(r"(\w+) \(.*?\)\s+(.*)", line).groups() for line in lines)}
 
 
 @pytest.mark.slow

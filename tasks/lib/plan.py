@@ -145,9 +145,10 @@ def short(value: Any) -> str:
 
 
 def format_plan(rows: list[PlanRow]) -> str:
-    """One aligned line per stage: `reuse <fingerprint>` or `build <fingerprint>  <reason>`."""
-    width = max((len(f"{r.stage} [{r.what}]") for r in rows), default=0)
-    return "\n".join(f"{f'{r.stage} [{r.what}]':<{width}}  {r.decision:<5} {r.fingerprint}"
+    """One aligned line per stage: `reuse <fingerprint>` or `build <fingerprint>  <reason>`. (No square
+    brackets: `prefect deployment run --watch` reads them as console markup and drops them.)"""
+    width = max((len(f"{r.stage} ({r.what})") for r in rows), default=0)
+    return "\n".join(f"{f'{r.stage} ({r.what})':<{width}}  {r.decision:<5} {r.fingerprint}"
                      + (f"  {r.reason}" if r.reason else "") for r in rows)
 
 
