@@ -396,6 +396,8 @@ def fault_drill(rank: int, step: int, started_at: int) -> None:
     if not fault or started_at != 0:
         return
     kind, fault_rank, fault_step = fault.split(":")
+    if kind not in ("kill", "kill-launcher", "stall"):
+        raise ValueError(f"{FAULT_ENV}={fault}: the kind must be kill, kill-launcher or stall")
     if (int(fault_rank), int(fault_step)) != (rank, step):
         return
     print(f"[rank {rank}] fault drill: {kind} after step {step}", file=sys.stderr, flush=True)
@@ -403,7 +405,7 @@ def fault_drill(rank: int, step: int, started_at: int) -> None:
         os.kill(os.getpid(), 9)
     elif kind == "kill-launcher":
         os.kill(os.getppid(), 9)
-    elif kind == "stall":
+    else:
         time.sleep(3600)
 
 

@@ -62,8 +62,8 @@ class PretrainConfig(BaseModel):
     max_restarts: int | None = Field(
         default=None, ge=0, description="times the whole group is restarted, from the latest checkpoint, after a "
                                         "rank dies or stalls; default 3 with gpus_required, else 1. A rank that "
-                                        "fails with a Python error before any new checkpoint is not restarted: "
-                                        "it would fail the same way")
+                                        "fails with a Python error before the attempt's first step ends is not "
+                                        "restarted: it would fail the same way")
     step_timeout_s: float = Field(
         default=900, gt=0, description="a step (with its evaluation and checkpoint save) in which no rank makes "
                                        "progress for this long is a stall: the group is killed and restarted")
@@ -293,17 +293,18 @@ class StallWatch:
         others = len(beats) - len(ranks)
         return (f"rank{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))} stalled {where}: no rank made "
                 f"progress for {idle:.0f} s (step_timeout_s {self.timeout:g})"
-                + (f"; {others} other rank{'s wait' if others > 1 else ' waits'} for it further on" if others else ""))
+                + (f"; {others} other rank{'s wait' if others > 1 else ' waits'} for it further on"
+                   if others else ""))
 
 
 def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgress,
                     watch: StallWatch | None = None) -> tuple[int, str | None]:
     """Run torchrun in a session of its own, streaming its stdout (rank 0's lines) into the log until it exits
     or `watch` finds a stalled step; returns (its exit code, the stall or None). torchrun starts each rank in a
-    session of the rank's own, so the sessions of its descendants are noted as they appear; when the launcher exits, however it exits (or this process is
-    interrupted), every process left in any of those sessions is killed: a rank's orphaned children (checkpoint
-    writers) would otherwise live on, holding the output pipe open, and a read-until-end-of-output would wait
-    forever."""
+    session of the rank's own, so the sessions of its descendants are noted as they appear; when the launcher
+    exits, however it exits (or this process is interrupted), every process left in any of those sessions is
+    killed: a rank's orphaned children (checkpoint writers) would otherwise live on, holding the output pipe
+    open, and a read-until-end-of-output would wait forever."""
     import psutil
 
     lines: queue.Queue[str | None] = queue.Queue()
