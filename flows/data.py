@@ -83,7 +83,7 @@ def build_manifest(spec_path: str, announce: bool, incremental: bool, plan_only:
     def run_stages() -> tuple[ArtifactRef, list]:
         return ingest_new_files(spec, resolved, base, lineage) if base else build_all(spec, resolved, lineage)
 
-    with collecting_plan() as plan:
+    with collecting_plan(hash_files=plan_only and full_verification.get()) as plan:
         run_stages()
     table = format_plan(plan)
     progress(f"plan: {sum(r.decision == 'build' for r in plan)} of {len(plan)} stages to build\n{table}")

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import psutil
 from pydantic import BaseModel
 
-from tasks.lib.code_version import stage_code_parts, stage_code_version
+from tasks.lib.code_version import code_version, stage_code_parts
 from tasks.lib.log import get_logger, progress
 
 MANIFEST_NAME = "_artifact.json"
@@ -90,16 +90,19 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 UNKEYED_PARAMS = {"artifacts_dir", "lineage"}
 
 
+def stage_key(stage: str, params: dict) -> dict:
+    """What a stage run's fingerprint hashes: each code definition the stage reaches, by hash, and the parameters
+    that change its output. `_artifact.json` records it, and a plan (tasks/lib/plan.py) compares it."""
+    return {"code": stage_code_parts(stage),
+            "params": canonical({k: v for k, v in params.items() if k not in UNKEYED_PARAMS})}
+
+
 def stage_fingerprint(stage: str, params: dict) -> str:
     """Fingerprint of one stage run: its code, its config and its upstream fingerprints."""
-    payload = json.dumps({"stage": stage, "code": stage_code_version(stage), "params": keyed_params(params)},
+    key = stage_key(stage, params)
+    payload = json.dumps({"stage": stage, "code": code_version(key["code"]), "params": key["params"]},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
-
-
-def keyed_params(params: dict) -> dict:
-    """The parameters as the fingerprint hashes them."""
-    return canonical({k: v for k, v in params.items() if k not in UNKEYED_PARAMS})
 
 
 def artifact_path(stage: str, params: dict) -> Path:
@@ -172,7 +175,7 @@ def _build(stage: str, params: dict, build: Callable[[Path], dict], label: str, 
         files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         # "key" is what the fingerprint hashed, per code definition: what a plan compares a new build with.
         meta = {"stage": stage, "fingerprint": final.name, "params": canonical(params, keyed=False),
-                "key": {"code": stage_code_parts(stage), "params": keyed_params(params)},
+                "key": stage_key(stage, params),
                 "summary": summary, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "built_at": time.time()}
         (tmp / MANIFEST_NAME).write_text(json.dumps(meta, indent=1))

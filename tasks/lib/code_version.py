@@ -28,8 +28,13 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 def stage_code_version(stage: str, root: Path = PROJECT_ROOT) -> str:
     """Hash of the code that shapes `stage`'s output (module docstring); the same for the same code under any
     checkout directory."""
+    return code_version(stage_code_parts(stage, root))
+
+
+def code_version(parts: dict[str, str]) -> str:
+    """One hash of `stage_code_parts`."""
     h = hashlib.sha256()
-    for definition, digest in stage_code_parts(stage, root).items():
+    for definition, digest in parts.items():
         h.update(f"{definition} {digest}\n".encode())
     return h.hexdigest()[:16]
 

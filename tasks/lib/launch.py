@@ -213,16 +213,17 @@ def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extr
     log = get_logger()
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = TrainingProgress(stage, config.train.get("steps", TrainConfig.steps))
+    watch = StallWatch(run_dir, config.step_timeout_s)
     for attempt in range(config.restarts + 1):
-        shutil.rmtree(run_dir / "heartbeats", ignore_errors=True)  # the last attempt's would look stalled
-        code, output, offset, stalled = launch_once(config, manifest_dir, run_dir, extra, tracker, attempt)
+        watch.reset()
+        code, output, offset, stalled = launch_once(config, manifest_dir, run_dir, extra, tracker, watch, attempt)
         if code == 0:
             return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         error = stalled or describe_failure(code, output.read_bytes()[offset:].decode(errors="replace"), output)
         if config.launcher == "torchrun" and code < 0 and not stalled:
             raise LauncherDied(f"the torchrun launcher was killed (signal {-code}); ranks' output: {output}")
         # A Python error before any step of this attempt (a setting, a missing file, a shape) would recur.
-        stepped = any(json.loads(p.read_text())["done"] for p in (run_dir / "heartbeats").glob("rank-*.json"))
+        stepped = any(beat["done"] for beat in watch.beats())
         if attempt == config.restarts or (error.startswith("training failed on rank") and not stepped):
             raise RuntimeError(error + (f"\n(after {attempt} restart{'s' * (attempt != 1)})" if attempt else ""))
         resume = latest_checkpoint(run_dir)
@@ -233,10 +234,9 @@ def run_training(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extr
 
 
 def launch_once(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra: tuple[str, ...],
-                tracker: TrainingProgress, attempt: int) -> tuple[int, Path, int, str | None]:
+                tracker: TrainingProgress, watch: StallWatch, attempt: int) -> tuple[int, Path, int, str | None]:
     """One attempt: (exit code, the ranks' output file, where this attempt's output starts in it, the stall
     that ended it or None)."""
-    watch = StallWatch(run_dir, config.step_timeout_s)
     if config.launcher == "slurm":
         return run_slurm_job(config, manifest_dir, run_dir, extra, tracker, watch)
     cmd = launch_command(config, manifest_dir, run_dir, extra)
@@ -277,11 +277,19 @@ class StallWatch:
     def __init__(self, run_dir: Path, timeout: float):
         self.dir, self.timeout = run_dir / "heartbeats", timeout
 
-    def check(self) -> str | None:
-        beats = []
+    def reset(self) -> None:
+        """Before an attempt: the last attempt's heartbeats would look stalled."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def beats(self) -> list[dict]:
+        found = []
         for path in self.dir.glob("rank-*.json"):
             with contextlib.suppress(ValueError, OSError):
-                beats.append(json.loads(path.read_text()))
+                found.append(json.loads(path.read_text()))
+        return found
+
+    def check(self) -> str | None:
+        beats = self.beats()
         if not beats:
             return None
         idle = time.time() - max(b["time"] for b in beats)
@@ -298,7 +306,7 @@ class StallWatch:
 
 
 def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgress,
-                    watch: StallWatch | None = None) -> tuple[int, str | None]:
+                    watch: StallWatch) -> tuple[int, str | None]:
     """Run torchrun in a session of its own, streaming its stdout (rank 0's lines) into the log until it exits
     or `watch` finds a stalled step; returns (its exit code, the stall or None). torchrun starts each rank in a
     session of the rank's own, so the sessions of its descendants are noted as they appear; when the launcher
@@ -321,10 +329,15 @@ def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgr
     try:
         ended, noted = None, 0.0
         while True:
-            if time.monotonic() - noted > 1 and proc.poll() is None:
+            if time.monotonic() - noted > 1 and proc.poll() is None:  # once a second, not on every line
                 with contextlib.suppress(psutil.Error, ProcessLookupError):
                     sessions |= {os.getsid(p.pid) for p in psutil.Process(proc.pid).children(recursive=True)}
                 noted = time.monotonic()
+                if stalled := watch.check():
+                    get_logger().error(f"{stalled}: killing the group")
+                    kill_sessions(sessions)  # reaps torchrun too, so its exit code is lost: report a failure
+                    proc.wait()
+                    return 1, stalled
             try:
                 line = lines.get(timeout=1)
             except queue.Empty:
@@ -334,11 +347,6 @@ def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgr
             if line:
                 progress(line.rstrip())
                 tracker.line(line)
-            if watch is not None and proc.poll() is None and (stalled := watch.check()):
-                get_logger().error(f"{stalled}: killing the group")
-                kill_sessions(sessions)  # reaps torchrun too, so its exit code is lost: report a failure
-                proc.wait()
-                return 1, stalled
             if proc.poll() is not None:
                 # The launcher is gone: take what its ranks printed before it, but wait no longer than a few
                 # seconds for an end of output that orphans may never give. Killed itself, it leaves orphan ranks

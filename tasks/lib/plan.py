@@ -22,8 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from tasks.lib.artifacts import FAILED_PREFIX, MANIFEST_NAME, TMP_PREFIX, keyed_params, verify
-from tasks.lib.code_version import stage_code_parts
+from tasks.lib.artifacts import FAILED_PREFIX, MANIFEST_NAME, TMP_PREFIX, full_verification, stage_key, verify
 
 
 @dataclass(frozen=True)
@@ -40,13 +39,17 @@ planning: contextvars.ContextVar[list[PlanRow] | None] = contextvars.ContextVar(
 
 
 @contextlib.contextmanager
-def collecting_plan() -> Iterator[list[PlanRow]]:
+def collecting_plan(hash_files: bool) -> Iterator[list[PlanRow]]:
+    """Plan the stages run_stage is called for inside. `hash_files`: check reused artifacts by sha256 (a `verify`
+    plan that stops there); the plan that starts a run checks by stat and leaves the hashing of a `verify` run to
+    each stage as it is reached, so no file is hashed twice."""
     rows: list[PlanRow] = []
-    token = planning.set(rows)
+    tokens = planning.set(rows), full_verification.set(hash_files)
     try:
         yield rows
     finally:
-        planning.reset(token)
+        planning.reset(tokens[0])
+        full_verification.reset(tokens[1])
 
 
 # The name a stage parameter has in the data spec, where it differs ("": the part below it is the spec's own).
@@ -62,8 +65,7 @@ def plan_row(stage: str, what: str, params: dict, path: Path, full: bool = False
         return PlanRow(stage, what, "reuse", path.name, "")
     if (path / MANIFEST_NAME).is_file():  # built before, now changed on disk
         return PlanRow(stage, what, "build", path.name, problem)
-    key = {"code": stage_code_parts(stage), "params": keyed_params(params)}
-    return PlanRow(stage, what, "build", path.name, why_build(stage, key, path.parent))
+    return PlanRow(stage, what, "build", path.name, why_build(stage, stage_key(stage, params), path.parent))
 
 
 def why_build(stage: str, key: dict, stage_dir: Path) -> str:

@@ -38,7 +38,7 @@ if __name__ == "__main__":
     # functions themselves, so no Prefect server is needed either way.
     stage = (lambda task, **params: run_stage(task, **params)) if planning else \
         (lambda task, **params: task.fn(**params))
-    with collecting_plan() if planning else contextlib.nullcontext() as plan:
+    with collecting_plan(hash_files=False) if planning else contextlib.nullcontext() as plan:
         downloaded = stage(download, resolved=resolve_source(source), executor=executor, artifacts_dir=artifacts)
         cleaned = stage(clean, downloaded=downloaded, source_name=source.name, cleaning=spec.cleaning_for(source),
                         executor=executor, artifacts_dir=artifacts)
