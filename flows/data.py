@@ -26,7 +26,7 @@ from tasks.download import ResolvedSource, download, resolve
 from tasks.report import report
 from tasks.shard import ShardManifest, shard
 from tasks.spec import DataSpec, load_spec, resolve_path
-from tasks.tokenizer import tokenizer
+from tasks.tokenizer import pin_pretrained, tokenizer, with_model_tokenizer
 
 
 MANIFEST_EVENT = "llm-pipeline.manifest.created"
@@ -34,7 +34,7 @@ MANIFEST_EVENT = "llm-pipeline.manifest.created"
 
 @flow(name="data")
 def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False, incremental: bool = True,
-              verify: bool = False, plan: bool = False) -> str:
+              verify: bool = False, plan: bool = False, tokenizer_from: str | None = None) -> str:
     """Build training shards for a data spec; returns the path of the shard manifest.
 
     Every run first plans: one line per stage, reuse or build and why (tasks/lib/plan.py), logged and published
@@ -51,17 +51,21 @@ def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False
     trigger a second run of their own work.
 
     A reused artifact is checked by stat (each file's size and build-time mtime); `verify` hashes every file of
-    every artifact it reuses instead, and rebuilds any that fails."""
+    every artifact it reuses instead, and rebuilds any that fails.
+
+    `tokenizer_from`: tokenize with this Hugging Face model folder's tokenizer (the pretrain flow's `init_from_hf`
+    passes it), as `tokenizer: {pretrained: ...}` in the spec would."""
     token = full_verification.set(verify)
     try:
-        return build_manifest(spec_path, announce, incremental, plan_only=plan)
+        return build_manifest(spec_path, announce, incremental, plan_only=plan, tokenizer_from=tokenizer_from)
     finally:
         full_verification.reset(token)
 
 
-def build_manifest(spec_path: str, announce: bool, incremental: bool, plan_only: bool = False) -> str:
+def build_manifest(spec_path: str, announce: bool, incremental: bool, plan_only: bool = False,
+                   tokenizer_from: str | None = None) -> str:
     started = time.time()
-    spec = load_spec(spec_path)
+    spec = with_model_tokenizer(load_spec(spec_path), tokenizer_from) if tokenizer_from else load_spec(spec_path)
     artifacts_dir = spec.artifacts_path()
     resolved = {source.name: resolve(source) for source in spec.sources}
     files = {name: r.files for name, r in resolved.items()}
@@ -138,8 +142,12 @@ def build_all(spec: DataSpec, resolved: dict[str, ResolvedSource], lineage: dict
     cleaned, refs = clean_sources(spec, resolved)
     deduped, documents, more = dedup_and_decontaminate(spec, cleaned, base=None)
     refs += more
-    trained = run_stage(tokenizer, documents=documents, config=spec.tokenizer, executor=spec.executor,
-                        artifacts_dir=artifacts_dir)
+    if spec.tokenizer.pretrained:
+        trained = run_stage(tokenizer, documents=None, config=spec.tokenizer, executor=spec.executor,
+                            artifacts_dir=artifacts_dir, pretrained=pin_pretrained(spec.tokenizer))
+    else:
+        trained = run_stage(tokenizer, documents=documents, config=spec.tokenizer, executor=spec.executor,
+                            artifacts_dir=artifacts_dir)
     lineage = {**lineage, "dedup_dir": str(deduped.dir),
                "upstream": {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}}
     shards = run_stage(shard, documents=documents, tokenizer=trained, config=spec.sharding, lineage=lineage,

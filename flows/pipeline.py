@@ -21,15 +21,19 @@ def pipeline_flow(data_spec_path: str = "data_specs/default.yaml", sft_spec_path
                   eval_spec_path: str = "data_specs/eval_default.yaml", preset: str = "tiny", tp: int = 1,
                   pp: int = 1, nproc: int | None = None, gpus_required: bool = False,
                   pretrain_train: dict | None = None, sft_train: dict | None = None, runs_dir: str = "runs",
-                  reports_dir: str = "reports", plan: bool = False) -> str:
+                  reports_dir: str = "reports", plan: bool = False, init_from_hf: str | None = None) -> str:
     """Returns the evaluation report directory (report.md, results.json).
+
+    `init_from_hf`: start from a Hugging Face Llama folder: continued pretraining (the data tokenized with the
+    model's own tokenizer), then SFT and evaluation.
 
     `plan`: build and train nothing; return the data flow's plan (per stage, reuse or build and why). The
     training steps need no plan of their own: a run keyed like a finished one returns it at once, and an
     unfinished one resumes from its latest checkpoint."""
     if plan:
-        return data_flow(data_spec_path, plan=True)
-    pretrained = pretrain_flow(data_spec_path, preset, tp, pp, nproc, gpus_required, pretrain_train, runs_dir)
+        return data_flow(data_spec_path, plan=True, tokenizer_from=init_from_hf)
+    pretrained = pretrain_flow(data_spec_path, preset, tp, pp, nproc, gpus_required, pretrain_train, runs_dir,
+                               init_from_hf=init_from_hf)
     tuned = sft_flow(sft_spec_path, pretrained, tp, pp, nproc, gpus_required, sft_train, runs_dir)
     report = evaluate_flow(pretrained, tuned, eval_spec_path, runs_dir, reports_dir)
     progress(f"pipeline done; evaluation report: {report}/report.md")

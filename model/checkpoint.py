@@ -33,6 +33,20 @@ def read_train_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
+def manifest_tokenizer(manifest_dir: str | Path) -> dict:
+    """The tokenizer a manifest was tokenized with, as a checkpoint records it: {"dir", "sha256"}."""
+    manifest = json.loads((Path(manifest_dir) / "manifest.json").read_text())
+    return {"dir": manifest["lineage"]["tokenizer_dir"], "sha256": manifest["tokenizer_sha256"]}
+
+
+def checkpoint_tokenizer(checkpoint: str | Path) -> dict:
+    """The tokenizer a checkpoint's ids mean, {"dir", "sha256"}: recorded with it (training records its
+    manifest's, an import its model's), else its manifest's."""
+    state = read_train_state(checkpoint)
+    recorded = state.get("tokenizer") or manifest_tokenizer(state["manifest"])
+    return {**recorded, "dir": str(Path(checkpoint) / recorded["dir"])}  # an import's is inside it: relative
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, given either it or a run directory (whose newest checkpoint is used)."""
     path = Path(path)
@@ -82,6 +96,27 @@ def save_checkpoint(run_dir: Path, model, optimizer, train_state: dict) -> Path:
         os.replace(pointer_tmp, root / LATEST)
     dist.barrier()
     return final
+
+
+def save_weights(directory: Path, model, train_state: dict, files: dict[str, Path] | None = None) -> Path:
+    """A model-only checkpoint written by one process (model/import_hf.py): `--init-from` loads it at any TP/PP.
+    `files` are copied in ({name inside: source}). Written to `<directory>.tmp` and renamed when complete."""
+    from megatron.core import dist_checkpointing
+
+    directory = Path(directory)
+    tmp = directory.with_name(f"{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    _collect_write_results_in_process()
+    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+    for name, source in (files or {}).items():
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, tmp / name)
+    (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=1))
+    if directory.exists():
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+    return directory
 
 
 def _collect_write_results_in_process() -> None:

@@ -6,20 +6,25 @@ import dataclasses
 from dataclasses import dataclass
 
 
+VOCAB_MULTIPLE = 128
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """A Llama-architecture decoder: RoPE, RMSNorm, SwiGLU, no biases, untied input/output embeddings."""
+    """A Llama-architecture decoder: RoPE, RMSNorm, SwiGLU, no biases; input and output embeddings untied unless
+    `tie_embeddings` (as some imported models have them, model/import_hf.py)."""
 
     num_layers: int = 2
     hidden_size: int = 128
     num_attention_heads: int = 4
     num_query_groups: int | None = None  # grouped-query attention when < num_attention_heads; None = MHA
     ffn_hidden_size: int = 352  # SwiGLU inner width (Llama uses ~8/3 x hidden, rounded)
-    vocab_size: int = 8192  # padded by Megatron to a multiple of 128 x TP internally via make_vocab_size_divisible
+    vocab_size: int = 8192  # the tokenizer's ids; the embedding tables hold `padded_vocab_size` rows
     seq_len: int = 256
-    rotary_base: int = 10_000
+    rotary_base: int | float = 10_000
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
+    tie_embeddings: bool = False
 
     def __post_init__(self):
         problems = []
@@ -33,6 +38,13 @@ class ModelConfig:
         if problems:
             raise ValueError("invalid ModelConfig: " + "; ".join(problems))
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and output tables: the vocabulary rounded up to a multiple of 128, so that every
+        power-of-two tensor-parallel size up to 128 splits them evenly and a checkpoint loads at any TP. The padded
+        rows are never a target: training masks them out of the softmax, and export drops them."""
+        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
     def num_parameters(self) -> int:
         """Exact parameter count of the architecture (unpadded vocabulary)."""
         h, f, v, layers = self.hidden_size, self.ffn_hidden_size, self.vocab_size, self.num_layers
@@ -41,7 +53,8 @@ class ModelConfig:
         attention = h * (h + 2 * kv) + h * h  # fused QKV projection + output projection
         mlp = 3 * h * f  # gate, up and down projections
         norms = 2 * h
-        return layers * (attention + mlp + norms) + 2 * v * h + h  # + input embedding, output layer, final norm
+        embeddings = (1 if self.tie_embeddings else 2) * v * h  # input embedding and output layer
+        return layers * (attention + mlp + norms) + embeddings + h  # + final norm
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -55,7 +68,12 @@ def llama2_7b(**overrides) -> ModelConfig:
                                     vocab_size=32000, seq_len=4096), **overrides)
 
 
-PRESETS = {"tiny": tiny, "7b": llama2_7b}
+def imported(**fields) -> ModelConfig:
+    """A model imported from Hugging Face (model/import_hf.py): its checkpoint records every field."""
+    return ModelConfig(**fields)
+
+
+PRESETS = {"tiny": tiny, "7b": llama2_7b, "hf": imported}
 
 
 def preset(name: str, **overrides) -> ModelConfig:

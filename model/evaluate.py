@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import yaml
 
 from model.chat import encode_chat
+from model.tokenizer import Tokenizer
 from model.data import validation_rows
 
 # The prompt of the multiple-choice tasks written here; lm-eval scores " <choice>" after it.
@@ -36,12 +37,10 @@ class LMEvalTaskError(RuntimeError):
 
 
 def load(model_dir: Path):
-    import sentencepiece as spm
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    sp = spm.SentencePieceProcessor(model_file=str(Path(model_dir) / "tokenizer.model"))
-    return model, sp
+    return model, Tokenizer(model_dir)
 
 
 @torch.no_grad()
@@ -154,12 +153,12 @@ def task_scores(results: dict) -> dict[str, dict]:
 
 
 @torch.no_grad()
-def generate(model, sp, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int,
+def generate(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int,
              seed: int) -> list[dict]:
     """Greedy and sampled replies to each prompt, formatted as a chat turn."""
     out = []
     for prompt in prompts:
-        ids, _ = encode_chat(sp, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        ids, _ = encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
         inputs = torch.tensor([ids.tolist()], dtype=torch.long)
         row = {"prompt": prompt}
         for mode, kwargs in (("greedy", {"do_sample": False}),
@@ -168,7 +167,7 @@ def generate(model, sp, prompts: list[str], max_new_tokens: int, temperature: fl
             result = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
                                     **kwargs)
             new = [t for t in result[0, inputs.shape[1]:].tolist() if t not in model.generation_config.eos_token_id]
-            row[mode] = sp.decode(new).strip()
+            row[mode] = tokenizer.decode(new).strip()
         out.append(row)
     return out
 
@@ -181,9 +180,9 @@ def evaluate(model_dir: Path, manifest_dir: Path, task_names: list[str], task_di
     import lm_eval
 
     tasks = lm_eval_tasks(task_names, task_dir) if task_names else None  # fails fast, before the model loads
-    model, sp = load(model_dir)
+    model, tokenizer = load(model_dir)
     results = {"model": str(model_dir), "validation": heldout_loss(model, manifest_dir, perplexity_rows),
-               "generations": generate(model, sp, prompts, max_new_tokens, temperature, top_k, seed)}
+               "generations": generate(model, tokenizer, prompts, max_new_tokens, temperature, top_k, seed)}
     if sft_manifest_dir is not None:
         results["sft_validation"] = heldout_loss(model, sft_manifest_dir, perplexity_rows)
     if task_names:

@@ -123,11 +123,11 @@ def build_model(model: ModelConfig, config: TransformerConfig, *, pre_process: b
     return GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(attention_backend),
-        vocab_size=model.vocab_size,
+        vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_len,
         pre_process=pre_process,
         post_process=post_process,
-        share_embeddings_and_output_weights=False,  # Llama unties input and output embeddings
+        share_embeddings_and_output_weights=model.tie_embeddings,  # Llama-2 unties them; some imports tie them
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
     )

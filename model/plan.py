@@ -64,10 +64,12 @@ class Estimate:
 
 def stage_parameters(m: ModelConfig, tp: int, pp: int) -> float:
     """Parameters on one GPU of the heaviest pipeline stage (embedding or output layer plus its layers)."""
-    h, v = m.hidden_size, m.vocab_size
-    per_layer = (m.num_parameters() - 2 * v * h - h) / m.num_layers
+    h, v = m.hidden_size, m.padded_vocab_size
+    tables = 1 if m.tie_embeddings else 2
+    per_layer = (m.num_parameters() - tables * m.vocab_size * h - h) / m.num_layers
     layers = -(-m.num_layers // pp)
-    embedding_or_output = v * h if pp > 1 else 2 * v * h
+    # With PP the first stage holds the embedding and the last the output layer (a copy of it, when tied).
+    embedding_or_output = v * h if pp > 1 else tables * v * h
     return (layers * per_layer + embedding_or_output) / tp
 
 
@@ -94,7 +96,7 @@ def estimate(m: ModelConfig, layout: Layout, global_batch: int, bf16: bool = Tru
         activations = tokens * h * width * layers * in_flight + 2 * full_layer
     else:
         activations = full_layer * (layers * in_flight + 1)
-    logits = tokens * m.vocab_size / t * (4 + (width if bf16 else 0))
+    logits = tokens * m.padded_vocab_size / t * (4 + (width if bf16 else 0))
     return Estimate(layout, weights, grads, optimizer, activations, logits)
 
 

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 
 from model import compat
-from model.checkpoint import latest_checkpoint, load_checkpoint, read_train_state, save_checkpoint
+from model.checkpoint import (latest_checkpoint, load_checkpoint, manifest_tokenizer, read_train_state,
+                              save_checkpoint)
 from model.config import ModelConfig, ParallelConfig, TrainConfig, preset
 from model.data import BatchPrefetcher, TrainSamples, load_manifest, rank_slice, validation_rows
 
@@ -134,13 +135,17 @@ class Training:
 
 
 def model_config(args: argparse.Namespace, manifest: dict) -> ModelConfig:
-    """The preset with its overrides; vocabulary and sequence length come from the data."""
+    """The preset with its overrides; the sequence length comes from the data, and so does the vocabulary unless
+    the model has its own (one started from a checkpoint, whose tokenizer may have fewer ids than its table)."""
     overrides = json.loads(args.model_overrides)
-    from_data = {"vocab_size": manifest["vocab_size"], "seq_len": manifest["seq_len"]}
-    for key, value in from_data.items():
-        if overrides.get(key, value) != value:
-            raise ValueError(f"model {key} {overrides[key]} does not match the data's {value} ({args.manifest})")
-    return preset(args.preset, **{**overrides, **from_data})
+    if overrides.get("seq_len", manifest["seq_len"]) != manifest["seq_len"]:
+        raise ValueError(f"model seq_len {overrides['seq_len']} does not match the data's {manifest['seq_len']} "
+                         f"({args.manifest})")
+    vocab = overrides.get("vocab_size", manifest["vocab_size"])
+    if vocab < manifest["vocab_size"]:
+        raise ValueError(f"model vocab_size {vocab} is smaller than the data's tokenizer ({manifest['vocab_size']} "
+                         f"ids, {args.manifest}): tokenize with the model's own tokenizer")
+    return preset(args.preset, **{**overrides, "vocab_size": vocab, "seq_len": manifest["seq_len"]})
 
 
 def init_distributed(parallel: ParallelConfig, train: TrainConfig, on_gpu: bool) -> int:
@@ -205,27 +210,34 @@ def build(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig) 
     return Training(model_cfg, train, gpt, model, optimizer, scheduler, attention)
 
 
-def run_batches(model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch: int, seq_len: int,
+def run_batches(model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch: int, model_cfg: ModelConfig,
                 forward_only: bool) -> float:
     """Forward(/backward) of `model` (this rank's chunk) over the batch's micro-batches; returns the mean loss
     across data-parallel ranks. SFT batches carry `segments` (packed examples attend only to themselves) and a
-    `loss_mask` (only the assistant's tokens count)."""
+    `loss_mask` (only the assistant's tokens count). A padded vocabulary's extra rows are kept out of the softmax,
+    so the loss is the one over the tokenizer's own ids (what transformers computes on the exported model)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda") if on_gpu else torch.device("cpu")
+    seq_len = model_cfg.seq_len
     positions = torch.arange(seq_len).unsqueeze(0)
+    padded = model_cfg.padded_vocab_size != model_cfg.vocab_size
 
     def forward_step(data_iterator, model):
         batch = {k: v.to(device, non_blocking=on_gpu) for k, v in next(data_iterator).items()}  # pinned on GPU
         tokens, labels = batch["tokens"][:, :-1].contiguous(), batch["tokens"][:, 1:].contiguous()
         segments = batch.get("segments")
         mask = None if segments is None else segment_attention_mask(segments[:, :-1])
-        output = model(tokens, positions.expand(len(tokens), -1).to(device), mask, labels=labels)
+        # Megatron computes the loss itself from labels; with a padded vocabulary it returns the logits instead.
+        output = model(tokens, positions.expand(len(tokens), -1).to(device), mask,
+                       labels=None if padded else labels)
         loss_mask = batch.get("loss_mask")
 
         def loss_func(per_token_loss):
+            if padded:
+                per_token_loss = unpadded_vocab_loss(per_token_loss, labels, model_cfg.vocab_size)
             if loss_mask is None:
                 loss = per_token_loss.float().mean()
             else:
@@ -247,6 +259,20 @@ def run_batches(model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_ba
                          device=device)
     dist.all_reduce(local)
     return float(local[0] / local[1])
+
+
+def unpadded_vocab_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Per-token cross-entropy [b, s] from this tensor-parallel rank's slice of the logits [b, s, padded / TP],
+    with the columns at or beyond `vocab_size` (padding) masked out of the softmax."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    width = logits.shape[-1]
+    first = ps.get_tensor_model_parallel_rank() * width
+    padding = torch.arange(first, first + width, device=logits.device) >= vocab_size
+    logits = logits.float().masked_fill(padding, torch.finfo(torch.float32).min)
+    return vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous()
+                                        ).transpose(0, 1)
 
 
 def validation_batch(manifest: str | Path, train: TrainConfig) -> dict[str, torch.Tensor]:
@@ -276,7 +302,7 @@ def parameters_gathered(t: Training):
 def evaluate(t: Training, valid: dict[str, torch.Tensor]) -> float:
     t.model.eval()
     with torch.no_grad(), parameters_gathered(t):
-        loss = run_batches(t.model, valid, t.train.micro_batch, t.model_cfg.seq_len, forward_only=True)
+        loss = run_batches(t.model, valid, t.train.micro_batch, t.model_cfg, forward_only=True)
     t.model.train()
     return loss
 
@@ -288,13 +314,13 @@ def evaluate_checkpoint(checkpoint: Path, manifests: list[str], backends: list[s
     from model.gpt import resolve_attention_backend
 
     model_cfg = ModelConfig(**read_train_state(checkpoint)["model"])
-    batches = {}
+    batches, seq_lens = {}, {}
     for manifest in manifests:
         data = load_manifest(manifest)
-        if (data["vocab_size"], data["seq_len"]) != (model_cfg.vocab_size, model_cfg.seq_len):
-            raise ValueError(f"{manifest}: vocab_size {data['vocab_size']} and seq_len {data['seq_len']} do not "
-                             f"match the checkpoint's {model_cfg.vocab_size} and {model_cfg.seq_len} ({checkpoint})")
-        batches[manifest] = validation_batch(manifest, train)
+        if data["vocab_size"] > model_cfg.vocab_size:
+            raise ValueError(f"{manifest}: its tokenizer's {data['vocab_size']} ids do not fit the checkpoint's "
+                             f"vocab_size {model_cfg.vocab_size} ({checkpoint})")
+        batches[manifest], seq_lens[manifest] = validation_batch(manifest, train), data["seq_len"]
     results = []
     for backend in backends:
         attention = resolve_attention_backend(backend)
@@ -303,7 +329,8 @@ def evaluate_checkpoint(checkpoint: Path, manifests: list[str], backends: list[s
         gpt.eval()
         for manifest, valid in batches.items():
             with torch.no_grad():
-                loss = run_batches(gpt, valid, train.micro_batch, model_cfg.seq_len, forward_only=True)
+                loss = run_batches(gpt, valid, train.micro_batch,
+                                   dataclasses.replace(model_cfg, seq_len=seq_lens[manifest]), forward_only=True)
             results.append({"checkpoint": str(checkpoint), "step": saved["step"], "manifest": str(manifest),
                             "attention_backend": attention, "val_loss": loss,
                             "layout": {"tp": parallel.tensor_parallel, "pp": parallel.pipeline_parallel, "dp": dp}})
@@ -336,6 +363,15 @@ def resume_or_init(t: Training, run_dir: Path, init_from: str | None, log) -> tu
         parent = read_train_state(Path(init_from))
         offset = parent.get("step_offset", 0) + parent["step"]
     return state, offset
+
+
+def inherited_description(init_from: str | None) -> dict:
+    """What a run started from a checkpoint passes on from it: an imported model's original Hugging Face config,
+    which export starts from (model/import_hf.py)."""
+    if not init_from:
+        return {}
+    parent = read_train_state(Path(init_from))
+    return {key: parent[key] for key in ("hf_config",) if key in parent}
 
 
 class MetricsLogger:
@@ -413,7 +449,7 @@ def train_step(t: Training, batch: dict[str, torch.Tensor]) -> dict:
     """One optimizer step on this rank's share of the global batch: its loss, learning rate and gradient norm."""
     t.model.zero_grad_buffer()
     t.optimizer.zero_grad()
-    loss = run_batches(t.model, batch, t.train.micro_batch, t.model_cfg.seq_len, forward_only=False)
+    loss = run_batches(t.model, batch, t.train.micro_batch, t.model_cfg, forward_only=False)
     _, grad_norm, _ = t.optimizer.step()
     t.scheduler.step(increment=1)
     return {"loss": loss, "lr": t.optimizer.param_groups[0]["lr"],
@@ -459,7 +495,8 @@ def main(argv=None) -> None:
     # What a checkpoint needs to be used without this command line (export, evaluation, lineage):
     described = {"preset": args.preset, "model": dataclasses.asdict(model_cfg),
                  "manifest": str(Path(args.manifest).resolve()), "init_from": args.init_from,
-                 "distributed_optimizer": train.distributed_optimizer, "step_offset": offset}
+                 "distributed_optimizer": train.distributed_optimizer, "step_offset": offset,
+                 "tokenizer": manifest_tokenizer(args.manifest), **inherited_description(args.init_from)}
     metrics = MetricsLogger(run_dir, state["step"], offset, train.steps, enabled=rank0)
     tokens_per_step = train.global_batch * model_cfg.seq_len
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()

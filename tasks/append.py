@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefect import task
 
+from model.tokenizer import identity_file
 from tasks.lib.artifacts import (MANIFEST_NAME, STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, full_verification,
                                  verify)
 from tasks.lib.code_version import stage_code_version
@@ -103,7 +104,8 @@ def check_intact(manifest_dir: Path, manifest: ShardManifest) -> str | None:
     for artifact in sorted(relied_on):
         if problem := verify(artifact, full=full_verification.get()):
             return problem
-    recorded = json.loads((tokenizer_dir / MANIFEST_NAME).read_text())["files"].get("tokenizer.model", [None, None])
+    files = json.loads((tokenizer_dir / MANIFEST_NAME).read_text())["files"]
+    recorded = files.get(identity_file(tokenizer_dir).name, [None, None])
     if recorded[1] != manifest.tokenizer_sha256:
         return f"tokenizer {tokenizer_dir} is not the one the manifest was tokenized with"
     return None

@@ -5,8 +5,9 @@
     python -m tasks.gc --verify         # also hash every file of every artifact; a corrupt one is removed too
 
 What is kept:
-  * every manifest (`shard/`, `append/`, `sft_data/`) that a training run under the runs directory used: each
-    checkpoint's train_state.json names its manifest;
+  * every manifest (`shard/`, `append/`, `sft_data/`) that a training run under the runs directory used, and
+    every imported model (`import_hf/`) one started from: each checkpoint's train_state.json names its manifest
+    and its `init_from`;
   * for each data spec, its `--keep` most recently built manifests;
   * everything a kept artifact refers to, transitively: its `_artifact.json` names the upstream artifacts it was
     built from (documents, tokenizer, cleaned sources, ...), and an appended manifest lists earlier shards;
@@ -69,9 +70,11 @@ def kept_roots(artifacts: dict[str, Artifact], runs_dir: Path, keep: int, min_ag
     """{artifact id: why it is kept} for the artifacts kept for their own sake."""
     roots = {}
     for state in sorted(runs_dir.glob("*/checkpoints/*/train_state.json")) if runs_dir.is_dir() else []:
-        manifest = json.loads(state.read_text()).get("manifest")
-        if manifest and (match := ARTIFACT_ID.search(str(Path(manifest).resolve()))):
-            roots.setdefault(match[0], f"trained on by {state.parent.parent.parent.name}")
+        recorded = json.loads(state.read_text())
+        run = state.parent.parent.parent.name
+        for key, why in (("manifest", f"trained on by {run}"), ("init_from", f"started from by {run}")):
+            if recorded.get(key) and (match := ARTIFACT_ID.search(str(Path(recorded[key]).resolve()))):
+                roots.setdefault(match[0], why)
     by_spec: dict[str, list[Artifact]] = {}
     for artifact in artifacts.values():
         manifest = artifact.path / "manifest.json"

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import sentencepiece as spm
 from prefect import task
 
-from model.chat import ROLES, encode_chat
+from model.chat import ROLES, encode_chat, template_of
+from model.tokenizer import Tokenizer
 from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
 from tasks.lib.log import get_logger
 from tasks.download import ResolvedSource, source_records
@@ -108,9 +108,10 @@ def write_rows(rows: list, path: Path, row_len: int) -> None:
 def build_sft_shards(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer_dir: Path, seq_len: int,
                      out_dir: Path) -> dict:
     log = get_logger()
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    tokenizer = Tokenizer(tokenizer_dir)
+    log.info(f"sft data: chat template {template_of(tokenizer)[1]}")
     row_len = seq_len + 1
-    packers = {split: ExamplePacker(row_len, spec.packing, pad_id=sp.eos_id()) for split in ("train", "valid")}
+    packers = {split: ExamplePacker(row_len, spec.packing, pad_id=tokenizer.eos_id) for split in ("train", "valid")}
     reasons: Counter[str] = Counter()
     per_source: dict[str, dict] = {}
     stats = Counter()
@@ -123,8 +124,8 @@ def build_sft_shards(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer_di
                 seen += 1
                 messages, problem = conversation(rec, source, spec.system_prompt)
                 if messages is not None:
-                    ids, mask = encode_chat(sp, messages)
-                    ids, mask = np.append(ids, sp.eos_id()), np.append(mask, 0)
+                    ids, mask = encode_chat(tokenizer, messages)
+                    ids, mask = np.append(ids, tokenizer.eos_id), np.append(mask, 0)
                     if len(ids) > row_len:
                         messages, problem = None, f"too long: {len(ids)} tokens > seq_len + 1 = {row_len}"
                 if messages is None:
@@ -157,8 +158,8 @@ def build_sft_shards(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer_di
     totals = {**{k: int(v) for k, v in stats.items()}, "rows_train": rows_train,
               "rows_valid": sum(s.rows for s in shards if s.split == "valid"), "quarantined": sum(reasons.values())}
     fill = round(totals["tokens"] / ((totals["rows_train"] + totals["rows_valid"]) * row_len), 3)
-    manifest = ShardManifest(seq_len=seq_len, row_len=row_len, vocab_size=sp.vocab_size(), eos_id=sp.eos_id(),
-                             tokenizer_sha256=sha256_file(tokenizer_dir / "tokenizer.model"), mixture={"sft": 1.0},
+    manifest = ShardManifest(seq_len=seq_len, row_len=row_len, vocab_size=tokenizer.vocab_size,
+                             eos_id=tokenizer.eos_id, tokenizer_sha256=tokenizer.sha256, mixture={"sft": 1.0},
                              shards=shards, totals=totals,
                              lineage={"sft_spec": spec.model_dump(mode="json"), "tokenizer_dir": str(tokenizer_dir),
                                       "source_files": {r.source.name: r.files for r in resolved}})

@@ -2,7 +2,7 @@
 
 A datatrove pipeline on the spec's executor (local processes, Ray or Slurm): its N tasks each read their share of
 the document files and run `TokenizeAndPack` (tasks/lib/blocks.py): each document becomes its token ids followed
-by EOS, concatenated per source and split into rows of `seq_len + 1` tokens (inputs and shifted targets of one
+by EOS (and preceded by BOS where the model's tokenizer adds one), concatenated per source and split into rows of `seq_len + 1` tokens (inputs and shifted targets of one
 sample), written to the task's own shards. Train/validation is decided per document, so no document is in both.
 `manifest.json`, assembled from the tasks' records, lists every shard with rows, tokens and sha256, plus the
 tokenizer hash and the fingerprints of everything upstream (lineage); for a given spec and task count it is the
@@ -16,11 +16,11 @@ import json
 import time
 from pathlib import Path
 
-import sentencepiece as spm
 from prefect import task
 from pydantic import BaseModel
 
-from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
+from model.tokenizer import Tokenizer
+from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
 from tasks.lib.blocks import FolderJsonlReader, TokenizeAndPack, in_process_if_small, run_pipeline
 from tasks.lib.log import get_logger
 from tasks.spec import ExecutorConfig, ShardingConfig
@@ -64,13 +64,13 @@ def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig,
     """Tokenize and pack `docs_dir/<source>/*.jsonl.gz` on `executor`. An `increment` (new documents to append to
     an existing manifest) may hold no full row; a full build must."""
     log = get_logger()
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
+    tokenizer = Tokenizer(tokenizer_dir)
     row_len = config.seq_len + 1
     started = time.perf_counter()
     records = []
     if any(docs_dir.glob("*/*.jsonl.gz")):
         pipeline = [FolderJsonlReader(str(docs_dir), glob_pattern="*/*.jsonl.gz"),
-                    TokenizeAndPack(tokenizer_dir / "tokenizer.model", config, out_dir, threads=executor.cpus_per_task)]
+                    TokenizeAndPack(tokenizer_dir, config, out_dir, threads=executor.cpus_per_task)]
         run_pipeline(pipeline, in_process_if_small(executor, docs_dir), out_dir / "_logs")
         records = [json.loads(p.read_text()) for p in sorted((out_dir / "_logs" / "packed").glob("*.json"))]
     shards = sorted((ShardInfo(**x, tokens=x["rows"] * row_len, row_group_rows=config.row_group_size)
@@ -82,8 +82,8 @@ def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig,
     if totals["rows_train"] == 0 and not increment:
         raise ValueError(f"no training rows: {totals['tokens']} tokens do not fill one row of seq_len+1={row_len}; "
                          f"lower sharding.seq_len or add data")
-    manifest = ShardManifest(seq_len=config.seq_len, row_len=row_len, vocab_size=sp.vocab_size(), eos_id=sp.eos_id(),
-                             tokenizer_sha256=sha256_file(tokenizer_dir / "tokenizer.model"),
+    manifest = ShardManifest(seq_len=config.seq_len, row_len=row_len, vocab_size=tokenizer.vocab_size,
+                             eos_id=tokenizer.eos_id, tokenizer_sha256=tokenizer.sha256,
                              mixture=mixture_weights(shards, config), shards=shards, totals=totals,
                              lineage=lineage)
     (out_dir / "manifest.json").write_text(manifest.model_dump_json(indent=1))

@@ -173,7 +173,13 @@ class DedupConfig(Strict):
 
 
 class TokenizerConfig(Strict):
-    """sentencepiece training settings. Ids 0-2 are <unk>, <s>, </s> as in Llama."""
+    """sentencepiece training settings (ids 0-2 are <unk>, <s>, </s> as in Llama), or a pretrained model's
+    tokenizer to use instead of training one."""
+
+    pretrained: str | None = Field(
+        default=None, description="A Hugging Face model folder (relative to the project root, or absolute) whose "
+                                  "tokenizer.model or tokenizer.json is used as is; the settings below are then "
+                                  "ignored. For continued pretraining or SFT of that model (model/import_hf.py).")
 
     vocab_size: int = Field(default=8192, ge=300)
     model_type: Literal["bpe", "unigram"] = "bpe"

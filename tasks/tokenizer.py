@@ -1,5 +1,6 @@
 """Stage 4, tokenizer: train a sentencepiece model (Llama-style BPE) on a bounded sample of the deduplicated text,
-picked by document id in parallel on the spec's executor.
+picked by document id in parallel on the spec's executor; or, with `tokenizer: {pretrained: DIR}`, copy a pretrained
+model's tokenizer (its key is the files' checksums, not the documents).
 
 Outputs `tokenizer.model` (sentencepiece) and, converted from it, the Hugging Face files (`tokenizer.json`,
 `tokenizer_config.json`, with the chat template of model/chat.py) so `transformers.AutoTokenizer.from_pretrained(<dir>)`
@@ -22,10 +23,12 @@ from datatrove.pipeline.readers import JsonlReader
 from prefect import task
 
 from model.chat import CHAT_TEMPLATE
-from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
+from model.tokenizer import TOKENIZER_FILES, Tokenizer
+from tasks.lib.artifacts import (STAGE_TASK_OPTIONS, ArtifactRef, PinnedFiles, build_artifact, pin_files,
+                                 sha256_file)
 from tasks.lib.blocks import SampleLines, in_process_if_small, run_pipeline
 from tasks.lib.log import get_logger
-from tasks.spec import ExecutorConfig, TokenizerConfig
+from tasks.spec import DataSpec, ExecutorConfig, TokenizerConfig, resolve_path
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 
@@ -113,10 +116,47 @@ def write_hf_tokenizer(out_dir: Path) -> None:
     hf.save_pretrained(str(out_dir))
 
 
+def pin_pretrained(config: TokenizerConfig) -> PinnedFiles:
+    """The pretrained tokenizer's files, checksummed: what the stage's key holds instead of the documents."""
+    return pin_files(resolve_path(config.pretrained), list(TOKENIZER_FILES), "tokenizer.pretrained (data spec)")
+
+
+def with_model_tokenizer(spec: DataSpec, hf_dir: str) -> DataSpec:
+    """`spec` tokenizing with a model's own tokenizer (continued pretraining of an imported model). A spec that
+    names another pretrained tokenizer is refused: the ids would mean other pieces to the model."""
+    named = spec.tokenizer.pretrained
+    if named is not None and resolve_path(named) != resolve_path(hf_dir):
+        raise ValueError(f"the data spec's tokenizer.pretrained ({named}) is not the model's ({hf_dir}); remove "
+                         f"it or name the model's folder")
+    if named is None:
+        get_logger().info(f"tokenizer: {hf_dir}'s own, instead of one trained on the corpus")
+    return spec.model_copy(update={"tokenizer": spec.tokenizer.model_copy(update={"pretrained": str(hf_dir)})})
+
+
+def copy_pretrained(pretrained: PinnedFiles, out_dir: Path) -> dict:
+    """Copy a pretrained tokenizer's files, checking they are the bytes that were pinned."""
+    for name, digest in pretrained.files.items():
+        shutil.copy2(Path(pretrained.directory) / name, out_dir / name)
+        if sha256_file(out_dir / name) != digest:
+            raise RuntimeError(f"{Path(pretrained.directory) / name} changed while the data flow ran; run it again")
+    tok = Tokenizer(out_dir)
+    summary = {"vocab_size": tok.vocab_size, "model_type": f"pretrained ({tok.kind})",
+               "pretrained": pretrained.directory, "adds_bos": tok.adds_bos, "eos": tok.eos_token,
+               "chat_template": "own" if tok.chat_template else "none (SFT uses the project's)",
+               "tokenizer_sha256": tok.sha256}
+    get_logger().info(f"tokenizer: using {pretrained.directory}'s {tok.file.name} ({tok.kind}), vocab "
+                      f"{tok.vocab_size}; documents get {'BOS and ' if tok.adds_bos else ''}EOS {tok.eos_token!r}")
+    return summary
+
+
 @task(name="tokenizer", **STAGE_TASK_OPTIONS)
-def tokenizer(documents: ArtifactRef, config: TokenizerConfig, executor: ExecutorConfig,
-              artifacts_dir: str) -> ArtifactRef:
+def tokenizer(documents: ArtifactRef | None, config: TokenizerConfig, executor: ExecutorConfig,
+              artifacts_dir: str, pretrained: PinnedFiles | None = None) -> ArtifactRef:
+    """Train a tokenizer on `documents`, or (`pretrained`, with no documents) copy a pretrained one."""
+    params = dict(documents=documents, config=config, executor=executor, artifacts_dir=artifacts_dir,
+                  pretrained=pretrained)
+    if pretrained is not None:
+        return build_artifact("tokenizer", params, lambda out: copy_pretrained(pretrained, out))
     total_bytes = documents.meta()["summary"]["bytes_out"]
-    return build_artifact("tokenizer", dict(documents=documents, config=config, executor=executor,
-                                            artifacts_dir=artifacts_dir),
+    return build_artifact("tokenizer", params,
                           lambda out: train_tokenizer(documents.dir / "docs", config, total_bytes, out, executor))

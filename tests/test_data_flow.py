@@ -185,7 +185,12 @@ def test_new_files_are_ingested_incrementally(small_corpus, tmp_path, capsys):
     artifacts, runs = tmp_path / "artifacts", tmp_path / "runs"
     state = runs / "tiny-x" / "checkpoints" / "step-000001" / "train_state.json"
     state.parent.mkdir(parents=True)
-    state.write_text(json.dumps({"step": 1, "manifest": str(Path(second_path).parent)}))
+    imports = [artifacts / "import_hf" / (str(i) * 20) for i in (1, 2)]  # an imported model a run started from
+    for path in imports:
+        (path / "checkpoint").mkdir(parents=True)
+        (path / "_artifact.json").write_text(json.dumps({"stage": "import_hf", "built_at": 0, "files": {}}))
+    state.write_text(json.dumps({"step": 1, "manifest": str(Path(second_path).parent),
+                                 "init_from": str(imports[0] / "checkpoint")}))
     failed = artifacts / "clean" / "failed-0123456789abcdef0123"  # a failed build's files, however recent
     failed.mkdir()
     (failed / "quarantine.jsonl").write_text("{}\n")
@@ -193,6 +198,8 @@ def test_new_files_are_ingested_incrementally(small_corpus, tmp_path, capsys):
     kept, garbage = collect(artifacts, runs, keep=1, min_age_hours=0)
     ids = lambda path: f"{Path(path).parent.parent.name}/{Path(path).parent.name}"  # noqa: E731
     assert {ids(rebuilt), ids(second_path), ids(first_path)} <= set(kept)
+    assert kept["import_hf/" + "1" * 20] == "started from by tiny-x"
+    assert "import_hf/" + "2" * 20 in {a.id for a in garbage}
     assert ids(third_path) in {a.id for a in garbage} and not {ids(rebuilt), ids(second_path)} & {a.id for a in garbage}
     assert {a.id.split("/")[0] for a in garbage} >= {"append", "dedup", "shard"}  # v3, its dedup and its added shards
     gc_main(["--artifacts", str(artifacts), "--runs", str(runs), "--min-age-hours", "0"])  # a dry run

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import sentencepiece as spm
 import torch
 
 from model.chat import encode_chat
 from model.data import read_rows
+from model.tokenizer import Tokenizer
 from tasks.download import resolve_source
 from tasks.sft_data import build_sft_shards
 
@@ -27,23 +27,23 @@ CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": 
 
 
 @pytest.fixture(scope="module")
-def sp(tiny_manifest):
-    return spm.SentencePieceProcessor(model_file=str(tiny_manifest.parent / "tokenizer" / "tokenizer.model"))
+def tokenizer(tiny_manifest):
+    return Tokenizer(tiny_manifest.parent / "tokenizer")
 
 
-def test_loss_mask_covers_exactly_the_assistant_replies(sp, tiny_manifest):
-    ids, mask = encode_chat(sp, CHAT)
-    end = sp.piece_to_id("<|end|>")
+def test_loss_mask_covers_exactly_the_assistant_replies(tokenizer, tiny_manifest):
+    ids, mask = encode_chat(tokenizer, CHAT)
+    end = tokenizer.token_id("<|end|>")
     # The masked tokens decode to the replies, each closed by <|end|> (which the model must learn to emit).
     spans, current = [], []
     for token, m in zip(ids.tolist(), mask.tolist()):
         if m:
             current.append(token)
             if token == end:
-                spans.append(sp.decode(current[:-1]).strip())
+                spans.append(tokenizer.decode(current[:-1]).strip())
                 current = []
     assert spans == ["A field of science.", "You're welcome!"]
-    assert not mask[: list(ids).index(sp.piece_to_id("<|assistant|>")) + 1].any()  # system/user/role tokens
+    assert not mask[: list(ids).index(tokenizer.token_id("<|assistant|>")) + 1].any()  # system/user/role tokens
     # The template stored with the tokenizer renders and tokenizes the same ids through transformers.
     from transformers import AutoTokenizer
 
@@ -60,7 +60,7 @@ def megatron_logits(checkpoint: Path, inputs: list[dict], work: Path) -> list[to
     return torch.load(work / "logits.pt")
 
 
-def test_sft_rows_pack_examples_and_quarantine_bad_records(sp, tiny_manifest, tmp_path):
+def test_sft_rows_pack_examples_and_quarantine_bad_records(tokenizer, tiny_manifest, tmp_path):
     good = [{"id": i, "messages": [{"role": "user", "content": f"Question number {i}?"},
                                   {"role": "assistant", "content": f"Answer number {i}."}]} for i in range(30)]
     bad = ['{"id": "x", "messages": [', {"id": "no-messages"},
@@ -86,7 +86,7 @@ def test_sft_rows_pack_examples_and_quarantine_bad_records(sp, tiny_manifest, tm
         for k in range(1, segments.max() + 1):
             where = np.flatnonzero(segments == k)
             assert (np.diff(where) == 1).all()  # an example is contiguous and never split across rows
-            text = sp.decode(tokens[where][mask[where] == 1].tolist())
+            text = tokenizer.decode(tokens[where][mask[where] == 1].tolist())
             assert text.startswith("Answer number")  # the loss falls on the reply only
             examples += 1
         assert not mask[segments == 0].any()  # padding never counts
@@ -100,10 +100,10 @@ def test_sft_rows_pack_examples_and_quarantine_bad_records(sp, tiny_manifest, tm
     assert summary["rows_train"] == 30
 
 
-def test_packed_examples_do_not_attend_to_each_other(tp1_run, tmp_path, sp):
+def test_packed_examples_do_not_attend_to_each_other(tp1_run, tmp_path, tokenizer):
     """In a packed row, the second example's logits equal its logits alone; without the mask they differ."""
-    first, _ = encode_chat(sp, CHAT)
-    second, _ = encode_chat(sp, [{"role": "user", "content": "Tell me a joke."},
+    first, _ = encode_chat(tokenizer, CHAT)
+    second, _ = encode_chat(tokenizer, [{"role": "user", "content": "Tell me a joke."},
                                  {"role": "assistant", "content": "Why did the chicken cross the road?"}])
     packed = torch.tensor([np.concatenate([first, second]).tolist()])
     segments = torch.tensor([[1] * len(first) + [2] * len(second)])
@@ -144,7 +144,7 @@ def test_export_from_tp2_checkpoint_matches_megatron_logits(tiny_manifest, tmp_p
 
 
 @pytest.mark.slow
-def test_sft_from_a_tp2_checkpoint_trains_at_pp2_on_replies(tiny_manifest, tp2_run, tmp_path, sp):
+def test_sft_from_a_tp2_checkpoint_trains_at_pp2_on_replies(tiny_manifest, tp2_run, tmp_path, tokenizer):
     """Instruction tuning starts from a pretraining checkpoint saved at another layout and learns the replies."""
     replies = [{"messages": [{"role": "user", "content": f"What is {a} plus {b}?"},
                              {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]}

@@ -60,6 +60,28 @@ class ArtifactRef(BaseModel):
         return {"stage": self.stage, "fingerprint": self.fingerprint}
 
 
+class PinnedFiles(BaseModel):
+    """Files of a folder outside the store (a pretrained model or tokenizer), pinned to their content: a key
+    follows their bytes, not where the folder lives."""
+
+    directory: str
+    files: dict[str, str]  # name -> sha256
+
+    def fingerprint_payload(self) -> dict:
+        return {"files": self.files}
+
+
+def pin_files(directory: str | Path, names: list[str], setting: str) -> PinnedFiles:
+    """Checksum `names` (those that exist) in `directory`; `setting` is what to change when it is missing."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{setting}: {directory} is not a directory")
+    found = {name: sha256_file(directory / name) for name in names if (directory / name).is_file()}
+    if not found:
+        raise FileNotFoundError(f"{setting}: {directory} holds none of {', '.join(names)}")
+    return PinnedFiles(directory=str(directory), files=found)
+
+
 def canonical(value: Any, keyed: bool = True) -> Any:
     """A JSON-able form of task parameters with a stable order. `keyed` (for hashing into a key): a model that
     has a `fingerprint_payload` contributes only that, the fields that change the output; else (for records that

@@ -190,8 +190,8 @@ class FolderJsonlReader(JsonlReader):
 
 
 class TokenizeAndPack(PipelineStep):
-    """sentencepiece ids of each document plus EOS, concatenated per (split, source) and cut into rows of
-    `seq_len + 1` tokens. The split is decided per document (so none is in both), the source is the folder of the
+    """Token ids of each document (model/tokenizer.py: BOS first where the model's tokenizer adds one, EOS last),
+    concatenated per (split, source) and cut into rows of `seq_len + 1` tokens. The split is decided per document (so none is in both), the source is the folder of the
     document's file (read with `FolderJsonlReader`). Each task writes its own shards,
     `<out>/<split>/<source>/shard-<task>-<n>.parquet`, and a record of them and of its counts,
     `<out>/_logs/packed/<task>.json`, from which the manifest is made."""
@@ -199,15 +199,15 @@ class TokenizeAndPack(PipelineStep):
     name = "🧩 tokenize and pack"
     type = "🔢 - TOKENIZER"
 
-    def __init__(self, tokenizer_model: Path, config: ShardingConfig, out_dir: Path, threads: int):
+    def __init__(self, tokenizer_dir: Path, config: ShardingConfig, out_dir: Path, threads: int):
         super().__init__()
-        self.tokenizer_model, self.config = Path(tokenizer_model), config
+        self.tokenizer_dir, self.config = Path(tokenizer_dir), config
         self.out_dir, self.threads = Path(out_dir), threads
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        import sentencepiece as spm
+        from model.tokenizer import Tokenizer
 
-        sp = spm.SentencePieceProcessor(model_file=str(self.tokenizer_model))
+        tokenizer = Tokenizer(self.tokenizer_dir)
         row_len = self.config.seq_len + 1
         packers: dict[tuple[str, str], RowPacker] = {}
         counts = {"docs_train": 0, "docs_valid": 0, "tokens": 0}
@@ -215,7 +215,7 @@ class TokenizeAndPack(PipelineStep):
 
         def encode() -> None:
             with self.track_time(unit="batch"):
-                ids = sp.encode([doc.text for doc in batch], num_threads=self.threads)
+                ids = tokenizer.encode([doc.text for doc in batch], threads=self.threads)
             for doc, tokens in zip(batch, ids):
                 split = "valid" if keep_in_sample(doc.id, self.config.validation_fraction, seed=1234) else "train"
                 source = doc.metadata["folder"]
@@ -223,9 +223,10 @@ class TokenizeAndPack(PipelineStep):
                 if key not in packers:
                     packers[key] = RowPacker(self.out_dir / split / source, row_len, self.config,
                                              prefix=f"shard-{rank:05d}-")
-                packers[key].add(np.append(np.asarray(tokens, np.int32), np.int32(sp.eos_id())))
+                document = np.asarray(tokenizer.encode_document(tokens), np.int32)
+                packers[key].add(document)
                 counts[f"docs_{split}"] += 1
-                counts["tokens"] += len(tokens) + 1
+                counts["tokens"] += len(document)
                 self.stat_update(f"docs_{split}")
             batch.clear()
 

@@ -53,7 +53,9 @@ def checkpoint_architecture(config: PretrainConfig, checkpoint: str | Path) -> P
     from model.checkpoint import read_train_state
 
     state = read_train_state(Path(checkpoint))
-    return config.model_copy(update={"preset": state["preset"], "model_overrides": state["model"]})
+    # Not seq_len: the data sets the context (RoPE has no learned positions, so any length loads).
+    model = {k: v for k, v in state["model"].items() if k != "seq_len"}
+    return config.model_copy(update={"preset": state["preset"], "model_overrides": model})
 
 
 def run_key(**parts) -> str:
@@ -67,28 +69,34 @@ def continuation_checkpoint(continue_from: str, manifest_path: str, runs_dir: st
     checkpoint), or for "latest" the newest finished pretraining run on another manifest with the same tokenizer
     (None when there is none: the run trains from scratch). Fails when the tokenizers differ: the ids would mean
     other pieces."""
-    from model.checkpoint import read_train_state, resolve_checkpoint
+    from model.checkpoint import checkpoint_tokenizer, read_train_state, resolve_checkpoint
     from model.data import load_manifest
 
     log = get_logger()
     manifest_dir = Path(manifest_path).parent.resolve()
     tokenizer = load_manifest(manifest_dir)["tokenizer_sha256"]
 
-    def trained_on(checkpoint: Path) -> Path:
-        return Path(read_train_state(checkpoint)["manifest"]).resolve()
-
     if continue_from != "latest":
         checkpoint = resolve_checkpoint(resolve_path(continue_from))
-        if load_manifest(trained_on(checkpoint))["tokenizer_sha256"] != tokenizer:
-            raise ValueError(f"cannot continue {checkpoint} on {manifest_path}: it was trained with another "
-                             f"tokenizer (a rebuilt manifest retrains it). Continue on a manifest that extends "
-                             f"the one it trained on ({trained_on(checkpoint)}), or pretrain from scratch.")
+        state = read_train_state(checkpoint)
+        if state.get("manifest") is None and state.get("tokenizer") is None:
+            raise ValueError(f"{checkpoint} was imported from {state.get('imported_from')} without a tokenizer "
+                             f"(no tokenizer.model or tokenizer.json there): add the model's tokenizer files to "
+                             f"that folder and import again")
+        if checkpoint_tokenizer(checkpoint)["sha256"] != tokenizer:
+            raise ValueError(
+                f"cannot continue {checkpoint} on {manifest_path}: the manifest was tokenized with another "
+                f"tokenizer than the checkpoint's ({checkpoint_tokenizer(checkpoint)['dir']}). "
+                + ("Set tokenizer: {pretrained: " + state["imported_from"] + "} in the data spec."
+                   if state.get("imported_from") else
+                   f"Continue on a manifest that extends the one it trained on ({state['manifest']}), or pretrain "
+                   f"from scratch (a rebuilt manifest retrains the tokenizer)."))
         return str(checkpoint)
     for run in finished_runs(runs_dir, "pretrain"):
         checkpoint = resolve_checkpoint(run)
-        source = trained_on(checkpoint)
+        source = Path(read_train_state(checkpoint)["manifest"]).resolve()
         # Not a run on this very manifest: a repeated trigger must resume the same continuation, not chain one.
-        if source != manifest_dir and source.is_dir() and load_manifest(source)["tokenizer_sha256"] == tokenizer:
+        if source != manifest_dir and source.is_dir() and checkpoint_tokenizer(checkpoint)["sha256"] == tokenizer:
             log.info(f"continued pretraining from {checkpoint}")
             return str(checkpoint)
     log.warning(f"continue_from=latest: no finished pretraining run under {runs_dir} used this manifest's "

@@ -16,7 +16,7 @@ from model.export_hf import load_megatron, megatron_logits
 from model.train import segment_attention_mask
 
 if __name__ == "__main__":
-    gpt, _, _ = load_megatron(Path(sys.argv[1]))
+    gpt, m, _ = load_megatron(Path(sys.argv[1]))
     inputs = torch.load(sys.argv[2])
-    torch.save([megatron_logits(gpt, x["tokens"], None if x.get("segments") is None
+    torch.save([megatron_logits(gpt, m, x["tokens"], None if x.get("segments") is None
                                 else segment_attention_mask(x["segments"])) for x in inputs], sys.argv[3])

@@ -1,0 +1,46 @@
+"""Import stage: a Hugging Face Llama folder as a Megatron-Core checkpoint (model/import_hf.py), cached like every
+stage. Its key is the folder's files by checksum (config, weights, tokenizer) and the target layout and dtype, so a
+re-run reuses the checkpoint and a changed file re-imports it.
+
+Output: `<artifacts>/import_hf/<fingerprint>/checkpoint/` (with the model's tokenizer in `checkpoint/tokenizer/`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from model.config import ParallelConfig
+from model.import_hf import import_hf as convert
+from model.import_hf import read_hf_config, weight_files
+from model.tokenizer import TOKENIZER_FILES
+from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, PinnedFiles, build_artifact, pin_files
+from tasks.spec import resolve_path
+
+
+def is_hf_folder(path: str | Path) -> bool:
+    """A Hugging Face model folder (config.json and weights), as opposed to a checkpoint or a run directory."""
+    path = resolve_path(path)
+    return (path / "config.json").is_file() and not (path / "train_state.json").is_file()
+
+
+def pin_hf_model(hf_dir: str, setting: str = "init_from_hf") -> PinnedFiles:
+    """The folder's config, weights and tokenizer files by checksum; fails fast on a folder that is not a Llama
+    model this project can import (`setting` names the parameter to change)."""
+    directory = resolve_path(hf_dir)
+    read_hf_config(directory)
+    names = ["config.json", *(p.name for p in set(weight_files(directory).values())), *TOKENIZER_FILES]
+    if (directory / "model.safetensors.index.json").is_file():
+        names.append("model.safetensors.index.json")
+    return pin_files(directory, sorted(set(names)), setting)
+
+
+def checkpoint_of(imported: ArtifactRef) -> str:
+    return str(imported.dir / "checkpoint")
+
+
+@task(name="import_hf", task_run_name="import_hf-{tp}x{pp}", **STAGE_TASK_OPTIONS)
+def import_hf(model: PinnedFiles, tp: int, pp: int, dtype: str | None, artifacts_dir: str) -> ArtifactRef:
+    return build_artifact("import_hf", dict(model=model, tp=tp, pp=pp, dtype=dtype, artifacts_dir=artifacts_dir),
+                          lambda out: convert(Path(model.directory), out / "checkpoint", ParallelConfig(tp, pp), dtype))
