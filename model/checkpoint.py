@@ -33,9 +33,12 @@ def read_train_state(checkpoint: Path) -> dict:
     return json.loads((Path(checkpoint) / STATE_FILE).read_text())
 
 
-def manifest_tokenizer(manifest_dir: str | Path) -> dict:
-    """The tokenizer a manifest was tokenized with, as a checkpoint records it: {"dir", "sha256"}."""
+def manifest_tokenizer(manifest_dir: str | Path) -> dict | None:
+    """The tokenizer a manifest was tokenized with, as a checkpoint records it: {"dir", "sha256"}; None for a
+    manifest that names none (the benchmarks' synthetic token rows)."""
     manifest = json.loads((Path(manifest_dir) / "manifest.json").read_text())
+    if "tokenizer_dir" not in manifest.get("lineage", {}):
+        return None
     return {"dir": manifest["lineage"]["tokenizer_dir"], "sha256": manifest["tokenizer_sha256"]}
 
 
@@ -43,7 +46,10 @@ def checkpoint_tokenizer(checkpoint: str | Path) -> dict:
     """The tokenizer a checkpoint's ids mean, {"dir", "sha256"}: recorded with it (training records its
     manifest's, an import its model's), else its manifest's."""
     state = read_train_state(checkpoint)
-    recorded = state.get("tokenizer") or manifest_tokenizer(state["manifest"])
+    recorded = state.get("tokenizer") or (manifest_tokenizer(state["manifest"]) if state.get("manifest") else None)
+    if recorded is None:
+        raise ValueError(f"{checkpoint} records no tokenizer (trained on token rows without one, or imported from "
+                         f"a folder without tokenizer files)")
     return {**recorded, "dir": str(Path(checkpoint) / recorded["dir"])}  # an import's is inside it: relative
 
 

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from model.config import ParallelConfig
+from model.data import token_rows
 from model.import_hf import check_layout, model_config_from_hf
 from hf_models import llama2_like, llama3_like
 
@@ -125,6 +126,32 @@ def test_a_layout_the_model_cannot_take_is_refused_before_writing(hf_models, tmp
     assert not (tmp_path / "x").exists()
 
 
+def test_shards_tokenized_with_a_pretrained_tokenizer_json(hf_models, tmp_path):
+    """The shard stage with Llama-3's kind of tokenizer (tokenizer.json, through `tokenizers`): every document is
+    <|begin_of_text|> + its ids + <|end_of_text|>, and the manifest records that tokenizer."""
+    import gzip
+
+    from model.tokenizer import Tokenizer
+    from tasks.shard import ShardManifest, shard_documents
+    from tasks.spec import ShardingConfig
+
+    docs = [d for d in bundled_docs("kjv", 20)]
+    (tmp_path / "docs" / "kjv").mkdir(parents=True)
+    with gzip.open(tmp_path / "docs" / "kjv" / "00000.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    (tmp_path / "shard").mkdir()
+    shard_documents(tmp_path / "docs", hf_models["llama3"], ShardingConfig(seq_len=64, validation_fraction=0.0),
+                    {}, tmp_path / "shard")
+    manifest = ShardManifest.load(tmp_path / "shard")
+    tokenizer = Tokenizer(hf_models["llama3"])
+    assert tokenizer.kind == "tokenizers" and manifest.tokenizer_sha256 == tokenizer.sha256
+    assert manifest.eos_id == tokenizer.token_id("<|end_of_text|>") and manifest.vocab_size == 1000
+    expected = [t for d in docs for t in tokenizer.encode_document(tokenizer.encode([d["text"]])[0])]
+    assert expected[0] == tokenizer.token_id("<|begin_of_text|>")
+    rows = token_rows(pq.read_table(tmp_path / "shard" / manifest.shards[0].path))
+    assert rows.flatten().tolist() == expected[:rows.size]
+
+
 # ---------------------------------------------------------------- through the flows
 
 HF_TRAIN = {"steps": 6, "global_batch": 8, "micro_batch": 4, "warmup_steps": 1, "lr": 0.003, "eval_every": 3,
@@ -140,7 +167,7 @@ def test_continued_pretraining_from_an_import_starts_at_transformers_loss_and_le
 
     from flows.pretrain import pretrain_flow
     from model.checkpoint import read_train_state, resolve_checkpoint
-    from model.data import TrainSamples, load_manifest, token_rows
+    from model.data import TrainSamples, load_manifest
     from model.tokenizer import Tokenizer
 
     folder = hf_models["llama2"]

@@ -85,8 +85,8 @@ def continuation_checkpoint(continue_from: str, manifest_path: str, runs_dir: st
                              f"that folder and import again")
         if checkpoint_tokenizer(checkpoint)["sha256"] != tokenizer:
             raise ValueError(
-                f"cannot continue {checkpoint} on {manifest_path}: the manifest was tokenized with another "
-                f"tokenizer than the checkpoint's ({checkpoint_tokenizer(checkpoint)['dir']}). "
+                f"cannot continue {checkpoint} on {manifest_path}: it was trained with another tokenizer "
+                f"({checkpoint_tokenizer(checkpoint)['dir']}) than the one the manifest was tokenized with. "
                 + ("Set tokenizer: {pretrained: " + state["imported_from"] + "} in the data spec."
                    if state.get("imported_from") else
                    f"Continue on a manifest that extends the one it trained on ({state['manifest']}), or pretrain "
