@@ -77,7 +77,8 @@ def planned_gib(m: ModelConfig, micro: int, accumulation: int, bf16: bool, atten
     """The planner's per-device estimate (GiB, runtime allowance included) of one run at TP 1 x PP 1 x DP 1."""
     runtime = RUNTIME_OVERHEAD_GIB["gpu" if torch.cuda.is_available() else "cpu"]
     layout = Layout(tp=1, pp=1, dp=1, micro_batch=micro, recompute=False, distributed_optimizer=bf16)
-    return estimate(m, layout, micro * accumulation, bf16=bf16, attention=attention).total / GIB + runtime
+    return estimate(m, layout, micro * accumulation, precision="bf16" if bf16 else "fp32",
+                    attention=attention).total / GIB + runtime
 
 
 def main(argv=None) -> None:

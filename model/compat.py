@@ -28,7 +28,7 @@ _APPLIED = False
 CPU = torch.device("cpu")
 CUDA_LITERAL_MODULES = ("megatron.core.pipeline_parallel.schedules", "megatron.core.transformer.utils",
                         "megatron.core.optimizer.optimizer", "megatron.core.optimizer.clip_grads",
-                        "megatron.core.utils")
+                        "megatron.core.utils", "megatron.core.optimizer.grad_scaler")
 
 
 class CpuRNGStatesTracker:

@@ -88,6 +88,18 @@ class ParallelConfig:
 
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # Split the sequence across the tensor-parallel ranks outside attention and the MLP (norms, residuals), where
+    # TP alone keeps every activation whole on each rank. None: on whenever tensor_parallel > 1.
+    sequence_parallel: bool | None = None
+
+    @property
+    def uses_sequence_parallel(self) -> bool:
+        return self.tensor_parallel > 1 and self.sequence_parallel is not False
+
+    def __post_init__(self):
+        if self.sequence_parallel and self.tensor_parallel == 1:
+            raise ValueError("sequence_parallel needs tensor_parallel > 1 (it splits the sequence across the "
+                             "tensor-parallel ranks); drop it or raise tp")
 
     def data_parallel(self, world_size: int) -> int:
         model_parallel = self.tensor_parallel * self.pipeline_parallel
@@ -95,6 +107,10 @@ class ParallelConfig:
             raise ValueError(f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = "
                              f"{self.tensor_parallel} x {self.pipeline_parallel}; change --nproc-per-node or the layout")
         return world_size // model_parallel
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+FP8_RECIPES = ("delayed", "tensorwise")
 
 
 @dataclass(frozen=True)
@@ -117,7 +133,15 @@ class TrainConfig:
     attention_backend: str = "auto"  # auto | te | sdpa | local (model/gpt.py); auto = te if installed, else sdpa
     # Precision and data-parallel communication. None = the device's default (`for_device`): on GPU bf16, the
     # distributed optimizer and both overlaps; on CPU fp32 and none of them. Any of them can be turned on on CPU.
-    bf16: bool | None = None  # bf16 parameters and activations, fp32 master weights in the optimizer
+    # precision: fp32 | bf16 | fp16 | fp8. bf16 and fp16 keep parameters and activations in 16 bits with fp32
+    # master weights in the optimizer; fp16 adds Megatron's dynamic loss scaler (the settings below); fp8 runs the
+    # linear layers' matmuls in fp8 through Transformer Engine (bf16 parameters), recipe `fp8_recipe`.
+    precision: str | None = None
+    bf16: bool | None = None  # the older switch: bf16 true = precision bf16, false = fp32 (said in the log)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise: Megatron-Core's fp8 scaling recipes
+    initial_loss_scale: float = 2.0**32  # fp16: Megatron's defaults; the scale halves after `hysteresis`
+    loss_scale_window: int = 1000  # overflowing steps (which are skipped) and doubles after this many clean ones
+    hysteresis: int = 2
     distributed_optimizer: bool | None = None  # ZeRO-1: optimizer state and master weights sharded over DP ranks
     overlap_grad_reduce: bool | None = None  # reduce gradient buckets during backward, not after it
     overlap_param_gather: bool | None = None  # all-gather updated parameters during the next forward
@@ -132,11 +156,21 @@ class TrainConfig:
                             f"({self.micro_batch})")
         if self.attention_backend not in ("auto", "te", "sdpa", "local"):
             problems.append(f"attention_backend {self.attention_backend!r} must be one of auto, te, sdpa, local")
+        if self.precision not in (None, *PRECISIONS):
+            problems.append(f"precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        if self.bf16 is not None and self.precision is not None and self.precision != ("bf16" if self.bf16
+                                                                                          else "fp32"):
+            problems.append(f"bf16 {str(self.bf16).lower()} contradicts precision {self.precision}; drop bf16 (it "
+                            f"is the older name of precision bf16)")
+        if self.fp8_recipe not in FP8_RECIPES:
+            problems.append(f"fp8_recipe {self.fp8_recipe!r} must be one of {', '.join(FP8_RECIPES)}")
+        if self.initial_loss_scale <= 0 or self.loss_scale_window < 1 or self.hysteresis < 1:
+            problems.append("initial_loss_scale must be positive, loss_scale_window and hysteresis at least 1")
         if self.grad_reduce_dtype not in ("fp32", "bf16"):
             problems.append(f"grad_reduce_dtype {self.grad_reduce_dtype!r} must be fp32 or bf16")
-        elif self.grad_reduce_dtype == "bf16" and self.bf16 is False:
-            problems.append("grad_reduce_dtype bf16 needs bf16 parameters; set bf16 true or grad_reduce_dtype fp32 "
-                            "(fp32 parameters reduce their gradients in fp32)")
+        elif self.grad_reduce_dtype == "bf16" and self.resolved_precision in ("fp32", "fp16"):
+            problems.append(f"grad_reduce_dtype bf16 needs bf16 parameters; set precision bf16 or grad_reduce_dtype "
+                            f"fp32 ({self.resolved_precision} parameters reduce their gradients in fp32)")
         if self.overlap_param_gather and self.distributed_optimizer is False:
             problems.append("overlap_param_gather needs distributed_optimizer (it gathers the optimizer's "
                             "parameter shards); set distributed_optimizer true or overlap_param_gather false")
@@ -150,11 +184,26 @@ class TrainConfig:
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
 
+    @property
+    def resolved_precision(self) -> str | None:
+        """precision, else what the older bf16 switch says, else None (the device decides)."""
+        if self.precision is not None or self.bf16 is None:
+            return self.precision
+        return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def half(self) -> bool:
+        """Parameters and activations in 16 bits (bf16, fp16, and fp8's bf16 parameters)."""
+        return self.precision in ("bf16", "fp16", "fp8")
+
     def for_device(self, gpu: bool) -> TrainConfig:
         """These settings with the device's defaults in place of None (validated again): everything on for a GPU,
-        off for the CPU; on a GPU overlap_param_gather follows distributed_optimizer, which it needs."""
-        resolved = {name: gpu for name in ("bf16", "distributed_optimizer", "overlap_grad_reduce")
+        off for the CPU; on a GPU overlap_param_gather follows distributed_optimizer, which it needs. The
+        resolved precision is in `precision` (the bf16 alias becomes it)."""
+        resolved = {name: gpu for name in ("distributed_optimizer", "overlap_grad_reduce")
                     if getattr(self, name) is None}
+        resolved["precision"] = self.resolved_precision or ("bf16" if gpu else "fp32")
+        resolved["bf16"] = None
         if self.overlap_param_gather is None:
             resolved["overlap_param_gather"] = gpu and resolved.get("distributed_optimizer", self.distributed_optimizer)
         return dataclasses.replace(self, **resolved)

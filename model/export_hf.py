@@ -47,7 +47,7 @@ def load_megatron(checkpoint: Path):
     info = checkpoint_info(checkpoint)
     model_cfg = ModelConfig(**info["model"])
     init_single_process()
-    config = transformer_config(model_cfg, ParallelConfig(), TrainConfig(bf16=False))
+    config = transformer_config(model_cfg, ParallelConfig(), TrainConfig(precision="fp32"))
     gpt = build_model(model_cfg, config, pre_process=True, post_process=True)
     load_checkpoint(checkpoint, gpt)
     return gpt.eval(), model_cfg, info

@@ -58,6 +58,29 @@ class SDPAttention(MegatronModule):
         return context.permute(2, 0, 1, 3).reshape(seq, batch, -1)  # [b, n, s, d] -> [s, b, n * d]
 
 
+# Parameters' dtype per precision: fp8 keeps bf16 parameters (Transformer Engine casts to fp8 inside its matmuls).
+PARAMS_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+
+
+def check_fp8_available() -> None:
+    """precision fp8 runs through Transformer Engine on a GPU of compute capability 8.9 or newer (Ada, Hopper,
+    Blackwell). Megatron-Core would silently run bf16 without it: refuse instead, saying what is missing."""
+    if not torch.cuda.is_available():
+        raise ValueError("precision fp8 needs a GPU with fp8 tensor cores (compute capability 8.9 or newer: L4, "
+                         "L40, H100, H200, B200) and Transformer Engine; this machine has no CUDA device. Set "
+                         "precision bf16 (or fp32 on CPU)")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        raise ValueError(f"precision fp8 needs compute capability 8.9 or newer; {torch.cuda.get_device_name()} is "
+                         f"{major}.{minor}. Set precision bf16 (or fp16 on GPUs without bf16)")
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"precision fp8 runs through Transformer Engine, which does not import here ({err}): "
+                         f"install it (pip install --no-build-isolation transformer_engine[pytorch], matching "
+                         f"your CUDA), or set precision bf16") from None
+
+
 def resolve_attention_backend(requested: str) -> str:
     """`auto` -> te where Transformer Engine imports and CUDA is present, else sdpa; te without them fails.
     `requested` is a TrainConfig's, whose validation already refused other names."""
@@ -75,16 +98,31 @@ def resolve_attention_backend(requested: str) -> str:
     return requested
 
 
-def layer_spec(backend: str):
-    """The transformer layer spec of a resolved attention backend."""
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm behind Megatron's norm interface, usable with sequence parallelism. Megatron-Core's own torch
+    fallback refuses it: with the sequence split over the TP ranks, each rank's weight gradient covers only its
+    part, so the weight is marked `sequence_parallel` and finalize_model_grads all-reduces its gradient over TP (as
+    Transformer Engine's and Apex's norms do). Same parameter and checkpoint key as the fallback."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def layer_spec(backend: str, config: TransformerConfig):
+    """The transformer block's spec for a resolved attention backend: this pipeline stage's layers and the final
+    norm."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
     if backend == "te":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     if backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig) -> TransformerConfig:
@@ -105,10 +143,14 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
+        sequence_parallel=parallel.uses_sequence_parallel,
         # Pipeline schedules exchange activations of this dtype between stages.
-        pipeline_dtype=torch.bfloat16 if train.bf16 else torch.float32,
-        bf16=train.bf16,
-        params_dtype=torch.bfloat16 if train.bf16 else torch.float32,
+        pipeline_dtype=PARAMS_DTYPE[train.precision or "fp32"],
+        bf16=train.precision in ("bf16", "fp8"),
+        fp16=train.precision == "fp16",
+        params_dtype=PARAMS_DTYPE[train.precision or "fp32"],
+        # fp8: e4m3 forward, e5m2 gradients ("hybrid", the usual training format), scaled by the chosen recipe.
+        **({"fp8": "hybrid", "fp8_recipe": train.fp8_recipe} if train.precision == "fp8" else {}),
         use_cpu_initialization=not torch.cuda.is_available(),
         recompute_granularity="full" if train.recompute_activations else None,
         recompute_method="uniform" if train.recompute_activations else None,
@@ -120,9 +162,9 @@ def build_model(model: ModelConfig, config: TransformerConfig, *, pre_process: b
                 attention_backend: str = "sdpa") -> GPTModel:
     """One pipeline stage's share of the model (all of it when pipeline_parallel == 1); `attention_backend` is
     a resolved one (`resolve_attention_backend`)."""
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(attention_backend),
+        transformer_layer_spec=layer_spec(attention_backend, config),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_len,
         pre_process=pre_process,
@@ -131,3 +173,9 @@ def build_model(model: ModelConfig, config: TransformerConfig, *, pre_process: b
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
     )
+    # Without Transformer Engine or Apex the norms are torch's, which ignore params_dtype and stay fp32. Cast the
+    # whole stage, as Megatron-LM's Float16Module does: its mixed-precision optimizer keeps fp32 master copies of
+    # 16-bit parameters only, and its checkpoints cannot name a parameter left in fp32.
+    if config.params_dtype != torch.float32:
+        gpt.to(config.params_dtype)
+    return gpt

@@ -161,7 +161,7 @@ def import_hf(hf_dir: Path, out: Path, parallel: ParallelConfig = ParallelConfig
         raise ValueError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
 
     init_single_process()
-    config = transformer_config(m, ParallelConfig(), TrainConfig(bf16=dtype == "bf16"))
+    config = transformer_config(m, ParallelConfig(), TrainConfig(precision=dtype))
     config.perform_initialization = False  # every weight is overwritten: allocate, do not initialise
     gpt = build_model(m, config, pre_process=True, post_process=True)
     params = dict(gpt.named_parameters())

@@ -3,14 +3,15 @@
     python -m model.plan --preset 7b --gpus 8 --gpu-mem-gib 80
 
 Estimates, per GPU of the most loaded pipeline stage:
-  weights      2 B/param in bf16 (4 in fp32)
+  weights      2 B/param in bf16 and fp16, 3 in fp8 (bf16 and an fp8 copy), 4 in fp32
   gradients    4 B/param (Megatron reduces gradients in fp32)
   optimizer    Adam moments (8 B/param) + fp32 master weights in bf16 (4 B), divided by DP with the distributed
                optimizer
   activations  what autograd keeps per layer for this architecture (RMSNorm, SwiGLU, RoPE, no dropout, no biases,
-               no sequence parallelism), per token, in elements of the training dtype; counted with saved-tensor
-               hooks on Megatron's local-spec layers:
-                 6h            each RMSNorm keeps its input, the normalised input and its output
+               per token, in elements of the training dtype; counted with saved-tensor hooks on Megatron's
+               local-spec layers:
+                 6h (6h/t)     each RMSNorm keeps its input, the normalised input and its output (split over the
+                               TP ranks with sequence parallelism, the default at TP > 1)
                  (3h + 3kv)/t  the fused QKV output, q and k after RoPE, and the attention context
                                (kv = query groups x head dim)
                  5f/t          SwiGLU: the fused gate/up output (2f), silu(gate) and the product
@@ -46,6 +47,7 @@ class Layout:
     micro_batch: int
     recompute: bool
     distributed_optimizer: bool
+    sequence_parallel: bool = False  # the norms' activations (and recompute's kept layer inputs) split over TP
 
 
 @dataclass(frozen=True)
@@ -73,15 +75,19 @@ def stage_parameters(m: ModelConfig, tp: int, pp: int) -> float:
     return (layers * per_layer + embedding_or_output) / tp
 
 
-def estimate(m: ModelConfig, layout: Layout, global_batch: int, bf16: bool = True,
+def estimate(m: ModelConfig, layout: Layout, global_batch: int, precision: str = "bf16",
              attention: str = "sdpa") -> Estimate:
-    """Model state, activations and logits of one GPU (bf16) or CPU process (fp32); the runtime is not included.
+    """Model state, activations and logits of one GPU or CPU process at a precision (fp32, bf16, fp16, fp8); the
+    runtime is not included. fp16 costs what bf16 does (its loss scaler is a few scalars); fp8 keeps bf16
+    parameters plus an fp8 copy of each weight for its matmuls (1 B/param), and is counted with bf16 activations
+    (an upper bound: Transformer Engine saves some linear inputs in fp8).
     `attention`: the resolved attention backend (model/gpt.py): local keeps the s x s scores, sdpa and te do not."""
     t, p, b, s, h, a = layout.tp, layout.pp, layout.micro_batch, m.seq_len, m.hidden_size, m.num_attention_heads
     kv = (m.num_query_groups or a) * (h // a)
     params = stage_parameters(m, t, p)
+    bf16 = precision != "fp32"
     width = 2 if bf16 else 4
-    weights = params * width
+    weights = params * (width + (1 if precision == "fp8" else 0))
     grads = params * 4
     optimizer = params * (12 if bf16 else 8)
     if layout.distributed_optimizer:
@@ -89,11 +95,12 @@ def estimate(m: ModelConfig, layout: Layout, global_batch: int, bf16: bool = Tru
     layers = -(-m.num_layers // p)
     tokens = s * b
     scores = a * s / t * width if attention == "local" else a / t * 4
-    full_layer = tokens * ((6 * h + (3 * h + 3 * kv) / t + 5 * m.ffn_hidden_size / t) * width + scores)
+    sp = t if layout.sequence_parallel else 1  # sequence parallelism splits what TP alone keeps whole
+    full_layer = tokens * ((6 * h / sp + (3 * h + 3 * kv) / t + 5 * m.ffn_hidden_size / t) * width + scores)
     microbatches = global_batch // (layout.dp * b)
     in_flight = min(p, microbatches)
     if layout.recompute:
-        activations = tokens * h * width * layers * in_flight + 2 * full_layer
+        activations = tokens * h / sp * width * layers * in_flight + 2 * full_layer
     else:
         activations = full_layer * (layers * in_flight + 1)
     logits = tokens * m.padded_vocab_size / t * (4 + (width if bf16 else 0))
@@ -109,15 +116,16 @@ def candidates(m: ModelConfig, gpus: int, global_batch: int, on_gpu: bool = True
         for micro, recompute in itertools.product([1, 2, 4], [False, True]):
             if global_batch % (dp * micro):
                 continue
-            out.append(Layout(tp, pp, dp, micro, recompute, distributed_optimizer=on_gpu and dp > 1))
+            out.append(Layout(tp, pp, dp, micro, recompute, distributed_optimizer=on_gpu and dp > 1,
+                              sequence_parallel=tp > 1))
     return out
 
 
 def recommend(m: ModelConfig, gpus: int, gpu_mem_gib: float, global_batch: int,
-              attention: str = "sdpa") -> tuple[Estimate | None, list]:
+              attention: str = "sdpa", precision: str = "bf16") -> tuple[Estimate | None, list]:
     """The fitting layout with the least model parallelism, then no recompute, then the largest micro-batch."""
     budget = (gpu_mem_gib - RUNTIME_OVERHEAD_GIB["gpu"]) * GIB
-    estimates = [estimate(m, layout, global_batch, attention=attention)
+    estimates = [estimate(m, layout, global_batch, precision=precision, attention=attention)
                  for layout in candidates(m, gpus, global_batch)]
     fitting = [e for e in estimates if e.total <= budget]
     fitting.sort(key=lambda e: (e.layout.tp * e.layout.pp, e.layout.recompute, -e.layout.micro_batch, e.total))
@@ -133,11 +141,12 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="override the preset's context length")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "te", "local"],
                    help="attention backend (training's attention_backend, resolved); local keeps s x s scores")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp8", "fp32"])
     args = p.parse_args(argv)
     m = preset(args.preset, **({"seq_len": args.seq_len} if args.seq_len else {}))
-    best, estimates = recommend(m, args.gpus, args.gpu_mem_gib, args.global_batch, args.attention)
+    best, estimates = recommend(m, args.gpus, args.gpu_mem_gib, args.global_batch, args.attention, args.precision)
     print(f"{args.preset}: {m.num_parameters() / 1e9:.2f}B parameters, seq {m.seq_len}, global batch "
-          f"{args.global_batch}, {args.attention} attention, {args.gpus} GPUs x {args.gpu_mem_gib:g} GiB "
+          f"{args.global_batch}, {args.precision}, {args.attention} attention, {args.gpus} GPUs x {args.gpu_mem_gib:g} GiB "
           f"({RUNTIME_OVERHEAD_GIB['gpu']:g} GiB reserved for the runtime)\n")
     print(f"{'TP':>3} {'PP':>3} {'DP':>3} {'mb':>3} {'recomp':>6} {'distopt':>7} | {'weights':>8} {'grads':>7} "
           f"{'optim':>7} {'activ':>7} {'logits':>7} | {'GiB/GPU':>8}")

@@ -31,8 +31,10 @@ from model.checkpoint import (latest_checkpoint, load_checkpoint, manifest_token
 from model.config import ModelConfig, ParallelConfig, TrainConfig, preset
 from model.data import BatchPrefetcher, TrainSamples, load_manifest, rank_slice, validation_rows
 
-# bf16 dense peak of known GPUs (TFLOP/s), for MFU; override with --peak-tflops.
+# bf16 dense peak of known GPUs (TFLOP/s), for MFU; override with --peak-tflops. fp16 runs at the bf16 rate, fp8 at
+# twice it (Hopper), fp32 matmuls at the TF32 rate, half of it.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+PEAK_BY_PRECISION = {"bf16": 1.0, "fp16": 1.0, "fp8": 2.0, "fp32": 0.5}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-overrides", default="{}", help="JSON of ModelConfig fields to override")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="split norms' and residuals' activations over the TP ranks (default: on when tp > 1)")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: known GPUs)")
     p.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                    help="start from this checkpoint's weights (any TP/PP) with a fresh optimizer and schedule, "
@@ -57,11 +61,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for f in dataclasses.fields(TrainConfig):
         if f.name == "adam_betas":
             continue
-        kind = type(f.default)
-        if kind is bool or f.default is None:  # None: the device's default (TrainConfig.for_device)
-            p.add_argument(f"--{f.name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=f.default)
+        flag = f"--{f.name.replace('_', '-')}"
+        if str(f.type).startswith("bool"):  # `bool | None`: None is the device's default (TrainConfig.for_device)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=f.default)
+            p.add_argument(flag, type=str if f.default is None else type(f.default), default=f.default)
     return p.parse_args(argv)
 
 
@@ -93,6 +97,7 @@ def open_tensorboard(run_dir: Path, first_step: int):
 
 # metrics.jsonl key -> TensorBoard tag
 TENSORBOARD_TAGS = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "val_loss": "val/loss",
+                    "loss_scale": "train/loss_scale", "skipped_steps": "train/skipped_steps",
                     "tokens_per_s": "perf/tokens_per_s", "mfu": "perf/mfu", "peak_mem_gib": "perf/peak_mem_gib",
                     "data_wait": "perf/data_wait"}
 
@@ -201,8 +206,12 @@ def build(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig) 
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
         adam_beta1=train.adam_betas[0], adam_beta2=train.adam_betas[1], clip_grad=train.grad_clip,
-        bf16=train.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=train.distributed_optimizer,
+        bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
+        initial_loss_scale=train.initial_loss_scale, loss_scale_window=train.loss_scale_window,
+        hysteresis=train.hysteresis, use_distributed_optimizer=train.distributed_optimizer,
         overlap_param_gather=train.overlap_param_gather), [model])
+    # The schedules multiply each micro-batch's loss by this before backward: fp16's loss scale (1 otherwise).
+    config.grad_scale_func = optimizer.scale_loss
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr, lr_warmup_steps=train.warmup_steps,
         lr_decay_steps=train.steps, lr_decay_style="cosine", start_wd=train.weight_decay,
@@ -450,10 +459,15 @@ def train_step(t: Training, batch: dict[str, torch.Tensor]) -> dict:
     t.model.zero_grad_buffer()
     t.optimizer.zero_grad()
     loss = run_batches(t.model, batch, t.train.micro_batch, t.model_cfg, forward_only=False)
-    _, grad_norm, _ = t.optimizer.step()
-    t.scheduler.step(increment=1)
-    return {"loss": loss, "lr": t.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else None}
+    loss_scale = float(t.optimizer.get_loss_scale())  # the scale this step's gradients were computed with
+    updated, grad_norm, _ = t.optimizer.step()
+    if updated:  # an fp16 step whose gradients overflowed is skipped: no update, and the schedule waits (Megatron)
+        t.scheduler.step(increment=1)
+    record = {"loss": loss, "lr": t.optimizer.param_groups[0]["lr"],
+              "grad_norm": float(grad_norm) if grad_norm is not None else None}
+    if t.train.precision == "fp16":
+        record.update(loss_scale=loss_scale, skipped=not updated)
+    return record
 
 
 def main(argv=None) -> None:
@@ -461,8 +475,12 @@ def main(argv=None) -> None:
     on_gpu = torch.cuda.is_available()
     train = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                            if f.name != "adam_betas"}).for_device(on_gpu)
+    if train.precision == "fp8":
+        from model.gpt import check_fp8_available
+
+        check_fp8_available()
     model_cfg = model_config(args, load_manifest(args.manifest))
-    parallel = ParallelConfig(args.tp, args.pp)
+    parallel = ParallelConfig(args.tp, args.pp, args.sequence_parallel)
     run_dir = Path(args.run_dir)
 
     dp = init_distributed(parallel, train, on_gpu)
@@ -470,9 +488,14 @@ def main(argv=None) -> None:
 
     world, rank0 = dist.get_world_size(), dist.get_rank() == 0
     log = print if rank0 else (lambda *a, **k: None)
-    log(f"layout: world {world} = TP {parallel.tensor_parallel} x PP {parallel.pipeline_parallel} x DP {dp}; "
+    if args.bf16 is not None:
+        log(f"note: bf16 {str(args.bf16).lower()} is the older name of precision {train.precision}; set precision "
+            f"instead (TrainConfig.precision: fp32, bf16, fp16 or fp8)", flush=True)
+    log(f"layout: world {world} = TP {parallel.tensor_parallel} x PP {parallel.pipeline_parallel} x DP {dp}"
+        f"{' (sequence parallel)' if parallel.uses_sequence_parallel else ''}; "
         f"{'GPU (NCCL)' if on_gpu else 'CPU (gloo, Megatron-Core via model/compat.py)'}, "
-        f"{'bf16' if train.bf16 else 'fp32'}, gradients reduced in {train.grad_reduce_dtype}"
+        f"{train.precision}{f' ({train.fp8_recipe} recipe)' if train.precision == 'fp8' else ''}, "
+        f"gradients reduced in {train.grad_reduce_dtype}"
         + "".join(f", {name.replace('_', ' ')}" for name in ("distributed_optimizer", "overlap_grad_reduce",
                                                              "overlap_param_gather") if getattr(train, name)),
         flush=True)
@@ -499,7 +522,7 @@ def main(argv=None) -> None:
                  "tokenizer": manifest_tokenizer(args.manifest), **inherited_description(args.init_from)}
     metrics = MetricsLogger(run_dir, state["step"], offset, train.steps, enabled=rank0)
     tokens_per_step = train.global_batch * model_cfg.seq_len
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
+    peak = args.peak_tflops or next((v * PEAK_BY_PRECISION[train.precision] for k, v in PEAK_TFLOPS.items()
                                      if on_gpu and k in torch.cuda.get_device_name()), None)
     # The next step's batch is read while this one computes; the order is the same (a pure function of indices).
     prefetch = BatchPrefetcher(samples, pin=on_gpu)
@@ -514,6 +537,9 @@ def main(argv=None) -> None:
         batch, waited = prefetch.get(start, count, None if last else start + train.global_batch)
         data_wait += waited
         stepped = train_step(t, batch)
+        if "skipped" in stepped:  # fp16: counted for the whole run (checkpoints keep the count), and shown
+            state["skipped_steps"] = state.get("skipped_steps", 0) + stepped["skipped"]
+            stepped["skipped_steps"] = state["skipped_steps"]
         state["step"] += 1
         state["consumed_samples"] += train.global_batch
         step = state["step"]

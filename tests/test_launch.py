@@ -39,7 +39,7 @@ def test_every_deployments_train_settings_reach_model_train():
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
     train_dicts = [value for d in deployments for key, value in d["parameters"].items()
                    if key in ("train", "pretrain_train", "sft_train") and value]
-    train_dicts.append({"bf16": True, "distributed_optimizer": True, "overlap_param_gather": False,
+    train_dicts.append({"precision": "bf16", "distributed_optimizer": True, "overlap_param_gather": False,
                         "grad_reduce_dtype": "bf16"})
     assert any("recompute_activations" in t for t in train_dicts)
     for train in train_dicts:

@@ -37,20 +37,20 @@ def test_bad_train_config_says_what_to_change():
         TrainConfig(steps=10, warmup_steps=50)
     with pytest.raises(ValueError, match="global_batch .* multiple of micro_batch"):
         TrainConfig(global_batch=10, micro_batch=4)
-    with pytest.raises(ValueError, match="grad_reduce_dtype bf16 needs bf16 parameters; set bf16 true"):
+    with pytest.raises(ValueError, match="grad_reduce_dtype bf16 needs bf16 parameters; set precision bf16"):
         TrainConfig(grad_reduce_dtype="bf16").for_device(gpu=False)
     with pytest.raises(ValueError, match="overlap_param_gather needs distributed_optimizer"):
         TrainConfig(overlap_param_gather=True).for_device(gpu=False)
 
 
 def test_precision_and_communication_settings_default_by_device():
-    names = ("bf16", "distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather")
-    assert [getattr(TrainConfig().for_device(gpu=True), n) for n in names] == [True] * 4
-    assert [getattr(TrainConfig().for_device(gpu=False), n) for n in names] == [False] * 4
+    names = ("precision", "distributed_optimizer", "overlap_grad_reduce", "overlap_param_gather")
+    assert [getattr(TrainConfig().for_device(gpu=True), n) for n in names] == ["bf16", True, True, True]
+    assert [getattr(TrainConfig().for_device(gpu=False), n) for n in names] == ["fp32", False, False, False]
     # Explicit settings win on either device; the parameter-gather overlap follows the distributed optimizer.
-    assert TrainConfig(bf16=True, distributed_optimizer=True).for_device(gpu=False).bf16
+    assert TrainConfig(precision="bf16", distributed_optimizer=True).for_device(gpu=False).precision == "bf16"
     gpu_without_distopt = TrainConfig(distributed_optimizer=False).for_device(gpu=True)
-    assert (gpu_without_distopt.bf16, gpu_without_distopt.overlap_param_gather) == (True, False)
+    assert (gpu_without_distopt.precision, gpu_without_distopt.overlap_param_gather) == ("bf16", False)
 
 
 @pytest.mark.slow
@@ -128,7 +128,7 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tiny_manifest, tp2_
 
 
 # What a GPU run turns on by default (TrainConfig.for_device), asked for explicitly so that gloo ranks run it.
-GPU_SETTINGS = ["--bf16", "--distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
+GPU_SETTINGS = ["--precision", "bf16", "--distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
                 "--grad-reduce-dtype", "bf16"]
 
 

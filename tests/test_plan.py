@@ -79,7 +79,7 @@ def test_estimate_matches_measured_peak_memory_on_cpu(tiny_manifest, tmp_path, a
     rows = {}
     for micro_batch in (1, 32):
         layout = Layout(tp=1, pp=1, dp=1, micro_batch=micro_batch, recompute=False, distributed_optimizer=False)
-        planned = (estimate(model, layout, micro_batch, bf16=False, attention=attention).total / GIB
+        planned = (estimate(model, layout, micro_batch, precision="fp32", attention=attention).total / GIB
                    + RUNTIME_OVERHEAD_GIB["cpu"])
         rows[micro_batch] = planned, measured_peak_gib(tiny_manifest, tmp_path / str(micro_batch), micro_batch,
                                                        overrides, attention)

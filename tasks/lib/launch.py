@@ -47,6 +47,9 @@ class PretrainConfig(BaseModel):
     preset: str = Field(default="tiny", description="model preset (model/config.py): tiny or 7b")
     tp: int = Field(default=1, ge=1, description="tensor-parallel size")
     pp: int = Field(default=1, ge=1, description="pipeline-parallel size")
+    sequence_parallel: bool | None = Field(
+        default=None, description="split the norms' and residuals' activations over the TP ranks; default on "
+                                  "when tp > 1 (model/config.py ParallelConfig)")
     nproc: int | None = Field(default=None, ge=1, description="ranks per node; default tp x pp (DP 1)")
     gpus_required: bool = Field(default=False, description="fail fast unless nproc CUDA devices are present")
     train: dict = Field(default={}, description="TrainConfig overrides, e.g. {steps: 300, global_batch: 16}")
@@ -100,6 +103,8 @@ def train_args(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra:
     flags = [train_flag(k, v) for k, v in config.train.items() if v is not None] + list(extra)
     return ["-m", "model.train", "--manifest", str(manifest_dir), "--run-dir", str(run_dir),
             "--preset", config.preset, "--tp", str(config.tp), "--pp", str(config.pp),
+            *([train_flag("sequence_parallel", config.sequence_parallel)] if config.sequence_parallel is not None
+              else []),
             "--model-overrides", json.dumps(config.model_overrides), *flags]
 
 
@@ -176,6 +181,10 @@ def check_resources(config: PretrainConfig) -> None:
             f"(TP {config.tp} x PP {config.pp} x DP {dp}), but this machine has {have} CUDA device(s). Run it "
             f"where {config.ranks} GPUs are available (see `python -m model.plan --preset {config.preset}` for "
             f"memory per GPU), submit it with launcher: slurm, or run pretrain/tiny here.")
+    if config.train.get("precision") == "fp8" and config.launcher == "torchrun":  # here, where torchrun will run
+        from model.gpt import check_fp8_available
+
+        check_fp8_available()
 
 
 class LauncherDied(RuntimeError):
