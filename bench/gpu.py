@@ -5,8 +5,10 @@ memory planner (`model.plan`) fits on this GPU alongside the Adam states, at TP 
 micro-batch chosen by the planner. `model.train` runs with the GPU defaults (bf16, distributed optimizer,
 overlapped gradient reduction and parameter gather) on synthetic token rows (throughput does not depend on the
 text). For each attention backend available (te with Transformer Engine, sdpa, local) it prints tokens/s, MFU,
-peak memory against the planner's estimate and the data-wait share; then a plain-PyTorch Llama of the same shape
-(SDPA attention, fp32 weights under bf16 autocast, fused AdamW) in the same run, and the ratio.
+peak memory against the planner's estimate and the data-wait share; then each other precision the device can run
+with the first backend (fp16 with its loss scaler; bf16 on GPU; fp8 with Transformer Engine on an fp8 GPU, else
+why not), MFU against that precision's peak; then a plain-PyTorch Llama of the same shape (SDPA attention, fp32
+weights under bf16 autocast, fused AdamW) in the same run, and the ratio. `--tiny` runs fp32 and fp16 on CPU.
 
     python bench/gpu.py                  # on a GPU (about 5 minutes on an H100)
     python bench/gpu.py --tiny           # the same code on CPU with a tiny width, in under a minute
@@ -36,9 +38,9 @@ import torch  # noqa: E402
 from bench.train import mean_tokens_per_s, model_train_records, plain_training, steady  # noqa: E402
 from model.config import ModelConfig, llama2_7b, tiny  # noqa: E402
 from model.data import TrainSamples  # noqa: E402
-from model.gpt import resolve_attention_backend  # noqa: E402
+from model.gpt import check_fp8_available, resolve_attention_backend  # noqa: E402
 from model.plan import GIB, RUNTIME_OVERHEAD_GIB, Layout, estimate  # noqa: E402
-from model.train import PEAK_TFLOPS, flops_per_token  # noqa: E402
+from model.train import PEAK_BY_PRECISION, PEAK_TFLOPS, flops_per_token  # noqa: E402
 
 
 def synthetic_manifest(out: Path, m: ModelConfig, rows: int) -> Path:
@@ -73,11 +75,13 @@ def plan(width: ModelConfig, budget_gib: float, max_layers: int, accumulation: i
     return m, micro, planned_gib(m, micro, accumulation, bf16, attention)
 
 
-def planned_gib(m: ModelConfig, micro: int, accumulation: int, bf16: bool, attention: str) -> float:
-    """The planner's per-device estimate (GiB, runtime allowance included) of one run at TP 1 x PP 1 x DP 1."""
+def planned_gib(m: ModelConfig, micro: int, accumulation: int, bf16: bool, attention: str,
+                precision: str | None = None) -> float:
+    """The planner's per-device estimate (GiB, runtime allowance included) of one run at TP 1 x PP 1 x DP 1;
+    `precision` defaults to bf16 when `bf16` (the GPU default), else fp32."""
     runtime = RUNTIME_OVERHEAD_GIB["gpu" if torch.cuda.is_available() else "cpu"]
     layout = Layout(tp=1, pp=1, dp=1, micro_batch=micro, recompute=False, distributed_optimizer=bf16)
-    return estimate(m, layout, micro * accumulation, precision="bf16" if bf16 else "fp32",
+    return estimate(m, layout, micro * accumulation, precision=precision or ("bf16" if bf16 else "fp32"),
                     attention=attention).total / GIB + runtime
 
 
@@ -126,32 +130,63 @@ def main(argv=None) -> None:
     overrides = {k: getattr(m, k) for k in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")}
     with tempfile.TemporaryDirectory() as work:
         manifest = synthetic_manifest(Path(work) / "shard", m, rows=max(64, global_batch * 4))
-        rows = []
-        for backend in backends:
-            planned = planned_gib(m, micro, accumulation, gpu, backend)
+        default = "bf16" if gpu else "fp32"
+
+        def measure(backend: str, precision: str) -> dict | None:
+            """One model.train run; its figures, or None when it did not run (printed either way)."""
+            label = f"{backend}, {precision}"
+            planned = planned_gib(m, micro, accumulation, gpu, backend, precision)
             if planned > budget:
-                print(f"  {backend:>5}: skipped, the planner needs {planned:.1f} GiB for it (budget {budget:.1f})",
+                print(f"  {label:>12}: skipped, the planner needs {planned:.1f} GiB for it (budget {budget:.1f})",
                       flush=True)
-                continue
+                return None
             started = time.perf_counter()
             try:
                 records = model_train_records(manifest, {"steps": steps, "global_batch": global_batch,
                                                          "micro_batch": micro, "eval_batches": 1,
-                                                         "attention_backend": backend},
+                                                         "attention_backend": backend, "precision": precision,
+                                                         # fp16: a scale that fits at once, not 2^32 halved 20 times
+                                                         **({"initial_loss_scale": 1024} if precision == "fp16"
+                                                            else {})},
                                               preset="7b" if not args.tiny else "tiny", model_overrides=overrides)
             except RuntimeError as failure:
-                print(f"  {backend:>5}: failed: {str(failure).strip().splitlines()[-1]}", flush=True)
-                results["megatron"][backend] = {"failed": str(failure)[-2000:]}
-                continue
+                print(f"  {label:>12}: failed: {str(failure).strip().splitlines()[-1]}", flush=True)
+                return {"failed": str(failure)[-2000:]}
             tps = mean_tokens_per_s(records)
             timed = steady(records)
-            result = {"tokens_per_s": tps, "mfu": tps * flops_per_token(m) / (peak * 1e12) if peak else None,
+            rate = peak * PEAK_BY_PRECISION[precision] if peak else None
+            result = {"tokens_per_s": tps, "mfu": tps * flops_per_token(m) / (rate * 1e12) if rate else None,
                       "peak_mem_gib": max(r["peak_mem_gib"] for r in records), "planned_gib": planned,
                       "data_wait": sum(r["data_wait"] for r in timed) / len(timed),
-                      "wall_s": time.perf_counter() - started}
-            results["megatron"][backend] = result
-            rows.append((f"Megatron-Core, {backend} attention", result))
-            print(f"  {backend:>5}: {line(result)}", flush=True)
+                      "skipped_steps": records[-1].get("skipped_steps"), "wall_s": time.perf_counter() - started}
+            print(f"  {label:>12}: {line(result)}", flush=True)
+            return result
+
+        rows = []
+        for backend in backends:  # every attention backend at the device's default precision
+            result = measure(backend, default)
+            if result is not None:
+                results["megatron"][backend] = result
+                if "failed" not in result:
+                    rows.append((f"Megatron-Core, {backend} attention", result))
+        # every other precision this device can run, with the first backend: fp16 everywhere (CPU included, which
+        # has no bf16 matmul speed), bf16 on GPU, fp8 where Transformer Engine and an fp8 GPU are present
+        results["precisions"] = {}
+        for precision in [p for p in ("bf16", "fp16", "fp8") if p != default]:
+            if precision == "bf16" and not gpu:
+                continue
+            if precision == "fp8":
+                try:
+                    check_fp8_available()
+                except ValueError as why:
+                    print(f"  {'fp8':>12}: not run: {why}", flush=True)
+                    results["precisions"]["fp8"] = {"not_run": str(why)}
+                    continue
+            result = measure(backends[0], precision)
+            if result is not None:
+                results["precisions"][precision] = result
+                if "failed" not in result:
+                    rows.append((f"Megatron-Core, {backends[0]}, {precision}", result))
 
         recipe = "SDPA, bf16 autocast, fused AdamW" if gpu else "SDPA, fp32, AdamW"
         try:

@@ -219,6 +219,17 @@ def build(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig) 
     return Training(model_cfg, train, gpt, model, optimizer, scheduler, attention)
 
 
+def gradient_traffic(t: Training, dp: int) -> dict:
+    """What data-parallel gradient reduction moves each step, from the DDP's own buckets: their bytes (in the
+    reduction dtype) and what one rank sends in a ring (reduce-scatter with the distributed optimizer, else
+    all-reduce, twice that)."""
+    buckets = [b for buffer in t.model.buffers + t.model.expert_parallel_buffers for b in buffer.buckets]
+    size = sum(b.grad_data.numel() * b.grad_data.element_size() for b in buckets)
+    share = (dp - 1) / dp * (1 if t.train.distributed_optimizer else 2)
+    return {"buckets": len(buckets), "bytes": size, "bytes_sent_per_rank": size * share,
+            "dtype": str(buckets[0].grad_data.dtype).removeprefix("torch.") if buckets else None}
+
+
 def run_batches(model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch: int, model_cfg: ModelConfig,
                 forward_only: bool) -> float:
     """Forward(/backward) of `model` (this rank's chunk) over the batch's micro-batches; returns the mean loss
@@ -514,6 +525,11 @@ def main(argv=None) -> None:
     log(f"model: {args.preset} {model_cfg.num_parameters() / 1e6:.1f}M parameters, {t.attention} attention",
         flush=True)
 
+    if dp > 1:
+        traffic = gradient_traffic(t, dp)
+        log(f"gradient reduction: {traffic['buckets']} bucket(s), {traffic['bytes'] / 2**20:.2f} MiB in "
+            f"{traffic['dtype']}; each step sends {traffic['bytes_sent_per_rank'] / 2**20:.2f} MiB per rank",
+            flush=True)
     state, offset = resume_or_init(t, run_dir, args.init_from, log)
     # What a checkpoint needs to be used without this command line (export, evaluation, lineage):
     described = {"preset": args.preset, "model": dataclasses.asdict(model_cfg),

@@ -163,6 +163,15 @@ def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
+def gradient_reduction(stdout: str) -> tuple[float, str, float]:
+    """(MiB in the buckets, their dtype, MiB one rank sends per step) from model.train's log at DP > 1."""
+    import re
+
+    found = re.search(r"gradient reduction: \d+ bucket\(s\), ([\d.]+) MiB in (\w+); each step sends ([\d.]+) MiB", stdout)
+    assert found, "no gradient reduction line"
+    return float(found[1]), found[2], float(found[3])
+
+
 def eval_lines(stdout: str) -> list[dict]:
     """The `EVAL {json}` lines of an eval-only launch."""
     return [json.loads(line[5:]) for line in stdout.splitlines() if line.startswith("EVAL ")]

@@ -42,6 +42,9 @@ def test_tiny_mode_runs_every_backend_and_the_plain_baseline(tmp_path):
         assert r["tokens_per_s"] > 0 and r["peak_mem_gib"] > 0 and r["planned_gib"] > 0, backend
         assert 0 <= r["data_wait"] < 0.5
         assert f"Megatron-Core, {backend} attention" in proc.stdout
+    fp16 = results["precisions"]["fp16"]  # the fp16 path (loss scaler) on CPU, its MFU against fp16's peak
+    assert fp16["tokens_per_s"] > 0 and fp16["skipped_steps"] == 0 and "sdpa, fp16" in proc.stdout
+    assert "fp8: not run: precision fp8 needs a GPU" in " ".join(proc.stdout.split())
     assert results["plain"]["tokens_per_s"] > 0
     assert "plain PyTorch" in proc.stdout and "vs plain" in proc.stdout
 

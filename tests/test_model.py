@@ -15,7 +15,7 @@ import pytest
 
 from model.config import TrainConfig, llama2_7b, tiny
 
-from conftest import FAST, ROOT, launch_cmd, metrics, tensorboard_scalars, torchrun
+from conftest import FAST, ROOT, gradient_reduction, launch_cmd, metrics, tensorboard_scalars, torchrun
 
 
 def test_7b_preset_has_llama2_parameter_count():
@@ -146,6 +146,10 @@ def test_gpu_settings_on_two_data_parallel_ranks(tiny_manifest, tp1_run, tmp_pat
     assert "TP 1 x PP 1 x DP 2" in proc.stdout
     assert "bf16, gradients reduced in bf16, distributed optimizer, overlap grad reduce, overlap param gather" \
         in proc.stdout
+    # bf16 reduction: 2 B per parameter (half of fp32's 4, tests/test_precision.py), reduce-scattered: (DP-1)/DP.
+    size, dtype, sent = gradient_reduction(proc.stdout)
+    assert dtype == "bfloat16" and size == pytest.approx(2 * tiny(vocab_size=1024).num_parameters() / 2**20,
+                                                         rel=0.02) and sent == pytest.approx(size / 2, abs=0.01)
     straight = metrics(tmp_path / "straight")
     for key in ("loss", "val_loss"):
         assert [r.get(key) for r in straight] == pytest.approx([r.get(key) for r in reference], abs=2e-3), key

@@ -9,13 +9,14 @@ import time
 
 import pytest
 
-from model.config import TrainConfig
+from model.config import TrainConfig, tiny
 from tasks.lib.launch import PretrainConfig, check_resources
 
-from conftest import metrics, tensorboard_scalars, torchrun
+from conftest import gradient_reduction, metrics, tensorboard_scalars, torchrun
 
 STEPS = ["--steps", "8", "--warmup-steps", "1", "--global-batch", "8", "--micro-batch", "2", "--log-every", "1",
          "--eval-every", "4", "--eval-batches", "2", "--save-every", "4", "--lr", "3e-3"]
+PARAMETERS = tiny(vocab_size=1024).num_parameters()  # the tests' vocabulary of 1000, padded to 1024
 # A scale that grows after 2 clean steps, so overflows, skipped steps and halvings happen within 8 steps.
 DYNAMIC = ["--precision", "fp16", "--initial-loss-scale", str(2**20), "--loss-scale-window", "2"]
 
@@ -29,11 +30,15 @@ def fp16_run(tiny_manifest, tmp_path_factory):
 
 def test_fp16_tracks_fp32_at_dp2(tiny_manifest, tmp_path):
     """With a loss scale that never overflows here, fp16 losses stay within 0.01 of fp32's (both DP 2)."""
-    runs = {}
+    runs, logs = {}, {}
     for precision, extra in (("fp32", []), ("fp16", ["--initial-loss-scale", "1024"])):
-        torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / precision), *STEPS,
-                 "--precision", precision, *extra)
+        logs[precision] = torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / precision),
+                                   *STEPS, "--precision", precision, *extra).stdout
         runs[precision] = metrics(tmp_path / precision)
+    # Both reduce gradients in fp32 (fp16 parameters too): 4 B per parameter, all-reduced (2 x (DP-1)/DP = 1 x).
+    for log in logs.values():
+        size, dtype, sent = gradient_reduction(log)
+        assert dtype == "float32" and size == pytest.approx(4 * PARAMETERS / 2**20, rel=0.02) and sent == size
     gaps = [abs(a["loss"] - b["loss"]) for a, b in zip(runs["fp16"], runs["fp32"])]
     print(f"fp16 vs fp32 losses: max |difference| {max(gaps):.2e} over {len(gaps)} steps")
     assert len(gaps) == 8 and max(gaps) < 0.01
