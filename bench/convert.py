@@ -53,7 +53,8 @@ def write_checkpoint(out: Path, layers: int) -> dict:
         groups[f"layer-{i}"] = {p + "input_layernorm.weight": torch.ones(HIDDEN).bfloat16(),
                                 p + "post_attention_layernorm.weight": torch.ones(HIDDEN).bfloat16(),
                                 **{p + f"self_attn.{x}_proj.weight": tensor(HIDDEN, HIDDEN) for x in "qkvo"},
-                                p + "mlp.gate_proj.weight": tensor(FFN, HIDDEN), p + "mlp.up_proj.weight": tensor(FFN, HIDDEN),
+                                p + "mlp.gate_proj.weight": tensor(FFN, HIDDEN),
+                                p + "mlp.up_proj.weight": tensor(FFN, HIDDEN),
                                 p + "mlp.down_proj.weight": tensor(HIDDEN, FFN)}
     largest = 0
     for name, tensors in groups.items():

@@ -209,8 +209,8 @@ def import_hf(hf_dir: Path, out: Path, parallel: ParallelConfig = ParallelConfig
     weight_bytes = sum(p.stat().st_size for p in set(files.values()))
     import resource
 
-    peak = {f"peak_rss_{who}": getattr(resource.getrusage(getattr(resource, f"RUSAGE_{who.upper()}")), "ru_maxrss") * 1024
-            for who in ("self", "children")}
+    peak = {"peak_rss_self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+            "peak_rss_children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024}
     return {"checkpoint": str(out.resolve()), "parameters": m.num_parameters(), "dtype": dtype, **peak,
             "tokenizer": tokenizer is not None, "weight_bytes": weight_bytes, "largest_tensor_bytes": largest,
             "seconds": round(time.perf_counter() - started, 2)}

@@ -146,7 +146,8 @@ def main(argv=None) -> None:
     m = preset(args.preset, **({"seq_len": args.seq_len} if args.seq_len else {}))
     best, estimates = recommend(m, args.gpus, args.gpu_mem_gib, args.global_batch, args.attention, args.precision)
     print(f"{args.preset}: {m.num_parameters() / 1e9:.2f}B parameters, seq {m.seq_len}, global batch "
-          f"{args.global_batch}, {args.precision}, {args.attention} attention, {args.gpus} GPUs x {args.gpu_mem_gib:g} GiB "
+          f"{args.global_batch}, {args.precision}, {args.attention} attention, {args.gpus} GPUs x "
+          f"{args.gpu_mem_gib:g} GiB "
           f"({RUNTIME_OVERHEAD_GIB['gpu']:g} GiB reserved for the runtime)\n")
     print(f"{'TP':>3} {'PP':>3} {'DP':>3} {'mb':>3} {'recomp':>6} {'distopt':>7} | {'weights':>8} {'grads':>7} "
           f"{'optim':>7} {'activ':>7} {'logits':>7} | {'GiB/GPU':>8}")

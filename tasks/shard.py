@@ -2,8 +2,8 @@
 
 A datatrove pipeline on the spec's executor (local processes, Ray or Slurm): its N tasks each read their share of
 the document files and run `TokenizeAndPack` (tasks/lib/blocks.py): each document becomes its token ids followed
-by EOS (and preceded by BOS where the model's tokenizer adds one), concatenated per source and split into rows of `seq_len + 1` tokens (inputs and shifted targets of one
-sample), written to the task's own shards. Train/validation is decided per document, so no document is in both.
+by EOS (and preceded by BOS where the model's tokenizer adds one), concatenated per source and split into rows of
+`seq_len + 1` tokens (inputs and shifted targets of one sample), written to the task's own shards. Train/validation is decided per document, so no document is in both.
 `manifest.json`, assembled from the tasks' records, lists every shard with rows, tokens and sha256, plus the
 tokenizer hash and the fingerprints of everything upstream (lineage); for a given spec and task count it is the
 same on every executor. Each task drops the tokens after its last full row of each (split, source): at most

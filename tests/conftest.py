@@ -167,7 +167,8 @@ def gradient_reduction(stdout: str) -> tuple[float, str, float]:
     """(MiB in the buckets, their dtype, MiB one rank sends per step) from model.train's log at DP > 1."""
     import re
 
-    found = re.search(r"gradient reduction: \d+ bucket\(s\), ([\d.]+) MiB in (\w+); each step sends ([\d.]+) MiB", stdout)
+    found = re.search(r"gradient reduction: \d+ bucket\(s\), ([\d.]+) MiB in (\w+); "
+                      r"each step sends ([\d.]+) MiB", stdout)
     assert found, "no gradient reduction line"
     return float(found[1]), found[2], float(found[3])
 
