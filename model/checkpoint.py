@@ -76,6 +76,21 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
+def chunks_of(model) -> list:
+    """A model as its list of chunks: one GPTModel, or this rank's virtual pipeline stages."""
+    return model if isinstance(model, (list, tuple)) else [model]
+
+
+def sharded_model_state(model) -> dict:
+    """The model's sharded state dict: one chunk's own, or `model0`, `model1`... for virtual pipeline stages. The
+    sharded tensors carry global keys and offsets (the layer numbers across all stages), so a checkpoint saved with
+    any number of chunks loads into any other."""
+    chunks = chunks_of(model)
+    if len(chunks) == 1:
+        return chunks[0].sharded_state_dict()
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
 def save_checkpoint(run_dir: Path, model, optimizer, train_state: dict) -> Path:
     """Collective: every rank calls it. `train_state` (step, consumed samples, scheduler...) is JSON."""
     from megatron.core import dist_checkpointing  # here, so reading train states does not import Megatron
@@ -87,7 +102,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, train_state: dict) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_sd = model.sharded_state_dict()
+    model_sd = sharded_model_state(model)
     optimizer_sd = optimizer.sharded_state_dict(model_sd, metadata=OPTIMIZER_METADATA)
     _collect_write_results_in_process()
     dist_checkpointing.save({"model": model_sd, "optimizer": optimizer_sd}, str(tmp))
@@ -114,7 +129,7 @@ def save_weights(directory: Path, model, train_state: dict, files: dict[str, Pat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _collect_write_results_in_process()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+    dist_checkpointing.save({"model": sharded_model_state(model)}, str(tmp))
     for name, source in (files or {}).items():
         (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(source, tmp / name)
@@ -145,14 +160,16 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     import torch
     from megatron.core import dist_checkpointing
 
-    model_sd = model.sharded_state_dict()
+    model_sd = sharded_model_state(model)
     request = {"model": model_sd}
     if optimizer is not None:
         _give_adam_states(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIMIZER_METADATA)
     state = dist_checkpointing.load(request, str(path))
     with torch.no_grad():  # the fp32 distributed optimizer's main parameters are views of the model's
-        model.load_state_dict(state["model"])
+        chunks = chunks_of(model)
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(state["model"] if len(chunks) == 1 else state["model"][f"model{i}"])
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
             _restore_adam_steps(optimizer)

@@ -91,6 +91,9 @@ class ParallelConfig:
     # Split the sequence across the tensor-parallel ranks outside attention and the MLP (norms, residuals), where
     # TP alone keeps every activation whole on each rank. None: on whenever tensor_parallel > 1.
     sequence_parallel: bool | None = None
+    # Interleaved pipeline: model chunks per pipeline rank (Megatron's interleaved 1F1B schedule), which shrinks the
+    # pipeline bubble by this factor. None: one chunk (plain 1F1B).
+    virtual_pipeline: int | None = None
 
     @property
     def uses_sequence_parallel(self) -> bool:
@@ -100,6 +103,24 @@ class ParallelConfig:
         if self.sequence_parallel and self.tensor_parallel == 1:
             raise ValueError("sequence_parallel needs tensor_parallel > 1 (it splits the sequence across the "
                              "tensor-parallel ranks); drop it or raise tp")
+        if self.virtual_pipeline is not None and (self.virtual_pipeline < 2 or self.pipeline_parallel < 2):
+            raise ValueError(f"virtual_pipeline {self.virtual_pipeline} needs pipeline_parallel > 1 and at least 2 "
+                             f"chunks per rank; drop it, or raise pp")
+
+    @property
+    def chunks(self) -> int:
+        return self.virtual_pipeline or 1
+
+    def check_schedule(self, num_layers: int, micro_batches: int, what: str = "the global batch") -> None:
+        """Refuse, before launch, what the pipeline schedule cannot run, naming the setting to change."""
+        stages = self.pipeline_parallel * self.chunks
+        if num_layers % stages:
+            raise ValueError(f"num_layers {num_layers} is not divisible by pipeline_parallel x virtual_pipeline = "
+                             f"{self.pipeline_parallel} x {self.chunks}; change pp, virtual_pipeline or the model")
+        if self.virtual_pipeline and micro_batches % self.pipeline_parallel:
+            raise ValueError(f"the interleaved schedule needs a multiple of pipeline_parallel "
+                             f"({self.pipeline_parallel}) micro-batches per step; {what} makes {micro_batches}. "
+                             f"Change global_batch, micro_batch or eval_batches")
 
     def data_parallel(self, world_size: int) -> int:
         model_parallel = self.tensor_parallel * self.pipeline_parallel

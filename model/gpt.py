@@ -109,7 +109,7 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def layer_spec(backend: str, config: TransformerConfig):
+def layer_spec(backend: str, config: TransformerConfig, vp_stage: int | None = None):
     """The transformer block's spec for a resolved attention backend: this pipeline stage's layers and the final
     norm."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
@@ -122,7 +122,8 @@ def layer_spec(backend: str, config: TransformerConfig):
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     if backend == "sdpa":
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=RMSNorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=RMSNorm)
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig) -> TransformerConfig:
@@ -144,6 +145,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         tensor_model_parallel_size=parallel.tensor_parallel,
         pipeline_model_parallel_size=parallel.pipeline_parallel,
         sequence_parallel=parallel.uses_sequence_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        # Batched isend/irecv for pipeline messages on NCCL; on gloo (CPU) the interleaved schedule's batched
+        # messages gave micro-batches 3 and 4 of a step wrong activations (measured), separate ones are exact.
+        batch_p2p_comm=torch.cuda.is_available(),
         # Pipeline schedules exchange activations of this dtype between stages.
         pipeline_dtype=PARAMS_DTYPE[train.precision or "fp32"],
         bf16=train.precision in ("bf16", "fp8"),
@@ -159,12 +164,12 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
 
 
 def build_model(model: ModelConfig, config: TransformerConfig, *, pre_process: bool, post_process: bool,
-                attention_backend: str = "sdpa") -> GPTModel:
+                attention_backend: str = "sdpa", vp_stage: int | None = None) -> GPTModel:
     """One pipeline stage's share of the model (all of it when pipeline_parallel == 1); `attention_backend` is
     a resolved one (`resolve_attention_backend`)."""
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(attention_backend, config),
+        transformer_layer_spec=layer_spec(attention_backend, config, vp_stage),
         vocab_size=model.padded_vocab_size,
         max_sequence_length=model.seq_len,
         pre_process=pre_process,
@@ -172,6 +177,7 @@ def build_model(model: ModelConfig, config: TransformerConfig, *, pre_process: b
         share_embeddings_and_output_weights=model.tie_embeddings,  # Llama-2 unties them; some imports tie them
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
+        vp_stage=vp_stage,
     )
     # Without Transformer Engine or Apex the norms are torch's, which ignore params_dtype and stay fp32. Cast the
     # whole stage, as Megatron-LM's Float16Module does: its mixed-precision optimizer keeps fp32 master copies of

@@ -20,6 +20,8 @@ Estimates, per GPU of the most loaded pipeline stage:
                plus, during backward, one layer's worth of activation gradients (two layers' worth with full
                recompute, where only each layer's input, h, is kept between layers).
                The first 1F1B stage holds min(PP, micro-batches) micro-batches in flight.
+               With the interleaved schedule (v chunks per rank of L/(p v) layers each) the first rank holds
+               (p-1) x 2 + (v-1) x p + 1 chunk forwards at once (Megatron's warm-up) instead.
   logits       the vocab shard's logits in the training dtype plus their fp32 softmax, which the cross-entropy
                keeps for backward (on CPU in fp32 that is one tensor, computed in place)
   runtime      fixed per process: CUDA context, NCCL buffers and allocator fragmentation on GPU (2 GiB); on CPU
@@ -48,6 +50,7 @@ class Layout:
     recompute: bool
     distributed_optimizer: bool
     sequence_parallel: bool = False  # the norms' activations (and recompute's kept layer inputs) split over TP
+    virtual_pipeline: int | None = None  # model chunks per pipeline rank (the interleaved schedule)
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ def estimate(m: ModelConfig, layout: Layout, global_batch: int, precision: str =
     full_layer = tokens * ((6 * h / sp + (3 * h + 3 * kv) / t + 5 * m.ffn_hidden_size / t) * width + scores)
     microbatches = global_batch // (layout.dp * b)
     in_flight = min(p, microbatches)
+    if layout.virtual_pipeline:  # the first rank's warm-up runs this many chunk forwards before a backward
+        v = layout.virtual_pipeline
+        layers = -(-m.num_layers // (p * v))
+        in_flight = min((p - 1) * 2 + (v - 1) * p + 1, microbatches * v)
     if layout.recompute:
         activations = tokens * h / sp * width * layers * in_flight + 2 * full_layer
     else:

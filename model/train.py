@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-overrides", default="{}", help="JSON of ModelConfig fields to override")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--virtual-pipeline", type=int, default=None,
+                   help="model chunks per pipeline rank: Megatron's interleaved 1F1B schedule (needs pp > 1)")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
                    help="split norms' and residuals' activations over the TP ranks (default: on when tp > 1)")
     p.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak for MFU (default: known GPUs)")
@@ -132,8 +134,8 @@ class Training:
 
     model_cfg: ModelConfig
     train: TrainConfig
-    gpt: torch.nn.Module  # this rank's pipeline stage of the GPTModel
-    model: torch.nn.Module  # gpt wrapped in Megatron's DistributedDataParallel
+    chunks: list  # this rank's pipeline stage(s) of the GPTModel: one, or one per virtual stage
+    models: list  # each chunk wrapped in Megatron's DistributedDataParallel
     optimizer: object
     scheduler: object
     attention: str  # the resolved attention backend
@@ -167,23 +169,30 @@ def init_distributed(parallel: ParallelConfig, train: TrainConfig, on_gpu: bool)
         raise ValueError(f"global_batch {train.global_batch} must be a multiple of data_parallel x micro_batch = "
                          f"{dp} x {train.micro_batch}; change --global-batch or --micro-batch")
     ps.initialize_model_parallel(tensor_model_parallel_size=parallel.tensor_parallel,
-                                 pipeline_model_parallel_size=parallel.pipeline_parallel)
+                                 pipeline_model_parallel_size=parallel.pipeline_parallel,
+                                 virtual_pipeline_model_parallel_size=parallel.virtual_pipeline)
     compat.manual_seed(train.seed)
     return dp
 
 
 def build_gpt(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig, attention: str):
-    """This rank's pipeline stage of the model, with a resolved attention backend: (GPTModel, its config)."""
+    """This rank's share of the model, with a resolved attention backend: (its chunks, their config). One chunk
+    (GPTModel) per virtual pipeline stage: with the interleaved schedule, rank r of PP p holds stages r, r + p..."""
     from megatron.core import parallel_state as ps
 
     from model.gpt import build_model, transformer_config
 
     config = transformer_config(model_cfg, parallel, train)
-    gpt = build_model(model_cfg, config, pre_process=ps.is_pipeline_first_stage(),
-                      post_process=ps.is_pipeline_last_stage(), attention_backend=attention)
+    vp = (lambda i: i) if parallel.virtual_pipeline else (lambda i: None)
+    chunks = [build_model(model_cfg, config, pre_process=ps.is_pipeline_first_stage(ignore_virtual=False,
+                                                                                     vp_stage=vp(i)),
+                          post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp(i)),
+                          attention_backend=attention, vp_stage=vp(i))
+              for i in range(parallel.chunks)]
     if torch.cuda.is_available():
-        gpt.cuda()
-    return gpt, config
+        for chunk in chunks:
+            chunk.cuda()
+    return chunks, config
 
 
 def build(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig) -> Training:
@@ -195,13 +204,16 @@ def build(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig) 
     from model.gpt import resolve_attention_backend
 
     attention = resolve_attention_backend(train.attention_backend)
-    gpt, config = build_gpt(model_cfg, parallel, train, attention)
-    model = DistributedDataParallel(config=config, module=gpt, ddp_config=DistributedDataParallelConfig(
+    chunks, config = build_gpt(model_cfg, parallel, train, attention)
+    ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=train.grad_reduce_dtype == "fp32", use_distributed_optimizer=train.distributed_optimizer,
-        overlap_grad_reduce=train.overlap_grad_reduce, overlap_param_gather=train.overlap_param_gather))
+        overlap_grad_reduce=train.overlap_grad_reduce, overlap_param_gather=train.overlap_param_gather)
+    # One DDP per chunk; only the first buckets its gradients for overlap (as Megatron-LM does).
+    models = [DistributedDataParallel(config=config, module=chunk, ddp_config=ddp_config, disable_bucketing=i > 0)
+              for i, chunk in enumerate(chunks)]
     # The schedules call these: no gradient reduction until the last micro-batch, then finish it (DP all-reduce or
     # reduce-scatter, and the embedding/layer-norm reductions across model-parallel ranks).
-    config.no_sync_func = model.no_sync
+    config.no_sync_func = [m.no_sync for m in models] if len(models) > 1 else models[0].no_sync
     config.finalize_model_grads_func = finalize_model_grads
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
@@ -209,30 +221,30 @@ def build(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConfig) 
         bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype,
         initial_loss_scale=train.initial_loss_scale, loss_scale_window=train.loss_scale_window,
         hysteresis=train.hysteresis, use_distributed_optimizer=train.distributed_optimizer,
-        overlap_param_gather=train.overlap_param_gather), [model])
+        overlap_param_gather=train.overlap_param_gather), models)
     # The schedules multiply each micro-batch's loss by this before backward: fp16's loss scale (1 otherwise).
     config.grad_scale_func = optimizer.scale_loss
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=train.lr, min_lr=train.min_lr, lr_warmup_steps=train.warmup_steps,
         lr_decay_steps=train.steps, lr_decay_style="cosine", start_wd=train.weight_decay,
         end_wd=train.weight_decay, wd_incr_steps=train.steps, wd_incr_style="constant")
-    return Training(model_cfg, train, gpt, model, optimizer, scheduler, attention)
+    return Training(model_cfg, train, chunks, models, optimizer, scheduler, attention)
 
 
 def gradient_traffic(t: Training, dp: int) -> dict:
     """What data-parallel gradient reduction moves each step, from the DDP's own buckets: their bytes (in the
     reduction dtype) and what one rank sends in a ring (reduce-scatter with the distributed optimizer, else
     all-reduce, twice that)."""
-    buckets = [b for buffer in t.model.buffers + t.model.expert_parallel_buffers for b in buffer.buckets]
+    buckets = [b for m in t.models for buffer in m.buffers + m.expert_parallel_buffers for b in buffer.buckets]
     size = sum(b.grad_data.numel() * b.grad_data.element_size() for b in buckets)
     share = (dp - 1) / dp * (1 if t.train.distributed_optimizer else 2)
     return {"buckets": len(buckets), "bytes": size, "bytes_sent_per_rank": size * share,
             "dtype": str(buckets[0].grad_data.dtype).removeprefix("torch.") if buckets else None}
 
 
-def run_batches(model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_batch: int, model_cfg: ModelConfig,
+def run_batches(models: list, batch: dict[str, torch.Tensor], micro_batch: int, model_cfg: ModelConfig,
                 forward_only: bool) -> float:
-    """Forward(/backward) of `model` (this rank's chunk) over the batch's micro-batches; returns the mean loss
+    """Forward(/backward) of `models` (this rank's chunks) over the batch's micro-batches; returns the mean loss
     across data-parallel ranks. SFT batches carry `segments` (packed examples attend only to themselves) and a
     `loss_mask` (only the assistant's tokens count). A padded vocabulary's extra rows are kept out of the softmax,
     so the loss is the one over the tokenizer's own ids (what transformers computes on the exported model)."""
@@ -270,11 +282,13 @@ def run_batches(model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_ba
 
     count = len(batch["tokens"])
     micro = [{k: v[i:i + micro_batch] for k, v in batch.items()} for i in range(0, count, micro_batch)]
-    losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro), model=[model],
+    # Each chunk reads every micro-batch from its own iterator (the first stage its tokens, the last its labels).
+    iterators = [iter(micro) for _ in models] if len(models) > 1 else iter(micro)
+    losses = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iterators, model=models,
                                          num_microbatches=len(micro), seq_length=seq_len,
                                          micro_batch_size=micro_batch, forward_only=forward_only)
     # Only the last pipeline stage has losses; sum them over the world and divide by who contributed.
-    reporter = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    reporter = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
     local = torch.tensor([sum(float(x["loss"]) for x in losses) / len(micro), 1.0] if reporter else [0.0, 0.0],
                          device=device)
     dist.all_reduce(local)
@@ -312,18 +326,22 @@ def parameters_gathered(t: Training):
     if not t.train.overlap_param_gather:
         yield
         return
-    t.model.disable_forward_pre_hook()  # and gather synchronously
+    for m in t.models:
+        m.disable_forward_pre_hook()  # and gather synchronously
     try:
         yield
     finally:
-        t.model.enable_forward_pre_hook()
+        for m in t.models:
+            m.enable_forward_pre_hook()
 
 
 def evaluate(t: Training, valid: dict[str, torch.Tensor]) -> float:
-    t.model.eval()
+    for m in t.models:
+        m.eval()
     with torch.no_grad(), parameters_gathered(t):
-        loss = run_batches(t.model, valid, t.train.micro_batch, t.model_cfg, forward_only=True)
-    t.model.train()
+        loss = run_batches(t.models, valid, t.train.micro_batch, t.model_cfg, forward_only=True)
+    for m in t.models:
+        m.train()
     return loss
 
 
@@ -344,12 +362,13 @@ def evaluate_checkpoint(checkpoint: Path, manifests: list[str], backends: list[s
     results = []
     for backend in backends:
         attention = resolve_attention_backend(backend)
-        gpt, _ = build_gpt(model_cfg, parallel, train, attention)
-        saved = load_checkpoint(checkpoint, gpt)
-        gpt.eval()
+        chunks, _ = build_gpt(model_cfg, parallel, train, attention)
+        saved = load_checkpoint(checkpoint, chunks)
+        for chunk in chunks:
+            chunk.eval()
         for manifest, valid in batches.items():
             with torch.no_grad():
-                loss = run_batches(gpt, valid, train.micro_batch,
+                loss = run_batches(chunks, valid, train.micro_batch,
                                    dataclasses.replace(model_cfg, seq_len=seq_lens[manifest]), forward_only=True)
             results.append({"checkpoint": str(checkpoint), "step": saved["step"], "manifest": str(manifest),
                             "attention_backend": attention, "val_loss": loss,
@@ -370,11 +389,11 @@ def resume_or_init(t: Training, run_dir: Path, init_from: str | None, log) -> tu
             raise ValueError(f"{checkpoint} was saved with distributed_optimizer {saved_with}; resume with "
                              f"--{'' if saved_with else 'no-'}distributed-optimizer (train: {{distributed_optimizer: "
                              f"{str(saved_with).lower()}}}), or start a new run from its weights with --init-from")
-        state = load_checkpoint(checkpoint, t.gpt, t.optimizer)
+        state = load_checkpoint(checkpoint, t.chunks, t.optimizer)
         t.scheduler.load_state_dict(state["scheduler"])
         log(f"resumed from {checkpoint} at step {state['step']}", flush=True)
     elif init_from:
-        loaded = load_checkpoint(Path(init_from), t.gpt)
+        loaded = load_checkpoint(Path(init_from), t.chunks)
         log(f"initialised from {init_from} (step {loaded['step']} of its run)", flush=True)
     # TensorBoard's step axis counts from the first run of the model's lineage: a run started from a checkpoint
     # (continued pretraining, SFT) draws its curves after that checkpoint's own.
@@ -467,9 +486,10 @@ def fault_drill(rank: int, step: int, started_at: int) -> None:
 
 def train_step(t: Training, batch: dict[str, torch.Tensor]) -> dict:
     """One optimizer step on this rank's share of the global batch: its loss, learning rate and gradient norm."""
-    t.model.zero_grad_buffer()
+    for m in t.models:
+        m.zero_grad_buffer()
     t.optimizer.zero_grad()
-    loss = run_batches(t.model, batch, t.train.micro_batch, t.model_cfg, forward_only=False)
+    loss = run_batches(t.models, batch, t.train.micro_batch, t.model_cfg, forward_only=False)
     loss_scale = float(t.optimizer.get_loss_scale())  # the scale this step's gradients were computed with
     updated, grad_norm, _ = t.optimizer.step()
     if updated:  # an fp16 step whose gradients overflowed is skipped: no update, and the schedule waits (Megatron)
@@ -491,10 +511,12 @@ def main(argv=None) -> None:
 
         check_fp8_available()
     model_cfg = model_config(args, load_manifest(args.manifest))
-    parallel = ParallelConfig(args.tp, args.pp, args.sequence_parallel)
+    parallel = ParallelConfig(args.tp, args.pp, args.sequence_parallel, args.virtual_pipeline)
     run_dir = Path(args.run_dir)
 
     dp = init_distributed(parallel, train, on_gpu)
+    parallel.check_schedule(model_cfg.num_layers, train.global_batch // (dp * train.micro_batch))
+    parallel.check_schedule(model_cfg.num_layers, train.eval_batches, "eval_batches")
     from megatron.core import parallel_state as ps
 
     world, rank0 = dist.get_world_size(), dist.get_rank() == 0
@@ -503,7 +525,8 @@ def main(argv=None) -> None:
         log(f"note: bf16 {str(args.bf16).lower()} is the older name of precision {train.precision}; set precision "
             f"instead (TrainConfig.precision: fp32, bf16, fp16 or fp8)", flush=True)
     log(f"layout: world {world} = TP {parallel.tensor_parallel} x PP {parallel.pipeline_parallel} x DP {dp}"
-        f"{' (sequence parallel)' if parallel.uses_sequence_parallel else ''}; "
+        f"{' (sequence parallel)' if parallel.uses_sequence_parallel else ''}"
+        f"{f' (interleaved, {parallel.virtual_pipeline} chunks per rank)' if parallel.virtual_pipeline else ''}; "
         f"{'GPU (NCCL)' if on_gpu else 'CPU (gloo, Megatron-Core via model/compat.py)'}, "
         f"{train.precision}{f' ({train.fp8_recipe} recipe)' if train.precision == 'fp8' else ''}, "
         f"gradients reduced in {train.grad_reduce_dtype}"
@@ -544,7 +567,8 @@ def main(argv=None) -> None:
     prefetch = BatchPrefetcher(samples, pin=on_gpu)
     data_wait = 0.0  # seconds spent waiting for batches since the last log step
     heartbeat, started_at = Heartbeat(run_dir, dist.get_rank()), state["step"]
-    t.model.train()
+    for m in t.models:
+        m.train()
     tick = time.perf_counter()
     while state["step"] < train.steps:
         heartbeat.beat(state["step"] + 1, done=False)
@@ -579,7 +603,7 @@ def main(argv=None) -> None:
             tick = time.perf_counter()
         if train.save_every and (step % train.save_every == 0 or step == train.steps):
             with parameters_gathered(t):
-                save_checkpoint(run_dir, t.gpt, t.optimizer,
+                save_checkpoint(run_dir, t.chunks, t.optimizer,
                                 {**state, **described, "scheduler": t.scheduler.state_dict()})
             log(f"checkpoint: step {step}", flush=True)
         heartbeat.beat(step, done=True)

@@ -41,6 +41,11 @@ def test_estimate_responds_to_each_knob():
     assert estimate(m, Layout(1, 1, 8, 1, False, True), 256).optimizer == e.optimizer / 8
     assert estimate(m, Layout(1, 1, 8, 1, True, False), 256).activations < e.activations / 10
     assert estimate(m, Layout(1, 1, 8, 2, False, False), 256).activations == 2 * e.activations
+    # The interleaved schedule keeps more micro-batches in flight on the first rank (a smaller bubble, not memory):
+    # PP 4, 8 layers a stage = 1F1B's 4 in flight x 8 layers, against 2 chunks of 4 layers x 11 chunk forwards.
+    plain = estimate(m, Layout(1, 4, 2, 1, False, False), 256).activations
+    interleaved = estimate(m, Layout(1, 4, 2, 1, False, False, virtual_pipeline=2), 256).activations
+    assert interleaved / plain == pytest.approx((4 * 11 + 1) / (8 * 4 + 1))
 
 
 def test_recommendation_fits_and_one_gpu_cannot_hold_7b(capsys):

@@ -47,6 +47,9 @@ class PretrainConfig(BaseModel):
     preset: str = Field(default="tiny", description="model preset (model/config.py): tiny or 7b")
     tp: int = Field(default=1, ge=1, description="tensor-parallel size")
     pp: int = Field(default=1, ge=1, description="pipeline-parallel size")
+    virtual_pipeline: int | None = Field(
+        default=None, ge=2, description="model chunks per pipeline rank: Megatron's interleaved 1F1B schedule, a "
+                                        "smaller pipeline bubble (needs pp > 1)")
     sequence_parallel: bool | None = Field(
         default=None, description="split the norms' and residuals' activations over the TP ranks; default on "
                                   "when tp > 1 (model/config.py ParallelConfig)")
@@ -105,6 +108,7 @@ def train_args(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extra:
             "--preset", config.preset, "--tp", str(config.tp), "--pp", str(config.pp),
             *([train_flag("sequence_parallel", config.sequence_parallel)] if config.sequence_parallel is not None
               else []),
+            *([f"--virtual-pipeline={config.virtual_pipeline}"] if config.virtual_pipeline else []),
             "--model-overrides", json.dumps(config.model_overrides), *flags]
 
 
@@ -181,10 +185,23 @@ def check_resources(config: PretrainConfig) -> None:
             f"(TP {config.tp} x PP {config.pp} x DP {dp}), but this machine has {have} CUDA device(s). Run it "
             f"where {config.ranks} GPUs are available (see `python -m model.plan --preset {config.preset}` for "
             f"memory per GPU), submit it with launcher: slurm, or run pretrain/tiny here.")
+    check_layout(config)
     if config.train.get("precision") == "fp8" and config.launcher == "torchrun":  # here, where torchrun will run
         from model.gpt import check_fp8_available
 
         check_fp8_available()
+
+
+def check_layout(config: PretrainConfig) -> None:
+    """The parallel layout against the model and batch, as model.train will check them, before any work."""
+    from model.config import ParallelConfig, TrainConfig, preset
+
+    parallel = ParallelConfig(config.tp, config.pp, config.sequence_parallel, config.virtual_pipeline)
+    train = TrainConfig(**{k: tuple(v) if k == "adam_betas" else v for k, v in config.train.items() if v is not None})
+    layers = preset(config.preset, **config.model_overrides).num_layers
+    dp = parallel.data_parallel(config.world_size)
+    parallel.check_schedule(layers, train.global_batch // (dp * train.micro_batch))
+    parallel.check_schedule(layers, train.eval_batches, "eval_batches")
 
 
 class LauncherDied(RuntimeError):

@@ -36,7 +36,7 @@ if __name__ == "__main__":
         for checkpoint in map(Path, sys.argv[3:]):
             m = ModelConfig(**read_train_state(checkpoint)["model"])
             m = dataclasses.replace(m, seq_len=tokens.shape[1])
-            gpt, _ = build_gpt(m, ParallelConfig(tp, pp), TrainConfig(precision="fp32"), "sdpa")
+            (gpt,), _ = build_gpt(m, ParallelConfig(tp, pp), TrainConfig(precision="fp32"), "sdpa")
             load_checkpoint(checkpoint, gpt)
             gpt.eval()
             collected = []

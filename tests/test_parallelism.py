@@ -1,0 +1,76 @@
+"""The rest of Megatron's parallelism on 2 gloo ranks: sequence parallelism (`ParallelConfig.sequence_parallel`, on by
+default at TP > 1) trains as plain TP 2 does, and the interleaved pipeline schedule (`virtual_pipeline`) as PP 1
+does; checkpoints load either way, and bad combinations are refused before launch."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from model.config import ParallelConfig
+from tasks.lib.launch import PretrainConfig, check_resources
+
+from conftest import FAST, metrics, torchrun
+
+
+def test_sequence_parallel_trains_like_plain_tp2_and_its_checkpoint_resumes_without_it(tiny_manifest, tp2_run,
+                                                                                       tmp_path):
+    assert "TP 2 x PP 1 x DP 1 (sequence parallel)" in tp2_run.stdout  # the default at TP 2
+    common = ["--manifest", str(tiny_manifest), "--tp", "2", *FAST, "--no-sequence-parallel"]
+    proc = torchrun(2, *common, "--run-dir", str(tmp_path / "plain"))
+    assert "(sequence parallel)" not in proc.stdout
+    with_sp, without = tp2_run.metrics(), metrics(tmp_path / "plain")
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert [r.get(key) for r in with_sp] == pytest.approx([r.get(key) for r in without], abs=1e-5), key
+
+    # The step-3 checkpoint of the sequence-parallel run, resumed without it: steps 4-6 as the SP run had them.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tp2_run.checkpoint.parent / "step-000003", resumed / "checkpoints" / "step-000003")
+    (resumed / "checkpoints" / "latest").write_text("step-000003")
+    torchrun(2, *common, "--run-dir", str(resumed))
+    for key in ("loss", "val_loss"):
+        assert [r.get(key) for r in metrics(resumed)] == pytest.approx([r.get(key) for r in with_sp[3:]],
+                                                                        abs=1e-5), key
+
+
+def test_sequence_parallel_without_tensor_parallel_is_refused():
+    with pytest.raises(ValueError, match="sequence_parallel needs tensor_parallel > 1"):
+        ParallelConfig(1, 2, sequence_parallel=True)
+    assert not ParallelConfig(1, 2).uses_sequence_parallel and ParallelConfig(2, 1).uses_sequence_parallel
+
+
+# Four layers, so PP 2 x 2 chunks gives each virtual stage one; all runs start from the same weights.
+FOUR_LAYERS = ["--model-overrides", '{"num_layers": 4}']
+
+
+def test_interleaved_pipeline_trains_like_pp1_and_resumes_exactly(tiny_manifest, tmp_path):
+    common = ["--manifest", str(tiny_manifest), *FOUR_LAYERS, *FAST]
+    torchrun(1, *common, "--steps", "3", "--save-every", "3", "--run-dir", str(tmp_path / "init"))
+    start = ["--init-from", str(tmp_path / "init" / "checkpoints" / "step-000003")]
+    torchrun(1, *common, *start, "--run-dir", str(tmp_path / "pp1"))
+    proc = torchrun(2, *common, *start, "--pp", "2", "--virtual-pipeline", "2", "--run-dir", str(tmp_path / "vpp"))
+    assert "TP 1 x PP 2 x DP 1 (interleaved, 2 chunks per rank)" in proc.stdout
+    pp1, vpp = metrics(tmp_path / "pp1"), metrics(tmp_path / "vpp")
+    for key in ("loss", "grad_norm", "val_loss"):
+        assert [r.get(key) for r in vpp] == pytest.approx([r.get(key) for r in pp1], abs=1e-5), key
+
+    # Its step-3 checkpoint (both chunks of both ranks), resumed: steps 4-6 exactly as the uninterrupted run.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "vpp" / "checkpoints" / "step-000003", resumed / "checkpoints" / "step-000003")
+    (resumed / "checkpoints" / "latest").write_text("step-000003")
+    torchrun(2, *common, *start, "--pp", "2", "--virtual-pipeline", "2", "--run-dir", str(resumed))
+    keys = ("loss", "lr", "grad_norm", "val_loss")
+    assert [{k: r.get(k) for k in keys} for r in metrics(resumed)] == [{k: r.get(k) for k in keys} for r in vpp[3:]]
+
+
+@pytest.mark.parametrize("layout,message", [
+    (dict(pp=2, virtual_pipeline=2), r"num_layers 2 is not divisible by pipeline_parallel x virtual_pipeline = 2 x 2"),
+    (dict(pp=2, virtual_pipeline=2, model_overrides={"num_layers": 4}, train={"global_batch": 6, "micro_batch": 2}),
+     r"interleaved schedule needs a multiple of pipeline_parallel \(2\) micro-batches per step; the global batch "
+     r"makes 3"),
+    (dict(pp=1, virtual_pipeline=2), r"virtual_pipeline 2 needs pipeline_parallel > 1"),
+])
+def test_bad_pipeline_combinations_are_refused_before_launch(layout, message):
+    with pytest.raises(ValueError, match=message):
+        check_resources(PretrainConfig(**layout))
