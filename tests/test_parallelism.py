@@ -11,7 +11,7 @@ import pytest
 from model.config import ParallelConfig
 from tasks.lib.launch import PretrainConfig, check_resources
 
-from conftest import FAST, metrics, torchrun
+from conftest import FAST, eval_lines, metrics, torchrun
 
 
 def test_sequence_parallel_trains_like_plain_tp2_and_its_checkpoint_resumes_without_it(tiny_manifest, tp2_run,
@@ -62,6 +62,11 @@ def test_interleaved_pipeline_trains_like_pp1_and_resumes_exactly(tiny_manifest,
     torchrun(2, *common, *start, "--pp", "2", "--virtual-pipeline", "2", "--run-dir", str(resumed))
     keys = ("loss", "lr", "grad_norm", "val_loss")
     assert [{k: r.get(k) for k in keys} for r in metrics(resumed)] == [{k: r.get(k) for k in keys} for r in vpp[3:]]
+
+    # The chunked checkpoint loads at another layout: evaluated at PP 1, the validation loss the VPP run logged.
+    proc = torchrun(1, *common, "--run-dir", str(tmp_path / "eval"), "--eval-only",
+                    str(tmp_path / "vpp" / "checkpoints" / "step-000006"))
+    assert eval_lines(proc.stdout)[0]["val_loss"] == pytest.approx(vpp[-1]["val_loss"], abs=1e-5)
 
 
 @pytest.mark.parametrize("layout,message", [
