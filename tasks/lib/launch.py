@@ -154,9 +154,9 @@ def slurm_script(config: PretrainConfig, manifest_dir: Path, run_dir: Path, extr
         ""])
 
 
-def check_train_settings(train: dict) -> None:
+def check_train_settings(train: dict):
     """The `train:` settings as model.train will read them, validated as its TrainConfig now, before any work:
-    an unknown name or a bad value fails naming the field."""
+    an unknown name or a bad value fails naming the field. Returns that TrainConfig."""
     import dataclasses
 
     from model.config import TrainConfig
@@ -166,7 +166,7 @@ def check_train_settings(train: dict) -> None:
     if unknown:
         raise ValueError(f"train: unknown setting {unknown[0]!r}; TrainConfig's settings are {', '.join(fields)}")
     try:
-        TrainConfig(**{k: tuple(v) if k == "adam_betas" else v for k, v in train.items() if v is not None})
+        return TrainConfig(**{k: tuple(v) if k == "adam_betas" else v for k, v in train.items() if v is not None})
     except TypeError as err:  # a value of the wrong type, e.g. steps: "ten"
         raise ValueError(f"train: {err}") from None
 
@@ -194,10 +194,10 @@ def check_resources(config: PretrainConfig) -> None:
 
 def check_layout(config: PretrainConfig) -> None:
     """The parallel layout against the model and batch, as model.train will check them, before any work."""
-    from model.config import ParallelConfig, TrainConfig, preset
+    from model.config import ParallelConfig, preset
 
     parallel = ParallelConfig(config.tp, config.pp, config.sequence_parallel, config.virtual_pipeline)
-    train = TrainConfig(**{k: tuple(v) if k == "adam_betas" else v for k, v in config.train.items() if v is not None})
+    train = check_train_settings(config.train)
     layers = preset(config.preset, **config.model_overrides).num_layers
     dp = parallel.data_parallel(config.world_size)
     parallel.check_schedule(layers, train.global_batch // (dp * train.micro_batch))
