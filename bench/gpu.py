@@ -7,11 +7,16 @@ overlapped gradient reduction and parameter gather) on synthetic token rows (thr
 text). For each attention backend available (te with Transformer Engine, sdpa, local) it prints tokens/s, MFU,
 peak memory against the planner's estimate and the data-wait share; then each other precision the device can run
 with the first backend (fp16 with its loss scaler; bf16 on GPU; fp8 with Transformer Engine on an fp8 GPU, else
-why not), MFU against that precision's peak; then a plain-PyTorch Llama of the same shape (SDPA attention, fp32
-weights under bf16 autocast, fused AdamW) in the same run, and the ratio. `--tiny` runs fp32 and fp16 on CPU.
+why not), MFU against that precision's peak. Given more than one GPU (`--ranks`, default all of them), it then
+compares the layouts that only exist across GPUs, with the layer count rounded to a multiple of 4: TP 2 without and
+with sequence parallelism, and PP 2 without and with the interleaved schedule (2 chunks per rank), the other ranks
+data parallel. Last, a plain-PyTorch Llama of the same shape (SDPA attention, fp32 weights under bf16 autocast,
+fused AdamW) in the same run, and the ratio. `--tiny` runs fp32 and fp16 on CPU (and, with `--ranks 2`, the
+layout comparisons on gloo ranks).
 
     python bench/gpu.py                  # on a GPU (about 5 minutes on an H100)
     python bench/gpu.py --tiny           # the same code on CPU with a tiny width, in under a minute
+    python bench/gpu.py --tiny --ranks 2 # and TP 2 / PP 2 with and without SP / VPP on 2 gloo ranks
 
 Goals (docs/performance.md): MFU >= 45% (bf16 dense peak: 989 TFLOP/s on H100/H200), >= 1.0x the plain model,
 data wait < 1%.
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -75,14 +81,32 @@ def plan(width: ModelConfig, budget_gib: float, max_layers: int, accumulation: i
     return m, micro, planned_gib(m, micro, accumulation, bf16, attention)
 
 
+# The layouts compared on more than one rank, in pairs: without and with a feature, each as (name, PretrainConfig
+# layout fields); the ranks beyond TP x PP are data parallel.
+PARALLEL_PAIRS = [(("TP 2", {"tp": 2, "sequence_parallel": False}),
+                   ("TP 2, sequence parallel", {"tp": 2, "sequence_parallel": True})),
+                  (("PP 2", {"pp": 2}),
+                   ("PP 2, interleaved x 2", {"pp": 2, "virtual_pipeline": 2}))]
+
+
 def planned_gib(m: ModelConfig, micro: int, accumulation: int, bf16: bool, attention: str,
-                precision: str | None = None) -> float:
-    """The planner's per-device estimate (GiB, runtime allowance included) of one run at TP 1 x PP 1 x DP 1;
-    `precision` defaults to bf16 when `bf16` (the GPU default), else fp32."""
+                precision: str | None = None, layout: Layout | None = None) -> float:
+    """The planner's per-device estimate (GiB, runtime allowance included) of one run, at TP 1 x PP 1 x DP 1 unless
+    `layout` is given, with `accumulation` micro-batches per data-parallel rank; `precision` defaults to bf16 when
+    `bf16` (the GPU default), else fp32."""
     runtime = RUNTIME_OVERHEAD_GIB["gpu" if torch.cuda.is_available() else "cpu"]
-    layout = Layout(tp=1, pp=1, dp=1, micro_batch=micro, recompute=False, distributed_optimizer=bf16)
-    return estimate(m, layout, micro * accumulation, precision=precision or ("bf16" if bf16 else "fp32"),
+    layout = layout or Layout(tp=1, pp=1, dp=1, micro_batch=micro, recompute=False, distributed_optimizer=bf16)
+    return estimate(m, layout, micro * accumulation * layout.dp, precision=precision or ("bf16" if bf16 else "fp32"),
                     attention=attention).total / GIB + runtime
+
+
+def planner_layout(fields: dict, ranks: int, micro: int, distributed_optimizer: bool) -> Layout:
+    """The planner's Layout for one of PARALLEL_PAIRS' layouts on `ranks` ranks."""
+    tp, pp = fields.get("tp", 1), fields.get("pp", 1)
+    return Layout(tp=tp, pp=pp, dp=ranks // (tp * pp), micro_batch=micro, recompute=False,
+                  distributed_optimizer=distributed_optimizer,
+                  sequence_parallel=fields.get("sequence_parallel", tp > 1),
+                  virtual_pipeline=fields.get("virtual_pipeline"))
 
 
 def main(argv=None) -> None:
@@ -97,6 +121,9 @@ def main(argv=None) -> None:
                    help="device memory to plan for (default: the GPU's; on CPU: 0.2)")
     p.add_argument("--max-layers", type=int, default=None, help="default: the 7B preset's 32 (tiny: 2)")
     p.add_argument("--backends", default=None, help="comma-separated attention backends (default: all available)")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="ranks for the TP 2 / PP 2 layout comparisons, an even number (default: the GPUs present, "
+                        "so none on one GPU or on CPU; on CPU they are gloo ranks)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -110,6 +137,9 @@ def main(argv=None) -> None:
     budget = memory * args.memory_fraction
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
     te = resolve_attention_backend("auto") == "te"  # Transformer Engine imports and CUDA is present
+    ranks = args.ranks if args.ranks is not None else torch.cuda.device_count()
+    if ranks >= 2 and ranks % 2:
+        raise SystemExit(f"--ranks {ranks}: the layout comparisons (TP 2, PP 2) need an even number of ranks")
     backends = args.backends.split(",") if args.backends else ["te"] * te + ["sdpa", "local"]
 
     chosen = plan(width, budget, max_layers, accumulation, bf16=gpu, attention=backends[0])
@@ -132,30 +162,39 @@ def main(argv=None) -> None:
         manifest = synthetic_manifest(Path(work) / "shard", m, rows=max(64, global_batch * 4))
         default = "bf16" if gpu else "fp32"
 
-        def measure(backend: str, precision: str) -> dict | None:
-            """One model.train run; its figures, or None when it did not run (printed either way)."""
-            label = f"{backend}, {precision}"
-            planned = planned_gib(m, micro, accumulation, gpu, backend, precision)
+        def measure(backend: str, precision: str, model: ModelConfig = m, fields: dict | None = None,
+                    label: str | None = None) -> dict | None:
+            """One model.train run, on one rank or in a layout of PARALLEL_PAIRS (`fields`) on `ranks` ranks; its
+            figures, or None when it did not run (printed either way)."""
+            label = label or f"{backend}, {precision}"
+            world = ranks if fields else 1
+            layout = planner_layout(fields, world, micro, gpu) if fields else None
+            planned = planned_gib(model, micro, accumulation, gpu, backend, precision, layout)
             if planned > budget:
                 print(f"  {label:>12}: skipped, the planner needs {planned:.1f} GiB for it (budget {budget:.1f})",
                       flush=True)
                 return None
             started = time.perf_counter()
+            dp = layout.dp if layout else 1
             try:
-                records = model_train_records(manifest, {"steps": steps, "global_batch": global_batch,
-                                                         "micro_batch": micro, "eval_batches": 1,
-                                                         "attention_backend": backend, "precision": precision,
-                                                         # fp16: a scale that fits at once, not 2^32 halved 20 times
-                                                         **({"initial_loss_scale": 1024} if precision == "fp16"
-                                                            else {})},
-                                              preset="7b" if not args.tiny else "tiny", model_overrides=overrides)
+                records = model_train_records(
+                    manifest, {"steps": steps, "global_batch": micro * accumulation * dp, "micro_batch": micro,
+                               # the interleaved schedule evaluates a multiple of PP micro-batches too
+                               "eval_batches": 2 if fields else 1,
+                               "attention_backend": backend, "precision": precision,
+                               # fp16: a scale that fits at once, not 2^32 halved 20 times
+                               **({"initial_loss_scale": 1024} if precision == "fp16" else {})},
+                    preset="7b" if not args.tiny else "tiny",
+                    model_overrides={**overrides, "num_layers": model.num_layers},
+                    threads=2 if gpu else max(1, (os.cpu_count() or 2) // world),
+                    layout={**(fields or {}), "nproc": world})
             except RuntimeError as failure:
                 print(f"  {label:>12}: failed: {str(failure).strip().splitlines()[-1]}", flush=True)
                 return {"failed": str(failure)[-2000:]}
             tps = mean_tokens_per_s(records)
             timed = steady(records)
-            rate = peak * PEAK_BY_PRECISION[precision] if peak else None
-            result = {"tokens_per_s": tps, "mfu": tps * flops_per_token(m) / (rate * 1e12) if rate else None,
+            rate = peak * PEAK_BY_PRECISION[precision] * world if peak else None
+            result = {"tokens_per_s": tps, "mfu": tps * flops_per_token(model) / (rate * 1e12) if rate else None,
                       "peak_mem_gib": max(r["peak_mem_gib"] for r in records), "planned_gib": planned,
                       "data_wait": sum(r["data_wait"] for r in timed) / len(timed),
                       "skipped_steps": records[-1].get("skipped_steps"), "wall_s": time.perf_counter() - started}
@@ -188,6 +227,19 @@ def main(argv=None) -> None:
                 if "failed" not in result:
                     rows.append((f"Megatron-Core, {backends[0]}, {precision}", result))
 
+        # Layouts across ranks, each pair at the same model (layers a multiple of PP x VPP = 4) and the same
+        # micro-batches per data-parallel rank; peak memory is rank 0's (PP: the first stage, the planner's).
+        results["parallel"] = {}
+        if ranks >= 2:
+            mp = dataclasses.replace(m, num_layers=max(4, m.num_layers // 4 * 4))
+            print(f"layouts on {ranks} ranks: {mp.num_layers} layers, micro-batch {micro}, {accumulation} "
+                  f"micro-batches per data-parallel rank, {backends[0]} attention, {default}", flush=True)
+            for name, fields in [layout for pair in PARALLEL_PAIRS for layout in pair]:
+                dp = ranks // (fields.get("tp", 1) * fields.get("pp", 1))
+                result = measure(backends[0], default, mp, fields, label=f"{name}{f' x DP {dp}' if dp > 1 else ''}")
+                if result is not None:
+                    results["parallel"][name] = {**result, "layout": fields, "dp": dp}
+
         recipe = "SDPA, bf16 autocast, fused AdamW" if gpu else "SDPA, fp32, AdamW"
         try:
             plain = plain_training(m, TrainSamples(manifest, seed=0), steps, global_batch, micro,
@@ -204,6 +256,18 @@ def main(argv=None) -> None:
         print(f"{name:<34} {r['tokens_per_s']:>10,.0f} {pct(r['mfu']):>6} {gib(r['peak_mem_gib']):>9} "
               f"{gib(r.get('planned_gib')):>8} {pct(r.get('data_wait')):>9} "
               f"{r['tokens_per_s'] / plain['tokens_per_s']:>7.2f}x")
+    ran = {name: r for name, r in results["parallel"].items() if "failed" not in r}
+    if ran:  # each feature against the same layout without it, when both ran
+        print(f"\n{f'{ranks} ranks':<34} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'planned':>8} {'data wait':>9} "
+              f"{'vs without':>10}")
+        for (base, _), (name, _) in PARALLEL_PAIRS:
+            for row in (base, name):
+                if row in ran:
+                    r = ran[row]
+                    ratio = (f"{r['tokens_per_s'] / ran[base]['tokens_per_s']:.2f}x" if row == name and base in ran
+                             else "")
+                    print(f"{row:<34} {r['tokens_per_s']:>10,.0f} {pct(r['mfu']):>6} {gib(r['peak_mem_gib']):>9} "
+                          f"{gib(r['planned_gib']):>8} {pct(r['data_wait']):>9} {ratio:>10}")
     print(f"goals: MFU >= 45% of {peak or 'n/a'} TFLOP/s, >= 1.00x plain, data wait < 1%")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -115,10 +115,11 @@ def plain_training(m: ModelConfig, samples: TrainSamples, steps: int, global_bat
 
 
 def model_train_records(manifest: str | Path, train: dict, preset: str = "tiny", model_overrides: dict | None = None,
-                        threads: int = 2) -> list[dict]:
-    """Run `model.train` on one rank (torchrun, as the pretrain task does) and return its metrics.jsonl records,
-    one per step; no checkpoints. Raises with the run's last output if it fails (out of memory, say)."""
-    config = PretrainConfig(nproc=1, preset=preset, model_overrides=model_overrides or {},
+                        threads: int = 2, layout: dict | None = None) -> list[dict]:
+    """Run `model.train` (torchrun, as the pretrain task does) and return its metrics.jsonl records, one per step;
+    no checkpoints. `layout`: PretrainConfig's layout fields (tp, pp, nproc, sequence_parallel, virtual_pipeline);
+    default one rank. Raises with the run's last output if it fails (out of memory, say)."""
+    config = PretrainConfig(**{"nproc": 1, **(layout or {})}, preset=preset, model_overrides=model_overrides or {},
                             train={"warmup_steps": 1, "log_every": 1, "eval_every": 10**6, "save_every": 0, **train})
     with tempfile.TemporaryDirectory() as run_dir:
         cmd = launch_command(config, Path(manifest), Path(run_dir))
