@@ -187,7 +187,7 @@ def stage_call(stage: str, run: Path) -> Callable[[], dict]:
     from tasks.clean import clean_documents
     from tasks.decontaminate import decontaminate_documents, reference_sets
     from tasks.dedup import dedup_documents
-    from tasks.download import normalise_source, resolve_source
+    from tasks.download import downloads_dir, normalise_source, resolve_source
     from tasks.shard import shard_documents
     from tasks.spec import DataSpec
     from tasks.tokenizer import train_tokenizer
@@ -196,14 +196,14 @@ def stage_call(stage: str, run: Path) -> Callable[[], dict]:
     source, executor, out = spec.sources[0], spec.executor, run / stage
     out.mkdir()
     if stage == "download":
-        return lambda: normalise_source(resolve_source(source), out, executor, run / "_downloads")
+        return lambda: normalise_source(resolve_source(source), out, executor, downloads_dir(run))
     if stage == "clean":
         return lambda: clean_documents(run / "download/docs", spec.cleaning_for(source), executor, out)
     if stage == "dedup":
         return lambda: dedup_documents({source.name: run / "clean/docs"}, spec.dedup, executor, out)
     if stage == "decontaminate":
         return lambda: decontaminate_documents(run / "dedup/docs", reference_sets(spec.decontamination),
-                                               spec.decontamination, executor, out)
+                                               spec.decontamination, executor, out, downloads_dir(run))
     if stage == "tokenizer":
         text_bytes = json.loads((run / "decontaminate.json").read_text())["summary"]["bytes_out"]
         return lambda: train_tokenizer(run / "decontaminate/docs", spec.tokenizer, text_bytes, out, executor)

@@ -19,7 +19,8 @@ from tasks.lib.log import progress
 @flow(name="pipeline")
 def pipeline_flow(data_spec_path: str = "data_specs/default.yaml", sft_spec_path: str = "data_specs/sft_default.yaml",
                   eval_spec_path: str = "data_specs/eval_default.yaml", preset: str = "tiny", tp: int = 1,
-                  pp: int = 1, nproc: int | None = None, gpus_required: bool = False,
+                  pp: int = 1, sequence_parallel: bool | None = None, virtual_pipeline: int | None = None,
+                  nproc: int | None = None, gpus_required: bool = False,
                   pretrain_train: dict | None = None, sft_train: dict | None = None, runs_dir: str = "runs",
                   reports_dir: str = "reports", plan: bool = False, init_from_hf: str | None = None) -> str:
     """Returns the evaluation report directory (report.md, results.json).
@@ -32,9 +33,11 @@ def pipeline_flow(data_spec_path: str = "data_specs/default.yaml", sft_spec_path
     unfinished one resumes from its latest checkpoint."""
     if plan:
         return data_flow(data_spec_path, plan=True, tokenizer_from=init_from_hf)
-    pretrained = pretrain_flow(data_spec_path, preset, tp, pp, nproc, gpus_required, pretrain_train, runs_dir,
+    layout = dict(tp=tp, pp=pp, sequence_parallel=sequence_parallel, virtual_pipeline=virtual_pipeline, nproc=nproc,
+                  gpus_required=gpus_required)
+    pretrained = pretrain_flow(data_spec_path, preset, **layout, train=pretrain_train, runs_dir=runs_dir,
                                init_from_hf=init_from_hf)
-    tuned = sft_flow(sft_spec_path, pretrained, tp, pp, nproc, gpus_required, sft_train, runs_dir)
+    tuned = sft_flow(sft_spec_path, pretrained, **layout, train=sft_train, runs_dir=runs_dir)
     report = evaluate_flow(pretrained, tuned, eval_spec_path, runs_dir, reports_dir)
     progress(f"pipeline done; evaluation report: {report}/report.md")
     return report

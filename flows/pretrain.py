@@ -16,17 +16,22 @@ from flows.data import data_flow, require_server
 from tasks.import_hf import checkpoint_of, import_hf, pin_hf_model
 from tasks.lib.artifacts import run_stage
 from tasks.lib.launch import PretrainConfig
+from tasks.lib.runs import starting_architecture
 from tasks.pretrain import continue_from_task, preflight, pretrain
 from tasks.spec import resolve_path
 
 
 @flow(name="pretrain")
 def pretrain_flow(spec_path: str = "data_specs/default.yaml", preset: str = "tiny", tp: int = 1, pp: int = 1,
+                  sequence_parallel: bool | None = None, virtual_pipeline: int | None = None,
                   nproc: int | None = None, gpus_required: bool = False, train: dict | None = None,
                   runs_dir: str = "runs", launch: dict | None = None, manifest: str | None = None,
                   continue_from: str | None = None, init_from_hf: str | None = None,
                   hf_dtype: str | None = None) -> str:
     """Build (or reuse) the shards for `spec_path`, then train `preset` on them; returns the run directory.
+
+    The layout: `tp`, `pp`, `sequence_parallel` (default on when tp > 1) and `virtual_pipeline` (model chunks per
+    pipeline rank, the interleaved schedule); `nproc` ranks per node (default tp x pp), the rest data parallel.
 
     `launch` sets PretrainConfig's launch fields: multi-node (nnodes, launcher, rdzv_endpoint, node_rank, slurm)
     and fault handling (max_restarts, step_timeout_s); none of them is in the run's key.
@@ -38,9 +43,11 @@ def pretrain_flow(spec_path: str = "data_specs/default.yaml", preset: str = "tin
     tokenizer, and `preset` is the model's own architecture."""
     if continue_from and init_from_hf:
         raise ValueError("give continue_from or init_from_hf, not both")
-    config = PretrainConfig(preset=preset, tp=tp, pp=pp, nproc=nproc, gpus_required=gpus_required,
+    config = PretrainConfig(preset=preset, tp=tp, pp=pp, sequence_parallel=sequence_parallel,
+                            virtual_pipeline=virtual_pipeline, nproc=nproc, gpus_required=gpus_required,
                             train=train or {}, **(launch or {}))
-    preflight(config)
+    # checked against the architecture it will train: the Hugging Face model's or the checkpoint's, when given
+    preflight(starting_architecture(config, init_from_hf or continue_from, hf=bool(init_from_hf)))
     hf_model = pin_hf_model(init_from_hf) if init_from_hf else None  # fails now, not after the data flow
     runs = str(resolve_path(runs_dir))
     # A new string, not the subflow's return value itself: Prefect would record that as a `flow_run` input of the

@@ -19,7 +19,7 @@ from tasks.download import resolve
 from tasks.import_hf import checkpoint_of, import_hf, is_hf_folder, pin_hf_model
 from tasks.lib.artifacts import ArtifactRef, run_stage
 from tasks.lib.launch import PretrainConfig
-from tasks.lib.runs import newest_run
+from tasks.lib.runs import newest_run, starting_architecture
 from tasks.pretrain import preflight
 from tasks.sft import SFT_TRAIN_DEFAULTS, sft
 from tasks.sft_data import sft_data
@@ -28,7 +28,8 @@ from tasks.spec import SFTSpec, load_spec, resolve_path
 
 @flow(name="sft")
 def sft_flow(sft_spec_path: str = "data_specs/sft_default.yaml", pretrained: str | None = None, tp: int = 1,
-             pp: int = 1, nproc: int | None = None, gpus_required: bool = False, train: dict | None = None,
+             pp: int = 1, sequence_parallel: bool | None = None, virtual_pipeline: int | None = None,
+             nproc: int | None = None, gpus_required: bool = False, train: dict | None = None,
              runs_dir: str = "runs", launch: dict | None = None, seq_len: int | None = None,
              artifacts_dir: str = "artifacts", hf_dtype: str | None = None) -> str:
     """Fine-tune `pretrained` on the instruction set of `sft_spec_path`; returns the SFT run directory.
@@ -37,20 +38,23 @@ def sft_flow(sft_spec_path: str = "data_specs/sft_default.yaml", pretrained: str
     folder, imported first (a cached stage under `artifacts_dir`, in `hf_dtype`) and tokenized with its own
     tokenizer and chat template. `seq_len`: the SFT rows' length; default the base's pretraining length, or for a
     Hugging Face model 2048 (at most its max_position_embeddings). `launch` sets PretrainConfig's launch fields, as
-    in the pretrain flow (e.g. max_restarts, step_timeout_s)."""
-    config = PretrainConfig(tp=tp, pp=pp, nproc=nproc, gpus_required=gpus_required,
-                            train={**SFT_TRAIN_DEFAULTS, **(train or {})}, **(launch or {}))
-    preflight(config)
+    in the pretrain flow (e.g. max_restarts, step_timeout_s); the layout fields are the pretrain flow's."""
+    config = PretrainConfig(tp=tp, pp=pp, sequence_parallel=sequence_parallel, virtual_pipeline=virtual_pipeline,
+                            nproc=nproc, gpus_required=gpus_required, train={**SFT_TRAIN_DEFAULTS, **(train or {})},
+                            **(launch or {}))
     runs = resolve_path(runs_dir)
+    pretrained = pretrained or str(newest_run(runs, "pretrain"))
+    hf = is_hf_folder(pretrained)
+    preflight(starting_architecture(config, pretrained, hf))
     spec = load_spec(sft_spec_path, SFTSpec)
-    if pretrained and is_hf_folder(pretrained):
+    if hf:
         imported = run_stage(import_hf, model=pin_hf_model(pretrained, "pretrained"), tp=tp, pp=pp, dtype=hf_dtype,
                              artifacts_dir=str(resolve_path(artifacts_dir)))
         checkpoint = Path(checkpoint_of(imported))
         store = resolve_path(artifacts_dir)
         seq_len = seq_len or min(2048, read_train_state(checkpoint)["hf_config"].get("max_position_embeddings", 2048))
     else:
-        checkpoint = resolve_checkpoint(resolve_path(pretrained) if pretrained else newest_run(runs, "pretrain"))
+        checkpoint = resolve_checkpoint(resolve_path(pretrained))
         manifest_dir = Path(read_train_state(checkpoint)["manifest"])
         store = manifest_dir.parents[1]
         seq_len = seq_len or load_manifest(manifest_dir)["seq_len"]

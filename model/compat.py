@@ -136,6 +136,11 @@ def _type_as_if_on_cuda(tensor_type):
     return wrapped
 
 
+def _compile_off(model=None, **options):
+    """torch.compile's signature as a decorator that leaves the function as it is."""
+    return model if model is not None else (lambda fn: fn)
+
+
 def apply() -> bool:
     """Install the CPU redirections if (and only if) CUDA is unavailable. Returns whether they are active."""
     global _APPLIED
@@ -143,6 +148,17 @@ def apply() -> bool:
         return False
     if _APPLIED:
         return True
+
+    # Megatron decorates its fused kernels with torch.compile when its package is imported (megatron/core/jit.py),
+    # which imports the compiler stack: about 3 s of every rank's start. They are not compiled for the CPU here,
+    # and Megatron's own disable_jit_fuser() comes too late (the package imports the decorated modules first), so
+    # the decorator is a no-op while Megatron is imported. Nothing else changes: compile is restored after.
+    compile_ = torch.compile
+    torch.compile = _compile_off
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = compile_
 
     torch.cuda.current_device = lambda: CPU
     torch.Tensor.cuda = lambda self, *args, **kwargs: self

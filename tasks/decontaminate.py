@@ -26,7 +26,7 @@ from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
 from tasks.lib.log import get_logger
 from tasks.lib.blocks import CountDocuments, RegexWordTokenizer, counted, in_process_if_small, run_pipeline
 from tasks.dedup import per_source_writer
-from tasks.download import ResolvedSource, resolve_source, source_records
+from tasks.download import ResolvedSource, downloads_dir, resolve_source, source_records
 from tasks.tokenizer import iter_documents
 from tasks.spec import DecontaminationConfig, EvalSpec, ExecutorConfig, SFTSpec, load_spec, resolve_path
 
@@ -103,9 +103,9 @@ def build_index(refs: list[ReferenceSet], config: NGramsDecontConfig, index_dir:
 
 
 def decontaminate_documents(docs_dir: Path, refs: list[ReferenceSet], config: DecontaminationConfig,
-                            executor: ExecutorConfig, out_dir: Path) -> dict:
+                            executor: ExecutorConfig, out_dir: Path, downloads: Path) -> dict:
     decont = NGramsDecontConfig(n_grams=config.n_grams, find_query_ngrams=True)
-    index_sizes = build_index(refs, decont, out_dir / "index", out_dir.parent / "_downloads")
+    index_sizes = build_index(refs, decont, out_dir / "index", downloads)
     tasks = len(list(docs_dir.glob("*/*.jsonl.gz")))
     docs_in = docs_out = bytes_out = Counter()
     if tasks == 0:  # no documents reached this stage (an increment that dedup or cleaning emptied)
@@ -137,4 +137,4 @@ def decontaminate(documents: ArtifactRef, references: list[ReferenceSet], config
     return build_artifact("decontaminate", dict(documents=documents, references=references, config=config,
                                                 executor=executor, artifacts_dir=artifacts_dir),
                           lambda out: decontaminate_documents(documents.dir / "docs", references, config, executor,
-                                                              out))
+                                                              out, downloads_dir(artifacts_dir)))

@@ -161,10 +161,15 @@ def resolve(source: SourceSpec) -> ResolvedSource:
     return resolve_source(source)
 
 
+def downloads_dir(artifacts_dir: str | Path) -> Path:
+    """The store's one cache of URL downloads (named by the URL's hash, verified on reuse), for every stage that
+    reads a source: corpus, instruction sets, evaluation sets and decontamination references."""
+    return Path(artifacts_dir) / "_downloads"
+
+
 @task(name="download", task_run_name="download-{resolved.source.name}", **STAGE_TASK_OPTIONS)
 def download(resolved: ResolvedSource, executor: ExecutorConfig, artifacts_dir: str) -> ArtifactRef:
-    downloads_dir = Path(artifacts_dir) / "_downloads"
     return build_artifact("download", dict(resolved=resolved, executor=executor, artifacts_dir=artifacts_dir),
-                          lambda out: normalise_source(resolved, out, executor, downloads_dir),
+                          lambda out: normalise_source(resolved, out, executor, downloads_dir(artifacts_dir)),
                           label=resolved.source.name)
 

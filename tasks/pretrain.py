@@ -33,9 +33,9 @@ def pretrain(manifest_path: str, config: PretrainConfig, runs_dir: str, init_fro
     weights of checkpoint `init_from`; returns the run directory."""
     from model.data import unigram_entropy
 
-    check_resources(config)
     if init_from:
         config = checkpoint_architecture(config, init_from)
+    check_resources(config)  # against the architecture it will train
     manifest_dir = Path(manifest_path).parent
     key = run_key(manifest=str(manifest_dir), config=config, **({"init": init_from} if init_from else {}))
     run_dir = Path(runs_dir) / f"{config.preset}-{key}"

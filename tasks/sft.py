@@ -22,9 +22,9 @@ SFT_TRAIN_DEFAULTS = {"steps": 80, "global_batch": 16, "micro_batch": 4, "lr": 1
 def sft(sft_manifest: str, init_checkpoint: str, config: PretrainConfig, runs_dir: str) -> str:
     """Fine-tune from `init_checkpoint` on the SFT shards; returns the run directory. The architecture is the
     checkpoint's own, so it cannot drift from what was pretrained."""
-    check_resources(config)
     config = checkpoint_architecture(config, init_checkpoint).model_copy(
         update={"train": {**SFT_TRAIN_DEFAULTS, **config.train}})
+    check_resources(config)  # against the architecture it will train
     manifest_dir = Path(sft_manifest).parent
     key = run_key(manifest=str(manifest_dir), init=str(init_checkpoint), config=config)
     run_dir = Path(runs_dir) / f"sft-{config.preset}-{key}"

@@ -21,7 +21,7 @@ from model.chat import ROLES, encode_chat, template_of
 from model.tokenizer import Tokenizer
 from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
 from tasks.lib.log import get_logger
-from tasks.download import ResolvedSource, source_records
+from tasks.download import ResolvedSource, downloads_dir, source_records
 from tasks.lib.normalise import Quarantine, Record
 from tasks.shard import ShardInfo, ShardManifest
 from tasks.spec import InstructionSourceSpec, SFTSpec
@@ -106,7 +106,7 @@ def write_rows(rows: list, path: Path, row_len: int) -> None:
 
 
 def build_sft_shards(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer_dir: Path, seq_len: int,
-                     out_dir: Path) -> dict:
+                     out_dir: Path, downloads: Path) -> dict:
     log = get_logger()
     tokenizer = Tokenizer(tokenizer_dir)
     log.info(f"sft data: chat template {template_of(tokenizer)[1]}")
@@ -120,7 +120,7 @@ def build_sft_shards(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer_di
             source = res.source
             quarantine = Quarantine(file, source)
             seen = 0
-            for rec in source_records(res, out_dir.parent / "_downloads"):
+            for rec in source_records(res, downloads):
                 seen += 1
                 messages, problem = conversation(rec, source, spec.system_prompt)
                 if messages is not None:
@@ -175,4 +175,5 @@ def sft_data(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer: ArtifactR
              artifacts_dir: str) -> ArtifactRef:
     return build_artifact("sft_data", dict(resolved=resolved, spec=spec, tokenizer=tokenizer, seq_len=seq_len,
                                            artifacts_dir=artifacts_dir),
-                          lambda out: build_sft_shards(resolved, spec, tokenizer.dir, seq_len, out))
+                          lambda out: build_sft_shards(resolved, spec, tokenizer.dir, seq_len, out,
+                                                       downloads_dir(artifacts_dir)))

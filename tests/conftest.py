@@ -228,7 +228,7 @@ def packed_sft_manifest(tiny_manifest, tmp_path_factory) -> tuple[Path, dict]:
     spec = sft_spec(write_jsonl(root / "sft.jsonl", chats), validation_fraction=0.3)
     (root / "shards").mkdir()
     summary = build_sft_shards([resolve_source(s) for s in spec.sources], spec, tiny_manifest.parent / "tokenizer",
-                               64, root / "shards")
+                               64, root / "shards", root / "downloads")
     return root / "shards", summary
 
 

@@ -47,7 +47,7 @@ def test_documents_quoting_sft_replies_or_benchmark_items_are_removed(tmp_path):
     out.mkdir()
     refs = reference_sets(config)
     assert [r.name for r in refs] == ["sft/chat", "eval/hist", "eval/e-prompts"]
-    summary = decontaminate_documents(docs, refs, config, SERIAL, out)
+    summary = decontaminate_documents(docs, refs, config, SERIAL, out, tmp_path / "downloads")
 
     assert read_ids(out / "removed") == {"quotes-reply", "quotes-question"}
     assert summary["removed"] == 2 and summary["removed_per_set"] == {"sft/chat": 1, "eval/hist": 1}

@@ -4,12 +4,14 @@ does; checkpoints load either way, and bad combinations are refused before launc
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 
 from model.config import ParallelConfig
 from tasks.lib.launch import PretrainConfig, check_resources
+from tasks.lib.runs import starting_architecture
 
 from conftest import FAST, eval_lines, metrics, torchrun
 
@@ -79,3 +81,24 @@ def test_interleaved_pipeline_trains_like_pp1_and_resumes_exactly(tiny_manifest,
 def test_bad_pipeline_combinations_are_refused_before_launch(layout, message):
     with pytest.raises(ValueError, match=message):
         check_resources(PretrainConfig(**layout))
+
+
+def test_a_layout_is_checked_against_the_layers_of_the_model_it_starts_from(tp2_run, tmp_path):
+    """The flows' checks before any work use the architecture they will train (a Hugging Face folder's
+    config.json, a checkpoint's train state), not the preset they were given: a layout that fits the starting model
+    passes, one that fits only the preset is refused."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+        "intermediate_size": 172, "vocab_size": 1000}))
+    config = PretrainConfig(pp=2, virtual_pipeline=2, train={"global_batch": 8, "micro_batch": 2, "eval_batches": 2})
+    with pytest.raises(ValueError, match="num_layers 2 is not divisible"):  # the tiny preset's 2 layers
+        check_resources(config)
+    check_resources(starting_architecture(config, str(folder), hf=True))  # the Hugging Face model's 4
+
+    seven_b = config.model_copy(update={"preset": "7b"})
+    check_resources(seven_b)  # the preset's 32 layers
+    with pytest.raises(ValueError, match="num_layers 2 is not divisible"):  # the checkpoint's 2
+        check_resources(starting_architecture(seven_b, str(tp2_run.dir)))
+    assert starting_architecture(seven_b, "latest") == seven_b  # not known before the data is built

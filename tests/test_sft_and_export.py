@@ -72,7 +72,7 @@ def test_sft_rows_pack_examples_and_quarantine_bad_records(tokenizer, tiny_manif
     out.mkdir()
     spec = sft_spec(path, validation_fraction=0.0)
     summary = build_sft_shards([resolve_source(s) for s in spec.sources], spec, tiny_manifest.parent / "tokenizer",
-                               64, out)
+                               64, out, tmp_path / "downloads")
     quarantined = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert [q["origin"].rsplit(":", 1)[1] for q in quarantined] == ["11", "12", "13", "14", "15"]
     assert summary["quarantined"] == 5 and summary["examples_train"] == 30
@@ -96,7 +96,7 @@ def test_sft_rows_pack_examples_and_quarantine_bad_records(tokenizer, tiny_manif
     unpacked.mkdir()
     spec = sft_spec(path, validation_fraction=0.0, packing=False)
     summary = build_sft_shards([resolve_source(s) for s in spec.sources], spec, tiny_manifest.parent / "tokenizer",
-                               64, unpacked)
+                               64, unpacked, tmp_path / "downloads")
     assert summary["rows_train"] == 30
 
 
@@ -153,7 +153,7 @@ def test_sft_from_a_tp2_checkpoint_trains_at_pp2_on_replies(tiny_manifest, tp2_r
     spec = sft_spec(path, validation_fraction=0.1)
     (tmp_path / "sft").mkdir()
     build_sft_shards([resolve_source(s) for s in spec.sources], spec, tiny_manifest.parent / "tokenizer", 64,
-                     tmp_path / "sft")
+                     tmp_path / "sft", tmp_path / "downloads")
     torchrun(2, "--manifest", str(tmp_path / "sft"), "--run-dir", str(tmp_path / "tuned"), "--pp", "2",
              "--init-from", str(tp2_run.checkpoint),
              *FAST[:FAST.index("--steps")], "--steps", "12", *FAST[FAST.index("--steps") + 2:])

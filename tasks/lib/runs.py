@@ -58,6 +58,25 @@ def checkpoint_architecture(config: PretrainConfig, checkpoint: str | Path) -> P
     return config.model_copy(update={"preset": state["preset"], "model_overrides": model})
 
 
+def starting_architecture(config: PretrainConfig, start: str | Path | None, hf: bool = False) -> PretrainConfig:
+    """`config` with the architecture of the weights a run will start from, for the checks made before any work
+    (a layout is checked against the model's real layer count, not the preset's): a Hugging Face folder's
+    config.json (`hf`), or a checkpoint's (or run directory's) train state. `config` as it is when the start is not
+    known yet (None, or "latest", which the data decides); the training task checks again once it is."""
+    import dataclasses
+
+    from model.checkpoint import resolve_checkpoint
+    from model.import_hf import model_config_from_hf, read_hf_config
+
+    if start is None or start == "latest":
+        return config
+    if hf:
+        folder = resolve_path(start)
+        model = dataclasses.asdict(model_config_from_hf(read_hf_config(folder), f"{folder}/config.json"))
+        return config.model_copy(update={"preset": "hf", "model_overrides": model})
+    return checkpoint_architecture(config, resolve_checkpoint(resolve_path(start)))
+
+
 def run_key(**parts) -> str:
     """A run directory's key: the hash of what decides its result (manifest, config, starting checkpoint), so
     the same request finds (and resumes or returns) the same run."""
