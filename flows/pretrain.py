@@ -16,7 +16,6 @@ from flows.data import data_flow, require_server
 from tasks.import_hf import checkpoint_of, import_hf, pin_hf_model
 from tasks.lib.artifacts import run_stage
 from tasks.lib.launch import PretrainConfig
-from tasks.lib.runs import starting_architecture
 from tasks.pretrain import continue_from_task, preflight, pretrain
 from tasks.spec import resolve_path
 
@@ -46,8 +45,7 @@ def pretrain_flow(spec_path: str = "data_specs/default.yaml", preset: str = "tin
     config = PretrainConfig(preset=preset, tp=tp, pp=pp, sequence_parallel=sequence_parallel,
                             virtual_pipeline=virtual_pipeline, nproc=nproc, gpus_required=gpus_required,
                             train=train or {}, **(launch or {}))
-    # checked against the architecture it will train: the Hugging Face model's or the checkpoint's, when given
-    preflight(starting_architecture(config, init_from_hf or continue_from, hf=bool(init_from_hf)))
+    preflight(config, init_from_hf or continue_from, "init_from_hf" if init_from_hf else None)
     hf_model = pin_hf_model(init_from_hf) if init_from_hf else None  # fails now, not after the data flow
     runs = str(resolve_path(runs_dir))
     # A new string, not the subflow's return value itself: Prefect would record that as a `flow_run` input of the

@@ -19,7 +19,7 @@ from tasks.download import resolve
 from tasks.import_hf import checkpoint_of, import_hf, is_hf_folder, pin_hf_model
 from tasks.lib.artifacts import ArtifactRef, run_stage
 from tasks.lib.launch import PretrainConfig
-from tasks.lib.runs import newest_run, starting_architecture
+from tasks.lib.runs import newest_run
 from tasks.pretrain import preflight
 from tasks.sft import SFT_TRAIN_DEFAULTS, sft
 from tasks.sft_data import sft_data
@@ -45,7 +45,7 @@ def sft_flow(sft_spec_path: str = "data_specs/sft_default.yaml", pretrained: str
     runs = resolve_path(runs_dir)
     pretrained = pretrained or str(newest_run(runs, "pretrain"))
     hf = is_hf_folder(pretrained)
-    preflight(starting_architecture(config, pretrained, hf))
+    preflight(config, pretrained, "pretrained" if hf else None)
     spec = load_spec(sft_spec_path, SFTSpec)
     if hf:
         imported = run_stage(import_hf, model=pin_hf_model(pretrained, "pretrained"), tp=tp, pp=pp, dtype=hf_dtype,

@@ -10,18 +10,21 @@ from pathlib import Path
 from prefect import task
 
 from tasks.lib.log import progress
-from tasks.lib.launch import (TRAINING_TASK_OPTIONS, PretrainConfig, check_resources, check_train_settings,
-                              run_training)
-from tasks.lib.runs import checkpoint_architecture, continuation_checkpoint, finished_summary, run_key, write_summary
+from tasks.lib.launch import (TRAINING_TASK_OPTIONS, PretrainConfig, check_gpus, check_resources,
+                              check_train_settings, run_training)
+from tasks.lib.runs import (checkpoint_architecture, continuation_checkpoint, finished_summary, run_key,
+                            starting_architecture, write_summary)
 from tasks.lib.training_report import final_validation, publish_training
 
 
 @task(name="preflight")
-def preflight(config: PretrainConfig) -> None:
+def preflight(config: PretrainConfig, start: str | None = None, hf_setting: str | None = None) -> None:
     """Runs before the data flow, so a layout that cannot run here, or a bad training setting, fails in seconds,
-    not after hours of data."""
+    not after hours of data. The GPUs first; then the layout against the model the run starts from, where that is
+    known (`start`: a checkpoint or run directory, or the Hugging Face folder the setting `hf_setting` names)."""
     check_train_settings(config.train)
-    check_resources(config)
+    check_gpus(config)
+    check_resources(starting_architecture(config, start, hf_setting))
 
 
 continue_from_task = task(name="continue-from")(continuation_checkpoint)

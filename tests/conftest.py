@@ -233,9 +233,11 @@ def packed_sft_manifest(tiny_manifest, tmp_path_factory) -> tuple[Path, dict]:
 
 
 # `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Tests that read the same
-# session runs go to the same worker, so each run is still made once.
+# session runs, or the same costly module fixture, go to the same worker, so each is still made once.
 SHARED_GROUPS = {"training-runs": {"tp1_run", "tp2_run", "tp1_evaluations"},
-                 "prefect-server": {"prefect_server", "pretrained_by_flow"}}
+                 "prefect-server": {"prefect_server", "pretrained_by_flow", "hf_models"},  # test_import_hf.py
+                 "fp16-run": {"fp16_run"},  # test_precision.py
+                 "executors": {"tokenizer_dir", "local_result"}}  # test_executors.py
 
 
 def pytest_itemcollected(item):  # as each test is collected, before xdist reads the groups off the marks

@@ -36,7 +36,7 @@ def test_tiny_mode_runs_each_precision_layout_and_the_plain_baseline(tmp_path):
     schedule on gloo ranks, each against the planner."""
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "bench/gpu.py", "--tiny", "--ranks", "2", "--backends", "sdpa",
-                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400)
+                           "--steps", "5", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["model"]["hidden_size"] == 128 and results["model"]["num_layers"] == 2

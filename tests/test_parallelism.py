@@ -11,7 +11,7 @@ import pytest
 
 from model.config import ParallelConfig
 from tasks.lib.launch import PretrainConfig, check_resources
-from tasks.lib.runs import starting_architecture
+from tasks.pretrain import preflight
 
 from conftest import FAST, eval_lines, metrics, torchrun
 
@@ -84,7 +84,7 @@ def test_bad_pipeline_combinations_are_refused_before_launch(layout, message):
 
 
 def test_a_layout_is_checked_against_the_layers_of_the_model_it_starts_from(tp2_run, tmp_path):
-    """The flows' checks before any work use the architecture they will train (a Hugging Face folder's
+    """The flows' preflight checks the layout against the model they will train (a Hugging Face folder's
     config.json, a checkpoint's train state), not the preset they were given: a layout that fits the starting model
     passes, one that fits only the preset is refused."""
     folder = tmp_path / "hf"
@@ -94,11 +94,13 @@ def test_a_layout_is_checked_against_the_layers_of_the_model_it_starts_from(tp2_
         "intermediate_size": 172, "vocab_size": 1000}))
     config = PretrainConfig(pp=2, virtual_pipeline=2, train={"global_batch": 8, "micro_batch": 2, "eval_batches": 2})
     with pytest.raises(ValueError, match="num_layers 2 is not divisible"):  # the tiny preset's 2 layers
-        check_resources(config)
-    check_resources(starting_architecture(config, str(folder), hf=True))  # the Hugging Face model's 4
+        preflight.fn(config)
+    preflight.fn(config, str(folder), "init_from_hf")  # the Hugging Face model's 4
+    with pytest.raises(FileNotFoundError, match="init_from_hf: .* is not a Hugging Face model folder"):
+        preflight.fn(config, str(tmp_path / "missing"), "init_from_hf")
 
     seven_b = config.model_copy(update={"preset": "7b"})
-    check_resources(seven_b)  # the preset's 32 layers
+    preflight.fn(seven_b)  # the preset's 32 layers
     with pytest.raises(ValueError, match="num_layers 2 is not divisible"):  # the checkpoint's 2
-        check_resources(starting_architecture(seven_b, str(tp2_run.dir)))
-    assert starting_architecture(seven_b, "latest") == seven_b  # not known before the data is built
+        preflight.fn(seven_b, str(tp2_run.dir))
+    preflight.fn(seven_b, "latest")  # not known before the data is built: the preset's

@@ -171,8 +171,8 @@ def check_train_settings(train: dict):
         raise ValueError(f"train: {err}") from None
 
 
-def check_resources(config: PretrainConfig) -> None:
-    """Fail before launching when the layout cannot run here, saying what it needs. (A Slurm launch runs on
+def check_gpus(config: PretrainConfig) -> None:
+    """Fail when the layout needs more GPUs than this machine has, saying what it needs. (A Slurm launch runs on
     the cluster's nodes, not here.)"""
     import torch
 
@@ -185,6 +185,11 @@ def check_resources(config: PretrainConfig) -> None:
             f"(TP {config.tp} x PP {config.pp} x DP {dp}), but this machine has {have} CUDA device(s). Run it "
             f"where {config.ranks} GPUs are available (see `python -m model.plan --preset {config.preset}` for "
             f"memory per GPU), submit it with launcher: slurm, or run pretrain/tiny here.")
+
+
+def check_resources(config: PretrainConfig) -> None:
+    """Fail before launching when the layout cannot run here or cannot split the model, saying what it needs."""
+    check_gpus(config)
     check_layout(config)
     if config.train.get("precision") == "fp8" and config.launcher == "torchrun":  # here, where torchrun will run
         from model.gpt import check_fp8_available

@@ -58,11 +58,13 @@ def checkpoint_architecture(config: PretrainConfig, checkpoint: str | Path) -> P
     return config.model_copy(update={"preset": state["preset"], "model_overrides": model})
 
 
-def starting_architecture(config: PretrainConfig, start: str | Path | None, hf: bool = False) -> PretrainConfig:
+def starting_architecture(config: PretrainConfig, start: str | Path | None,
+                          hf_setting: str | None = None) -> PretrainConfig:
     """`config` with the architecture of the weights a run will start from, for the checks made before any work
-    (a layout is checked against the model's real layer count, not the preset's): a Hugging Face folder's
-    config.json (`hf`), or a checkpoint's (or run directory's) train state. `config` as it is when the start is not
-    known yet (None, or "latest", which the data decides); the training task checks again once it is."""
+    (a layout is checked against the model's real layer count, not the preset's): the config.json of a Hugging
+    Face folder (the one the setting `hf_setting` names), or a checkpoint's (or run directory's) train state.
+    `config` as it is when the start is not known yet (None, or "latest", which the data decides); the training
+    task checks again once it is."""
     import dataclasses
 
     from model.checkpoint import resolve_checkpoint
@@ -70,8 +72,10 @@ def starting_architecture(config: PretrainConfig, start: str | Path | None, hf: 
 
     if start is None or start == "latest":
         return config
-    if hf:
+    if hf_setting:
         folder = resolve_path(start)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{hf_setting}: {folder} is not a Hugging Face model folder (no config.json)")
         model = dataclasses.asdict(model_config_from_hf(read_hf_config(folder), f"{folder}/config.json"))
         return config.model_copy(update={"preset": "hf", "model_overrides": model})
     return checkpoint_architecture(config, resolve_checkpoint(resolve_path(start)))
