@@ -7,12 +7,12 @@ both (lm-evaluation-harness tasks, validation perplexity, generations) and publi
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from prefect import flow
 
 from flows.data import require_server
 from tasks.download import downloads_dir
+from tasks.lib.artifacts import store_of
 from tasks.evaluate import evaluate_model, export_hf, load_items, prepare_lm_eval, publish_report
 from model.checkpoint import read_train_state, resolve_checkpoint
 from tasks.lib.runs import newest_run
@@ -31,7 +31,7 @@ def evaluate_flow(pretrained: str | None = None, tuned: str | None = None,
     spec = load_spec(eval_spec_path, EvalSpec)
     manifest = read_train_state(checkpoints["pretrained"])["manifest"]
     sft_manifest = read_train_state(checkpoints["instruction-tuned"])["manifest"]
-    items, benchmarks = load_items(spec, downloads_dir(Path(manifest).parents[2]))  # <store>/shard/<fp>/manifest
+    items, benchmarks = load_items(spec, downloads_dir(store_of(manifest)))
     task_dir = str(resolve_path(reports_dir) / "lm_eval_tasks" / spec.name)
     task_names = prepare_lm_eval(spec, items, task_dir)
     results = {}

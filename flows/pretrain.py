@@ -14,7 +14,7 @@ from prefect import flow
 
 from flows.data import data_flow, require_server
 from tasks.import_hf import checkpoint_of, import_hf, pin_hf_model
-from tasks.lib.artifacts import run_stage
+from tasks.lib.artifacts import run_stage, store_of
 from tasks.lib.launch import PretrainConfig
 from tasks.pretrain import continue_from_task, preflight, pretrain
 from tasks.spec import resolve_path
@@ -53,7 +53,7 @@ def pretrain_flow(spec_path: str = "data_specs/default.yaml", preset: str = "tin
     manifest = str(resolve_path(manifest or data_flow(spec_path, tokenizer_from=init_from_hf)))
     if hf_model:  # the store that holds the manifest (<artifacts>/<stage>/<fingerprint>/manifest.json)
         imported = run_stage(import_hf, model=hf_model, tp=tp, pp=pp, dtype=hf_dtype,
-                             artifacts_dir=str(Path(manifest).parents[2]))
+                             artifacts_dir=str(store_of(Path(manifest).parent)))
         continue_from = checkpoint_of(imported)
     init_from = continue_from_task(continue_from, manifest, runs) if continue_from else None
     return pretrain(manifest, config, runs, init_from)

@@ -17,7 +17,7 @@ from model.checkpoint import checkpoint_tokenizer, read_train_state, resolve_che
 from model.data import load_manifest
 from tasks.download import resolve
 from tasks.import_hf import checkpoint_of, import_hf, is_hf_folder, pin_hf_model
-from tasks.lib.artifacts import ArtifactRef, run_stage
+from tasks.lib.artifacts import ArtifactRef, run_stage, store_of
 from tasks.lib.launch import PretrainConfig
 from tasks.lib.runs import newest_run
 from tasks.pretrain import preflight
@@ -56,7 +56,7 @@ def sft_flow(sft_spec_path: str = "data_specs/sft_default.yaml", pretrained: str
     else:
         checkpoint = resolve_checkpoint(resolve_path(pretrained))
         manifest_dir = Path(read_train_state(checkpoint)["manifest"])
-        store = manifest_dir.parents[1]
+        store = store_of(manifest_dir)
         seq_len = seq_len or load_manifest(manifest_dir)["seq_len"]
     recorded = checkpoint_tokenizer(checkpoint)  # keyed by content: the same tokenizer wherever it is stored
     tokenizer = ArtifactRef(stage="tokenizer", fingerprint=recorded["sha256"][:20], path=recorded["dir"])

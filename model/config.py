@@ -111,16 +111,19 @@ class ParallelConfig:
     def chunks(self) -> int:
         return self.virtual_pipeline or 1
 
-    def check_schedule(self, num_layers: int, micro_batches: int, what: str = "the global batch") -> None:
-        """Refuse, before launch, what the pipeline schedule cannot run, naming the setting to change."""
+    def check_schedule(self, num_layers: int, train: TrainConfig, data_parallel: int) -> None:
+        """Refuse, before launch, what the pipeline schedule cannot run (the layers it splits, the micro-batches of
+        a training step and of an evaluation), naming the setting to change."""
         stages = self.pipeline_parallel * self.chunks
         if num_layers % stages:
             raise ValueError(f"num_layers {num_layers} is not divisible by pipeline_parallel x virtual_pipeline = "
                              f"{self.pipeline_parallel} x {self.chunks}; change pp, virtual_pipeline or the model")
-        if self.virtual_pipeline and micro_batches % self.pipeline_parallel:
-            raise ValueError(f"the interleaved schedule needs a multiple of pipeline_parallel "
-                             f"({self.pipeline_parallel}) micro-batches per step; {what} makes {micro_batches}. "
-                             f"Change global_batch, micro_batch or eval_batches")
+        step = train.global_batch // (data_parallel * train.micro_batch)
+        for what, micro_batches in (("the global batch", step), ("eval_batches", train.eval_batches)):
+            if self.virtual_pipeline and micro_batches % self.pipeline_parallel:
+                raise ValueError(f"the interleaved schedule needs a multiple of pipeline_parallel "
+                                 f"({self.pipeline_parallel}) micro-batches per step; {what} makes {micro_batches}. "
+                                 f"Change global_batch, micro_batch or eval_batches")
 
     def data_parallel(self, world_size: int) -> int:
         model_parallel = self.tensor_parallel * self.pipeline_parallel
@@ -211,11 +214,6 @@ class TrainConfig:
         if self.precision is not None or self.bf16 is None:
             return self.precision
         return "bf16" if self.bf16 else "fp32"
-
-    @property
-    def half(self) -> bool:
-        """Parameters and activations in 16 bits (bf16, fp16, and fp8's bf16 parameters)."""
-        return self.precision in ("bf16", "fp16", "fp8")
 
     def for_device(self, gpu: bool) -> TrainConfig:
         """These settings with the device's defaults in place of None (validated again): everything on for a GPU,

@@ -127,6 +127,7 @@ def layer_spec(backend: str, config: TransformerConfig, vp_stage: int | None = N
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: TrainConfig) -> TransformerConfig:
+    dtype = PARAMS_DTYPE[train.precision or "fp32"]
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -150,10 +151,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, train: Trai
         # messages gave micro-batches 3 and 4 of a step wrong activations (measured), separate ones are exact.
         batch_p2p_comm=torch.cuda.is_available(),
         # Pipeline schedules exchange activations of this dtype between stages.
-        pipeline_dtype=PARAMS_DTYPE[train.precision or "fp32"],
+        pipeline_dtype=dtype,
         bf16=train.precision in ("bf16", "fp8"),
         fp16=train.precision == "fp16",
-        params_dtype=PARAMS_DTYPE[train.precision or "fp32"],
+        params_dtype=dtype,
         # fp8: e4m3 forward, e5m2 gradients ("hybrid", the usual training format), scaled by the chosen recipe.
         **({"fp8": "hybrid", "fp8_recipe": train.fp8_recipe} if train.precision == "fp8" else {}),
         use_cpu_initialization=not torch.cuda.is_available(),

@@ -515,8 +515,7 @@ def main(argv=None) -> None:
     run_dir = Path(args.run_dir)
 
     dp = init_distributed(parallel, train, on_gpu)
-    parallel.check_schedule(model_cfg.num_layers, train.global_batch // (dp * train.micro_batch))
-    parallel.check_schedule(model_cfg.num_layers, train.eval_batches, "eval_batches")
+    parallel.check_schedule(model_cfg.num_layers, train, dp)
     from megatron.core import parallel_state as ps
 
     world, rank0 = dist.get_world_size(), dist.get_rank() == 0

@@ -131,6 +131,11 @@ def artifact_path(stage: str, params: dict) -> Path:
     return Path(params["artifacts_dir"]) / stage / stage_fingerprint(stage, params)
 
 
+def store_of(artifact_dir: str | Path) -> Path:
+    """The store (artifacts_dir) that holds an artifact: `<store>/<stage>/<fingerprint>`."""
+    return Path(artifact_dir).parents[1]
+
+
 def verify(path: Path, full: bool = False) -> str | None:
     """None if the artifact at `path` is complete and unmodified, else a sentence saying what is wrong.
 

@@ -205,8 +205,7 @@ def check_layout(config: PretrainConfig) -> None:
     train = check_train_settings(config.train)
     layers = preset(config.preset, **config.model_overrides).num_layers
     dp = parallel.data_parallel(config.world_size)
-    parallel.check_schedule(layers, train.global_batch // (dp * train.micro_batch))
-    parallel.check_schedule(layers, train.eval_batches, "eval_batches")
+    parallel.check_schedule(layers, train, dp)
 
 
 class LauncherDied(RuntimeError):
