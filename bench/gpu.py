@@ -46,7 +46,7 @@ from model.config import ModelConfig, llama2_7b, tiny  # noqa: E402
 from model.data import TrainSamples  # noqa: E402
 from model.gpt import check_fp8_available, resolve_attention_backend  # noqa: E402
 from model.plan import GIB, RUNTIME_OVERHEAD_GIB, Layout, estimate  # noqa: E402
-from model.train import PEAK_BY_PRECISION, PEAK_TFLOPS, flops_per_token  # noqa: E402
+from model.metrics import PEAK_BY_PRECISION, PEAK_TFLOPS, flops_per_token  # noqa: E402
 
 
 def synthetic_manifest(out: Path, m: ModelConfig, rows: int) -> Path:
@@ -81,12 +81,12 @@ def plan(width: ModelConfig, budget_gib: float, max_layers: int, accumulation: i
     return m, micro, planned_gib(m, micro, accumulation, bf16, attention)
 
 
-# The layouts compared on more than one rank, in pairs: without and with a feature, each as (name, PretrainConfig
-# layout fields); the ranks beyond TP x PP are data parallel.
-PARALLEL_PAIRS = [(("TP 2", {"tp": 2, "sequence_parallel": False}),
-                   ("TP 2, sequence parallel", {"tp": 2, "sequence_parallel": True})),
-                  (("PP 2", {"pp": 2}),
-                   ("PP 2, interleaved x 2", {"pp": 2, "virtual_pipeline": 2}))]
+# The layouts compared on more than one rank, in pairs: without and with a feature, each as (name, ParallelConfig
+# fields); the ranks beyond TP x PP are data parallel.
+PARALLEL_PAIRS = [(("TP 2", {"tensor_parallel": 2, "sequence_parallel": False}),
+                   ("TP 2, sequence parallel", {"tensor_parallel": 2, "sequence_parallel": True})),
+                  (("PP 2", {"pipeline_parallel": 2}),
+                   ("PP 2, interleaved x 2", {"pipeline_parallel": 2, "virtual_pipeline": 2}))]
 
 
 def planned_gib(m: ModelConfig, micro: int, accumulation: int, bf16: bool, attention: str,
@@ -102,7 +102,7 @@ def planned_gib(m: ModelConfig, micro: int, accumulation: int, bf16: bool, atten
 
 def planner_layout(fields: dict, ranks: int, micro: int, distributed_optimizer: bool) -> Layout:
     """The planner's Layout for one of PARALLEL_PAIRS' layouts on `ranks` ranks."""
-    tp, pp = fields.get("tp", 1), fields.get("pp", 1)
+    tp, pp = fields.get("tensor_parallel", 1), fields.get("pipeline_parallel", 1)
     return Layout(tp=tp, pp=pp, dp=ranks // (tp * pp), micro_batch=micro, recompute=False,
                   distributed_optimizer=distributed_optimizer,
                   sequence_parallel=fields.get("sequence_parallel", tp > 1),
@@ -187,7 +187,7 @@ def main(argv=None) -> None:
                     preset="7b" if not args.tiny else "tiny",
                     model_overrides={**overrides, "num_layers": model.num_layers},
                     threads=2 if gpu else max(1, (os.cpu_count() or 2) // world),
-                    layout={**(fields or {}), "nproc": world})
+                    parallel=fields or {}, ranks=world)
             except RuntimeError as failure:
                 print(f"  {label:>12}: failed: {str(failure).strip().splitlines()[-1]}", flush=True)
                 return {"failed": str(failure)[-2000:]}
@@ -235,7 +235,7 @@ def main(argv=None) -> None:
             print(f"layouts on {ranks} ranks: {mp.num_layers} layers, micro-batch {micro}, {accumulation} "
                   f"micro-batches per data-parallel rank, {backends[0]} attention, {default}", flush=True)
             for name, fields in [layout for pair in PARALLEL_PAIRS for layout in pair]:
-                dp = ranks // (fields.get("tp", 1) * fields.get("pp", 1))
+                dp = ranks // (fields.get("tensor_parallel", 1) * fields.get("pipeline_parallel", 1))
                 result = measure(backends[0], default, mp, fields, label=f"{name}{f' x DP {dp}' if dp > 1 else ''}")
                 if result is not None:
                     results["parallel"][name] = {**result, "layout": fields, "dp": dp}

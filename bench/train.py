@@ -27,7 +27,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from model.config import ModelConfig, tiny  # noqa: E402
 from model.data import TrainSamples, load_manifest  # noqa: E402
-from tasks.lib.launch import PretrainConfig, launch_command  # noqa: E402
+from model.run_config import RunConfig, TrainJob  # noqa: E402
+from tasks.lib.commands import launch_command  # noqa: E402
 
 
 class RMSNorm(nn.Module):
@@ -115,14 +116,16 @@ def plain_training(m: ModelConfig, samples: TrainSamples, steps: int, global_bat
 
 
 def model_train_records(manifest: str | Path, train: dict, preset: str = "tiny", model_overrides: dict | None = None,
-                        threads: int = 2, layout: dict | None = None) -> list[dict]:
-    """Run `model.train` (torchrun, as the pretrain task does) and return its metrics.jsonl records, one per step;
-    no checkpoints. `layout`: PretrainConfig's layout fields (tp, pp, nproc, sequence_parallel, virtual_pipeline);
-    default one rank. Raises with the run's last output if it fails (out of memory, say)."""
-    config = PretrainConfig(**{"nproc": 1, **(layout or {})}, preset=preset, model_overrides=model_overrides or {},
-                            train={"warmup_steps": 1, "log_every": 1, "eval_every": 10**6, "save_every": 0, **train})
+                        threads: int = 2, parallel: dict | None = None, ranks: int = 1) -> list[dict]:
+    """Run `model.train` (torchrun, as the training stages do) and return its metrics.jsonl records, one per step;
+    no checkpoints. `parallel`: ParallelConfig's fields; the ranks beyond TP x PP are data parallel. Raises with the
+    run's last output if it fails (out of memory, say)."""
+    config = RunConfig(preset=preset, model_overrides=model_overrides or {}, parallel=parallel or {},
+                       train={"warmup_steps": 1, "log_every": 1, "eval_every": 10**6, "save_every": 0, **train},
+                       launch={"nproc": ranks})
     with tempfile.TemporaryDirectory() as run_dir:
-        cmd = launch_command(config, Path(manifest), Path(run_dir))
+        TrainJob(config=config, manifest=str(manifest)).write(Path(run_dir))
+        cmd = launch_command(config, Path(run_dir))
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         if proc.returncode != 0:

@@ -9,7 +9,7 @@ the previous checkpoint and `latest` untouched.
 The model loads at any TP/PP. So does the optimizer state, except the distributed optimizer's: it is saved in its
 own flat-buffer layout ("dp_reshardable", Megatron's default: every rank writes its shard, nothing is gathered),
 which reshards across data-parallel sizes only. To change TP/PP with it, start a new run from the checkpoint's
-weights (`--init-from`).
+weights (a `Start` of kind checkpoint, model/run_config.py).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, train_state: dict) -> Path:
 
 
 def save_weights(directory: Path, model, train_state: dict, files: dict[str, Path] | None = None) -> Path:
-    """A model-only checkpoint written by one process (model/import_hf.py): `--init-from` loads it at any TP/PP.
+    """A model-only checkpoint written by one process (model/import_hf.py): a run started from it loads it at any TP/PP.
     `files` are copied in ({name inside: source}). Written to `<directory>.tmp` and renamed when complete."""
     from megatron.core import dist_checkpointing
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from pydantic import BaseModel, ConfigDict, model_validator
+
 
 VOCAB_MULTIPLE = 128
 
@@ -137,11 +139,18 @@ PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 FP8_RECIPES = ("delayed", "tensorwise")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(BaseModel):
+    """How one run trains: optimizer, schedule, batches, evaluation, checkpoints, precision and data-parallel
+    communication. A deployment sets any field (`run: {train: {...}}`); the trainer reads it from the run's
+    `train_job.json` (model/run_config.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
     steps: int = 200
-    global_batch: int = 16  # sequences per optimizer step, across data-parallel ranks and micro-batches
-    micro_batch: int = 4  # sequences per forward/backward on one rank
+    global_batch: int = 16
+    """Sequences per optimizer step, across data-parallel ranks and micro-batches."""
+    micro_batch: int = 4
+    """Sequences per forward/backward on one rank."""
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 20
@@ -152,26 +161,37 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 8
-    save_every: int = 100  # and at the last step; 0: no checkpoints (benchmarks)
+    save_every: int = 100
+    """Checkpoint every this many steps and at the last step; 0: no checkpoints (benchmarks)."""
     recompute_activations: bool = False
-    attention_backend: str = "auto"  # auto | te | sdpa | local (model/gpt.py); auto = te if installed, else sdpa
-    # Precision and data-parallel communication. None = the device's default (`for_device`): on GPU bf16, the
-    # distributed optimizer and both overlaps; on CPU fp32 and none of them. Any of them can be turned on on CPU.
-    # precision: fp32 | bf16 | fp16 | fp8. bf16 and fp16 keep parameters and activations in 16 bits with fp32
-    # master weights in the optimizer; fp16 adds Megatron's dynamic loss scaler (the settings below); fp8 runs the
-    # linear layers' matmuls in fp8 through Transformer Engine (bf16 parameters), recipe `fp8_recipe`.
+    attention_backend: str = "auto"
+    """auto | te | sdpa | local (model/gpt.py); auto = te if installed, else sdpa."""
     precision: str | None = None
-    bf16: bool | None = None  # the older switch: bf16 true = precision bf16, false = fp32 (said in the log)
-    fp8_recipe: str = "delayed"  # delayed | tensorwise: Megatron-Core's fp8 scaling recipes
-    initial_loss_scale: float = 2.0**32  # fp16: Megatron's defaults; the scale halves after `hysteresis`
-    loss_scale_window: int = 1000  # overflowing steps (which are skipped) and doubles after this many clean ones
+    """fp32 | bf16 | fp16 | fp8; None: the device's default (bf16 on GPU, fp32 on CPU). bf16 and fp16 keep
+    parameters and activations in 16 bits with fp32 master weights in the optimizer; fp16 adds Megatron's dynamic
+    loss scaler (the settings below); fp8 runs the linear layers' matmuls in fp8 through Transformer Engine (bf16
+    parameters), recipe `fp8_recipe`."""
+    fp8_recipe: str = "delayed"
+    """delayed | tensorwise: Megatron-Core's fp8 scaling recipes."""
+    initial_loss_scale: float = 2.0**32
+    """fp16: Megatron's defaults; the scale halves after `hysteresis` overflowing steps (which are skipped) and
+    doubles after `loss_scale_window` clean ones."""
+    loss_scale_window: int = 1000
     hysteresis: int = 2
-    distributed_optimizer: bool | None = None  # ZeRO-1: optimizer state and master weights sharded over DP ranks
-    overlap_grad_reduce: bool | None = None  # reduce gradient buckets during backward, not after it
-    overlap_param_gather: bool | None = None  # all-gather updated parameters during the next forward
-    grad_reduce_dtype: str = "fp32"  # fp32 | bf16: bf16 halves gradient communication (and accumulates in bf16)
+    distributed_optimizer: bool | None = None
+    """ZeRO-1: optimizer state and master weights sharded over DP ranks. None: on for GPU, off for CPU (also the
+    two overlaps below); any of them can be turned on on CPU."""
+    overlap_grad_reduce: bool | None = None
+    """Reduce gradient buckets during backward, not after it."""
+    overlap_param_gather: bool | None = None
+    """All-gather updated parameters during the next forward."""
+    grad_reduce_dtype: str = "fp32"
+    """fp32 | bf16: bf16 halves gradient communication (and accumulates in bf16)."""
+    peak_tflops: float | None = None
+    """One accelerator's dense peak TFLOP/s at this precision, for MFU; None: the known GPUs' figures."""
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
         problems = []
         if self.warmup_steps >= self.steps:
             problems.append(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
@@ -182,19 +202,15 @@ class TrainConfig:
             problems.append(f"attention_backend {self.attention_backend!r} must be one of auto, te, sdpa, local")
         if self.precision not in (None, *PRECISIONS):
             problems.append(f"precision {self.precision!r} must be one of {', '.join(PRECISIONS)}")
-        if self.bf16 is not None and self.precision is not None and self.precision != ("bf16" if self.bf16
-                                                                                          else "fp32"):
-            problems.append(f"bf16 {str(self.bf16).lower()} contradicts precision {self.precision}; drop bf16 (it "
-                            f"is the older name of precision bf16)")
         if self.fp8_recipe not in FP8_RECIPES:
             problems.append(f"fp8_recipe {self.fp8_recipe!r} must be one of {', '.join(FP8_RECIPES)}")
         if self.initial_loss_scale <= 0 or self.loss_scale_window < 1 or self.hysteresis < 1:
             problems.append("initial_loss_scale must be positive, loss_scale_window and hysteresis at least 1")
         if self.grad_reduce_dtype not in ("fp32", "bf16"):
             problems.append(f"grad_reduce_dtype {self.grad_reduce_dtype!r} must be fp32 or bf16")
-        elif self.grad_reduce_dtype == "bf16" and self.resolved_precision in ("fp32", "fp16"):
+        elif self.grad_reduce_dtype == "bf16" and self.precision in ("fp32", "fp16"):
             problems.append(f"grad_reduce_dtype bf16 needs bf16 parameters; set precision bf16 or grad_reduce_dtype "
-                            f"fp32 ({self.resolved_precision} parameters reduce their gradients in fp32)")
+                            f"fp32 ({self.precision} parameters reduce their gradients in fp32)")
         if self.overlap_param_gather and self.distributed_optimizer is False:
             problems.append("overlap_param_gather needs distributed_optimizer (it gathers the optimizer's "
                             "parameter shards); set distributed_optimizer true or overlap_param_gather false")
@@ -207,22 +223,23 @@ class TrainConfig:
             problems.append(f"min_lr ({self.min_lr}) must be between 0 and lr ({self.lr})")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
+        return self
 
-    @property
-    def resolved_precision(self) -> str | None:
-        """precision, else what the older bf16 switch says, else None (the device decides)."""
-        if self.precision is not None or self.bf16 is None:
-            return self.precision
-        return "bf16" if self.bf16 else "fp32"
+    def replace(self, **changes) -> TrainConfig:
+        """A copy with `changes`, validated again."""
+        return TrainConfig(**{**self.model_dump(), **changes})
+
+    def over(self, defaults: TrainConfig) -> TrainConfig:
+        """`defaults` with the fields given explicitly here on top: a deployment that sets `steps` keeps the rest
+        of a stage's defaults (SFT's learning rate, for one)."""
+        return defaults.replace(**self.model_dump(include=self.model_fields_set))
 
     def for_device(self, gpu: bool) -> TrainConfig:
         """These settings with the device's defaults in place of None (validated again): everything on for a GPU,
-        off for the CPU; on a GPU overlap_param_gather follows distributed_optimizer, which it needs. The
-        resolved precision is in `precision` (the bf16 alias becomes it)."""
+        off for the CPU; on a GPU overlap_param_gather follows distributed_optimizer, which it needs."""
         resolved = {name: gpu for name in ("distributed_optimizer", "overlap_grad_reduce")
                     if getattr(self, name) is None}
-        resolved["precision"] = self.resolved_precision or ("bf16" if gpu else "fp32")
-        resolved["bf16"] = None
+        resolved["precision"] = self.precision or ("bf16" if gpu else "fp32")
         if self.overlap_param_gather is None:
             resolved["overlap_param_gather"] = gpu and resolved.get("distributed_optimizer", self.distributed_optimizer)
-        return dataclasses.replace(self, **resolved)
+        return self.replace(**resolved)

@@ -4,7 +4,7 @@
 
 It reads the folder's `config.json` and safetensors weights (one file, or shards listed by
 `model.safetensors.index.json`) one tensor at a time, and writes a dist_checkpointing checkpoint that
-`model.train --init-from` loads at any TP/PP (the format is layout-free; `--tp/--pp` check that the model can be laid
+a training run started from it loads at any TP/PP (the format is layout-free; `--tp/--pp` check that the model can be laid
 out so before anything is written). The checkpoint's train_state.json records the model config (preset `hf`), the
 original config.json (export starts from it) and the tokenizer, whose files are copied into `tokenizer/`.
 
@@ -27,6 +27,11 @@ from model.config import ModelConfig, ParallelConfig, TrainConfig
 from model.tokenizer import TOKENIZER_FILES, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A Hugging Face model folder (config.json and weights), as opposed to a checkpoint or a run directory."""
+    return (Path(path) / "config.json").is_file() and not (Path(path) / "train_state.json").is_file()
 
 
 def read_hf_config(hf_dir: Path) -> dict:
@@ -202,7 +207,7 @@ def import_hf(hf_dir: Path, out: Path, parallel: ParallelConfig = ParallelConfig
                              f"{m.vocab_size}")
         tokenizer = {"dir": "tokenizer", "sha256": tok.sha256}
     state = {"step": 0, "consumed_samples": 0, "preset": "hf", "model": dataclasses.asdict(m), "manifest": None,
-             "init_from": None, "distributed_optimizer": False, "step_offset": 0, "hf_config": hf_config,
+             "distributed_optimizer": False, "step_offset": 0, "hf_config": hf_config,
              "tokenizer": tokenizer, "imported_from": str(hf_dir), "dtype": dtype,
              "layout": {"tp": parallel.tensor_parallel, "pp": parallel.pipeline_parallel}}
     save_weights(out, gpt, state, tokenizer_files)

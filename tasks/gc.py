@@ -7,7 +7,7 @@
 What is kept:
   * every manifest (`shard/`, `append/`, `sft_data/`) that a training run under the runs directory used, and
     every imported model (`import_hf/`) one started from: each checkpoint's train_state.json names its manifest
-    and its `init_from`;
+    and its start (`start.checkpoint`);
   * for each data spec, its `--keep` most recently built manifests;
   * everything a kept artifact refers to, transitively: its `_artifact.json` names the upstream artifacts it was
     built from (documents, tokenizer, cleaned sources, ...), and an appended manifest lists earlier shards;
@@ -72,8 +72,10 @@ def kept_roots(artifacts: dict[str, Artifact], runs_dir: Path, keep: int, min_ag
     for state in sorted(runs_dir.glob("*/checkpoints/*/train_state.json")) if runs_dir.is_dir() else []:
         recorded = json.loads(state.read_text())
         run = state.parent.parent.parent.name
-        for key, why in (("manifest", f"trained on by {run}"), ("init_from", f"started from by {run}")):
-            if recorded.get(key) and (match := ARTIFACT_ID.search(str(Path(recorded[key]).resolve()))):
+        used = ((recorded.get("manifest"), f"trained on by {run}"),
+                ((recorded.get("start") or {}).get("checkpoint"), f"started from by {run}"))
+        for path, why in used:
+            if path and (match := ARTIFACT_ID.search(str(Path(path).resolve()))):
                 roots.setdefault(match[0], why)
     by_spec: dict[str, list[Artifact]] = {}
     for artifact in artifacts.values():

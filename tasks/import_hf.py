@@ -19,12 +19,6 @@ from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, PinnedFiles, bu
 from tasks.spec import resolve_path
 
 
-def is_hf_folder(path: str | Path) -> bool:
-    """A Hugging Face model folder (config.json and weights), as opposed to a checkpoint or a run directory."""
-    path = resolve_path(path)
-    return (path / "config.json").is_file() and not (path / "train_state.json").is_file()
-
-
 def pin_hf_model(hf_dir: str, setting: str = "init_from_hf") -> PinnedFiles:
     """The folder's config, weights and tokenizer files by checksum; fails fast on a folder that is not a Llama
     model this project can import (`setting` names the parameter to change)."""

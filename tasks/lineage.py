@@ -15,11 +15,18 @@ from pathlib import Path
 
 from model.data import load_manifest
 from model.checkpoint import read_train_state, resolve_checkpoint
+from model.run_config import Start
 
 
 def lineage(path: str | Path) -> dict:
+    """What a checkpoint came from: a trained one's manifest, settings and sources, and where its weights started
+    (recursively); an imported one's Hugging Face folder."""
     checkpoint = resolve_checkpoint(Path(path))
     state = read_train_state(checkpoint)
+    if state.get("imported_from"):  # model/import_hf.py: no data, no start
+        return {"checkpoint": str(checkpoint), "imported_from": state["imported_from"], "dtype": state.get("dtype"),
+                "model": state["model"], "tokenizer": state.get("tokenizer"),
+                "hf_model_type": state.get("hf_config", {}).get("model_type")}
     manifest_dir = Path(state["manifest"])
     manifest = load_manifest(manifest_dir)
     meta = manifest["lineage"]
@@ -44,13 +51,22 @@ def lineage(path: str | Path) -> dict:
                        for i in meta.get("increments", [])],
         "upstream_artifacts": meta.get("upstream", {}),
     }
-    if state.get("init_from"):
-        out["initialised_from"] = lineage(state["init_from"])
+    start = Start.model_validate(state["start"])
+    out["start"] = start.kind
+    if start.checkpoint:
+        out["initialised_from"] = lineage(start.checkpoint)
     return out
 
 
 def print_lineage(info: dict, indent: str = "") -> None:
     p = lambda text: print(indent + text)  # noqa: E731
+    if "imported_from" in info:
+        tokenizer = info["tokenizer"]
+        p(f"checkpoint  {info['checkpoint']} (imported, {info['dtype']})")
+        p(f"imported    from the Hugging Face folder {info['imported_from']} (model_type {info['hf_model_type']}, "
+          f"{info['model']['num_layers']} layers, hidden {info['model']['hidden_size']})")
+        p(f"tokenizer   " + (f"the folder's own (sha256 {tokenizer['sha256'][:12]})" if tokenizer else "none"))
+        return
     p(f"checkpoint  {info['checkpoint']} (step {info['step']}, {info['consumed_samples']:,} samples, "
       f"preset {info['preset']})")
     m = info["manifest"]
@@ -72,7 +88,7 @@ def print_lineage(info: dict, indent: str = "") -> None:
             for file, digest in files:
                 p(f"appended    v{increment['data_version']} {source}: {file} (sha256 {digest[:12]})")
     if "initialised_from" in info:
-        p("initialised from:")
+        p(f"initialised from ({info['start'].replace('_', ' ')}):")
         print_lineage(info["initialised_from"], indent + "    ")
 
 

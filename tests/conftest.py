@@ -25,8 +25,8 @@ from tasks.spec import PROJECT_ROOT, DataSpec, ExecutorConfig, SFTSpec
 
 ROOT = PROJECT_ROOT
 # Six steps of the tiny model: it learns visibly, checkpoints at steps 3 and 6, and evaluates at both.
-FAST = ["--steps", "6", "--warmup-steps", "1", "--global-batch", "8", "--micro-batch", "2", "--log-every", "1",
-        "--eval-every", "3", "--eval-batches", "4", "--save-every", "3", "--lr", "3e-3"]
+FAST = {"steps": 6, "warmup_steps": 1, "global_batch": 8, "micro_batch": 2, "log_every": 1, "eval_every": 3,
+        "eval_batches": 4, "save_every": 3, "lr": 3e-3}
 
 BUNDLED = PROJECT_ROOT / "data" / "bundled"
 # One process per datatrove pipeline keeps small test runs fast; the multi-process path runs in the flow tests.
@@ -101,7 +101,7 @@ def pretrained_by_flow(prefect_server, small_corpus, tmp_path_factory) -> FlowRu
     root = tmp_path_factory.mktemp("flow")
     spec = small_spec(small_corpus, root / "artifacts", sharding={"seq_len": 64, "validation_fraction": 0.05})
     spec_path = write_spec(root / "spec.yaml", spec)
-    state = pretrain_flow(str(spec_path), train=FLOW_TRAIN, runs_dir=str(root / "runs"), return_state=True)
+    state = pretrain_flow(str(spec_path), {"train": FLOW_TRAIN}, runs_dir=str(root / "runs"), return_state=True)
     return FlowRun(state, spec_path, root / "runs")
 
 
@@ -138,17 +138,38 @@ def tiny_manifest(small_corpus, tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------- training under torchrun
 
-def launch_cmd(nproc: int, *args: str) -> list[str]:
+def write_job(run_dir: Path, manifest: Path, train: dict | None = None, start: str | None = None,
+              **config) -> Path:
+    """The run's train_job.json, as the launcher writes it: FAST with `train` on top, the RunConfig fields in
+    `config` (parallel, preset, model_overrides), and the checkpoint it starts from (`start`)."""
+    from model.run_config import RunConfig, Start, TrainJob
+
+    job = TrainJob(config=RunConfig(**config, train={**FAST, **(train or {})}), manifest=str(manifest),
+                   start=Start(kind="checkpoint", checkpoint=str(start)) if start else Start())
+    return job.write(Path(run_dir))
+
+
+def launch_cmd(nproc: int, *args: str, module: str = "model.train") -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "model.train", *args]
+            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", module, *args]
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = launch_cmd(nproc, *args)
+def torchrun(nproc: int, *args: str, module: str = "model.train", timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = launch_cmd(nproc, *args, module=module)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def train(nproc: int, run_dir: Path, manifest: Path, **job) -> subprocess.CompletedProcess:
+    """model.train on `nproc` gloo ranks, its job written first (`write_job`'s arguments)."""
+    return torchrun(nproc, str(write_job(run_dir, manifest, **job)))
+
+
+def eval_checkpoint(nproc: int, job: Path, checkpoint: Path, *args: str) -> subprocess.CompletedProcess:
+    """model.eval_checkpoint on `nproc` gloo ranks with the layout and settings of the job file `job`."""
+    return torchrun(nproc, str(job), str(checkpoint), *args, module="model.eval_checkpoint")
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -197,16 +218,14 @@ class TrainedRun:
 def tp1_run(tiny_manifest, tmp_path_factory) -> TrainedRun:
     """One rank, fp32, the default attention backend (sdpa on CPU)."""
     run_dir = tmp_path_factory.mktemp("tp1_run")
-    proc = torchrun(1, "--manifest", str(tiny_manifest), "--run-dir", str(run_dir), *FAST)
-    return TrainedRun(run_dir, proc.stdout)
+    return TrainedRun(run_dir, train(1, run_dir, tiny_manifest).stdout)
 
 
 @pytest.fixture(scope="session")
 def tp2_run(tiny_manifest, tmp_path_factory) -> TrainedRun:
     """Two ranks at tensor-parallel 2."""
     run_dir = tmp_path_factory.mktemp("tp2_run")
-    proc = torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(run_dir), "--tp", "2", *FAST)
-    return TrainedRun(run_dir, proc.stdout)
+    return TrainedRun(run_dir, train(2, run_dir, tiny_manifest, parallel={"tensor_parallel": 2}).stdout)
 
 
 def sft_spec(path: Path, **overrides) -> SFTSpec:
@@ -247,7 +266,7 @@ def pytest_itemcollected(item):  # as each test is collected, before xdist reads
             break
 
 
-EVAL_LAYOUTS = {"tp1": (1, []), "tp2": (2, ["--tp", "2"]), "pp2": (2, ["--pp", "2"])}
+EVAL_LAYOUTS = {"tp1": (1, {}), "tp2": (2, {"tensor_parallel": 2}), "pp2": (2, {"pipeline_parallel": 2})}
 
 
 @pytest.fixture(scope="session")
@@ -257,10 +276,10 @@ def tp1_evaluations(tp1_run, tiny_manifest, packed_sft_manifest, tmp_path_factor
     {(layout, backend, "pretrain" | "sft"): its EVAL record}"""
     manifests = {str(tiny_manifest): "pretrain", str(packed_sft_manifest[0]): "sft"}
     results = {}
-    for layout, (nproc, flags) in EVAL_LAYOUTS.items():
-        proc = torchrun(nproc, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path_factory.mktemp("eval")),
-                        *FAST, *flags, "--eval-only", str(tp1_run.checkpoint), "--eval-manifests", *manifests,
-                        "--eval-backends", "sdpa", "local")
+    for layout, (nproc, parallel) in EVAL_LAYOUTS.items():
+        job = write_job(tmp_path_factory.mktemp("eval"), tiny_manifest, parallel=parallel)
+        proc = eval_checkpoint(nproc, job, tp1_run.checkpoint, "--manifests", *manifests, "--backends", "sdpa",
+                               "local")
         for record in eval_lines(proc.stdout):
             results[layout, record["attention_backend"], manifests[record["manifest"]]] = record
     return results

@@ -49,7 +49,7 @@ def test_tiny_mode_runs_each_precision_layout_and_the_plain_baseline(tmp_path):
         assert r["tokens_per_s"] > 0 and r["dp"] == 1, name
         # the planner within 50% of rank 0's measured peak on these 0.1 GiB runs (tests/test_plan.py is tighter)
         assert 0.5 < r["planned_gib"] / r["peak_mem_gib"] < 1.5, (name, r)
-    assert parallel["PP 2, interleaved x 2"]["layout"] == {"pp": 2, "virtual_pipeline": 2}
+    assert parallel["PP 2, interleaved x 2"]["layout"] == {"pipeline_parallel": 2, "virtual_pipeline": 2}
     assert "layouts on 2 ranks: 4 layers" in proc.stdout and "vs without" in proc.stdout
     fp16 = results["precisions"]["fp16"]  # the fp16 path (loss scaler) on CPU, its MFU against fp16's peak
     assert fp16["tokens_per_s"] > 0 and fp16["skipped_steps"] == 0 and "sdpa, fp16" in proc.stdout

@@ -190,7 +190,7 @@ def test_new_files_are_ingested_incrementally(small_corpus, tmp_path, capsys):
         (path / "checkpoint").mkdir(parents=True)
         (path / "_artifact.json").write_text(json.dumps({"stage": "import_hf", "built_at": 0, "files": {}}))
     state.write_text(json.dumps({"step": 1, "manifest": str(Path(second_path).parent),
-                                 "init_from": str(imports[0] / "checkpoint")}))
+                                 "start": {"kind": "hf_import", "checkpoint": str(imports[0] / "checkpoint")}}))
     failed = artifacts / "clean" / "failed-0123456789abcdef0123"  # a failed build's files, however recent
     failed.mkdir()
     (failed / "quarantine.jsonl").write_text("{}\n")
@@ -272,7 +272,7 @@ def test_new_data_triggers_exactly_one_continued_pretraining(small_corpus, tmp_p
     runs_dir = str(tmp_path / "runs")
     train = {"steps": 12, "global_batch": 8, "micro_batch": 4, "warmup_steps": 2, "eval_every": 6,
              "eval_batches": 2, "log_every": 6, "save_every": 6}
-    first_run = pretrain_flow(str(spec_path), train=train, runs_dir=runs_dir)  # data flow as a step: no event
+    first_run = pretrain_flow(str(spec_path), {"train": train}, runs_dir=runs_dir)  # data flow as a step: no event
     assert triggered_runs(0) == []
 
     write_jsonl(corpus / "sotu" / "part-1.jsonl", bundled_docs("sotu", 44)[40:])
@@ -284,13 +284,13 @@ def test_new_data_triggers_exactly_one_continued_pretraining(small_corpus, tmp_p
     assert len(triggered_runs(1)) == 1
 
     # What the worker would run: the deployment's parameters with the event's filled in.
-    params = {**run.parameters, "train": train, "runs_dir": runs_dir}
+    params = {**run.parameters, "run": {**run.parameters["run"], "train": train}, "runs_dir": runs_dir}
     second_run = pretrain_flow(**params)
     state = read_train_state(resolve_checkpoint(second_run))
     assert (state["step"], Path(state["manifest"])) == (12, Path(manifest).parent)
-    assert Path(state["init_from"]) == resolve_checkpoint(first_run)
+    assert state["start"] == {"kind": "checkpoint", "checkpoint": str(resolve_checkpoint(first_run))}
     info = lineage(second_run)
-    assert info["initialised_from"]["checkpoint"] == state["init_from"]
+    assert info["start"] == "checkpoint" and info["initialised_from"]["checkpoint"] == state["start"]["checkpoint"]
     assert info["manifest"]["data_version"] == 2
     assert info["increments"][0]["new_files"]["sotu"][0][0] == str(corpus / "sotu" / "part-1.jsonl")
     assert pretrain_flow(**params) == second_run  # the same event again resumes that run, it does not chain

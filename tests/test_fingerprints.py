@@ -137,7 +137,7 @@ def test_only_fields_that_change_the_output_are_in_a_key():
     """Where and how a stage or a training run is executed leaves its key alone; the task count (which moves
     shard boundaries) and the model's layout do not."""
     from tasks.lib.artifacts import ArtifactRef, stage_fingerprint
-    from tasks.lib.launch import PretrainConfig, SlurmLaunch
+    from model.run_config import RunConfig
     from tasks.lib.runs import run_key
     from tasks.spec import ExecutorConfig
 
@@ -151,10 +151,13 @@ def test_only_fields_that_change_the_output_are_in_a_key():
     assert key(ExecutorConfig(), path="/elsewhere/download/" + "0" * 20) == local
     assert key(ExecutorConfig(tasks=8)) != local
 
-    config = PretrainConfig(train={"steps": 10})
+    config = RunConfig(train={"steps": 30})
     run = run_key(manifest="m", config=config)
-    assert run_key(manifest="m", config=config.model_copy(update={
-        "launcher": "slurm", "slurm": SlurmLaunch(partition="big", time="96:00:00", sbatch_args={"account": "x"})
-    })) == run
-    assert run_key(manifest="m", config=config.model_copy(update={"tp": 2})) != run
-    assert run_key(manifest="m", config=config.model_copy(update={"train": {"steps": 20}})) != run
+    assert run_key(manifest="m", config=config.replace(launch={
+        "launcher": "slurm", "slurm": {"partition": "big", "time": "96:00:00", "sbatch_args": {"account": "x"}},
+        "max_restarts": 5, "step_timeout_s": 60, "gpus_required": True})) == run
+    assert run_key(manifest="m", config=config.replace(parallel={"tensor_parallel": 2})) != run
+    assert run_key(manifest="m", config=config.replace(launch={"nproc": 2})) != run  # data parallel 2
+    assert run_key(manifest="m", config=config.replace(train={"steps": 40})) != run
+    # The same settings however they were given: explicitly, or left at their defaults.
+    assert run_key(manifest="m", config=RunConfig(train={"steps": 30, "lr": 3e-3})) == run

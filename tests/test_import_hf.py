@@ -20,6 +20,8 @@ from model.data import token_rows
 from model.import_hf import check_layout, model_config_from_hf
 from hf_models import llama2_like, llama3_like
 
+from tasks.lineage import lineage
+
 from conftest import ROOT, bundled_docs, metrics, sft_spec, write_jsonl
 
 SHAPES = ("llama2", "llama3")
@@ -174,13 +176,13 @@ def test_continued_pretraining_from_an_import_starts_at_transformers_loss_and_le
     spec = yaml.safe_load(pretrained_by_flow.spec_path.read_text())
     spec["tokenizer"] = {"pretrained": str(hf_models["llama3"])}
     (tmp_path / "other.yaml").write_text(yaml.safe_dump(spec))
-    wrong = pretrain_flow(str(tmp_path / "other.yaml"), init_from_hf=str(folder), train=HF_TRAIN,
+    wrong = pretrain_flow(str(tmp_path / "other.yaml"), {"train": HF_TRAIN}, init_from_hf=str(folder),
                           runs_dir=str(tmp_path / "runs"), return_state=True)
     with pytest.raises(ValueError, match=r"tokenizer.pretrained \(.*llama3\) is not the model's"):
         wrong.result()
 
     # The spec says nothing of tokenizers: the data flow tokenizes with the model's own.
-    run_dir = Path(pretrain_flow(str(pretrained_by_flow.spec_path), init_from_hf=str(folder), train=HF_TRAIN,
+    run_dir = Path(pretrain_flow(str(pretrained_by_flow.spec_path), {"train": HF_TRAIN}, init_from_hf=str(folder),
                                  runs_dir=str(tmp_path / "runs")))
     state = read_train_state(resolve_checkpoint(run_dir))
     assert state["preset"] == "hf" and state["model"]["tie_embeddings"] and state["hf_config"]["vocab_size"] == 1000
@@ -204,6 +206,16 @@ def test_continued_pretraining_from_an_import_starts_at_transformers_loss_and_le
     assert losses[0] == pytest.approx(reference, rel=1e-5)
     assert losses[-1] < losses[0] - 0.1
 
+    # Its lineage: the manifest it trained on, and the import it started from, down to the Hugging Face folder.
+    info = lineage(run_dir)
+    assert state["start"]["kind"] == info["start"] == "hf_import"
+    assert info["initialised_from"]["imported_from"] == str(folder)
+    assert info["initialised_from"]["tokenizer"]["sha256"] == tokenizer.sha256
+    printed = subprocess.run([sys.executable, "-m", "tasks.lineage", str(run_dir)], cwd=ROOT, capture_output=True,
+                             text=True)
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    assert f"from the Hugging Face folder {folder}" in printed.stdout and "initialised from (hf import):" in printed.stdout
+
 
 @pytest.mark.usefixtures("prefect_server")
 def test_sft_from_a_hugging_face_folder_uses_its_chat_template(hf_models, tmp_path):
@@ -222,7 +234,7 @@ def test_sft_from_a_hugging_face_folder_uses_its_chat_template(hf_models, tmp_pa
     spec_path = tmp_path / "sft.yaml"
     spec_path.write_text(yaml.safe_dump(sft_spec(write_jsonl(tmp_path / "chats.jsonl", chats),
                                                  validation_fraction=0.1).model_dump(mode="json", exclude_defaults=True)))
-    run_dir = Path(sft_flow(str(spec_path), pretrained=str(folder), train=HF_TRAIN, seq_len=64,
+    run_dir = Path(sft_flow(str(spec_path), pretrained=str(folder), run={"train": HF_TRAIN}, seq_len=64,
                             runs_dir=str(tmp_path / "runs"), artifacts_dir=str(tmp_path / "artifacts")))
     records = metrics(run_dir)
     assert records[-1]["loss"] < records[0]["loss"]

@@ -3,71 +3,88 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
 
-from model.config import TrainConfig, llama2_7b
+from model.config import llama2_7b
 from model.plan import recommend
 from model.distributed import free_port
-from tasks.lib.launch import PretrainConfig, SlurmLaunch, launch_command, slurm_script, train_args
+from model.run_config import JOB_FILE, RunConfig, TrainJob
+from tasks.lib.commands import launch_command, slurm_script
 
 from conftest import FAST, ROOT, metrics, tensorboard_scalars
 
 
 def test_launch_command_per_layout(tmp_path):
-    one = launch_command(PretrainConfig(tp=2, pp=2), Path("m"), tmp_path / "run")
+    one = launch_command(RunConfig(parallel={"tensor_parallel": 2, "pipeline_parallel": 2}), tmp_path / "run")
     assert one[one.index("--nproc-per-node") + 1] == "4" and one[one.index("--master-addr") + 1] == "127.0.0.1"
-    with pytest.raises(ValueError, match="rdzv_endpoint"):
-        launch_command(PretrainConfig(nnodes=2), Path("m"), tmp_path / "run")
-    two = launch_command(PretrainConfig(tp=2, nproc=8, nnodes=2, node_rank=1, rdzv_endpoint="node0:29400"),
-                         Path("m"), tmp_path / "run")
-    flags = dict(zip(two[3:-1:2], two[4::2]))
+    with pytest.raises(ValueError, match="launch.rdzv_endpoint"):
+        launch_command(RunConfig(launch={"nnodes": 2}), tmp_path / "run")
+    two = launch_command(RunConfig(parallel={"tensor_parallel": 2}, launch={
+        "nproc": 8, "nnodes": 2, "node_rank": 1, "rdzv_endpoint": "node0:29400"}), tmp_path / "run")
+    flags = dict(zip(two[3:-3:2], two[4:-3:2]))
     assert {k: flags[k] for k in ("--nnodes", "--node-rank", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id")} == {
         "--nnodes": "2", "--node-rank": "1", "--rdzv-backend": "c10d", "--rdzv-endpoint": "node0:29400",
         "--rdzv-id": "run"}
     assert "--master-addr" not in two
+    # The trainer gets its job file and nothing else: no setting travels as a flag.
+    assert two[-3:] == ["-m", "model.train", str(tmp_path / "run" / JOB_FILE)]
 
 
-def test_every_deployments_train_settings_reach_model_train():
-    """Each `train` dict of prefect.yaml becomes model.train flags that its own parser reads back as the same
-    TrainConfig values (booleans included: `--no-recompute-activations`, not `--recompute-activations=False`)."""
-    from model.train import parse_args
-
+def deployment_runs() -> list[dict]:
+    """Every RunConfig that prefect.yaml gives a flow (`run`, and the pipeline's `pretrain` and `sft`)."""
     deployments = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]
-    train_dicts = [value for d in deployments for key, value in d["parameters"].items()
-                   if key in ("train", "pretrain_train", "sft_train") and value]
-    train_dicts.append({"precision": "bf16", "distributed_optimizer": True, "overlap_param_gather": False,
-                        "grad_reduce_dtype": "bf16"})
-    assert any("recompute_activations" in t for t in train_dicts)
-    for train in train_dicts:
-        args = parse_args(train_args(PretrainConfig(train=train), Path("m"), Path("run"))[2:])
-        assert {k: getattr(args, k) for k in train} == train
-        TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
+    return [value for d in deployments for key, value in d["parameters"].items() if key in ("run", "pretrain", "sft")]
+
+
+def test_every_deployments_run_config_is_what_every_rank_reads(tmp_path):
+    """Each `run` of prefect.yaml validates as RunConfig, and the train_job.json the launcher writes for it is read
+    back by the trainer as the same config, with every train setting the deployment gave."""
+    runs = deployment_runs()
+    assert len(runs) >= 10 and any("recompute_activations" in r.get("train", {}) for r in runs)
+    for i, given in enumerate(runs):
+        config = RunConfig.model_validate(given)
+        read = TrainJob.read(TrainJob(config=config, manifest="m").write(tmp_path / str(i))).config
+        assert read == config
+        assert {k: getattr(read.train, k) for k in given.get("train", {})} == given.get("train", {})
 
 
 def test_slurm_script_for_7b_on_two_nodes_of_eight_h100(tmp_path):
-    """The worked example of docs/scaling.md: the planner's layout for 16 x 80 GiB, as an sbatch script."""
+    """The worked example of docs/scaling.md: the planner's layout for 16 x 80 GiB, as an sbatch script. Run by
+    bash on a "node" (scontrol from tests/scripts/fake_slurm, an srun that prints the command as the node's shell
+    expands it), it starts torchrun with that node's rank and the first node as the rendezvous host."""
     best, _ = recommend(llama2_7b(), gpus=16, gpu_mem_gib=80, global_batch=256)
     layout = best.layout
-    config = PretrainConfig(preset="7b", tp=layout.tp, pp=layout.pp, nproc=8, nnodes=2, gpus_required=True,
-                            launcher="slurm", train={"micro_batch": layout.micro_batch,
-                                                     "recompute_activations": layout.recompute},
-                            slurm=SlurmLaunch(partition="h100", sbatch_args={"account": "llm"}))
-    script = slurm_script(config, Path("/shared/artifacts/shard/abc"), tmp_path / "run")
-    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --partition=h100", "#SBATCH --account=llm", f"#SBATCH --output={tmp_path}/run/slurm-%j.out"):
+    config = RunConfig(preset="7b", parallel={"tensor_parallel": layout.tp, "pipeline_parallel": layout.pp},
+                       train={"micro_batch": layout.micro_batch, "recompute_activations": layout.recompute},
+                       launch={"nproc": 8, "nnodes": 2, "gpus_required": True, "launcher": "slurm",
+                               "slurm": {"partition": "h100", "sbatch_args": {"account": "llm"}}})
+    script = slurm_script(config, tmp_path / "run", "pretrain")
+    for line in ("#SBATCH --job-name=pretrain-run", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
+                 "#SBATCH --gpus-per-node=8", "#SBATCH --partition=h100", "#SBATCH --account=llm",
+                 f"#SBATCH --output={tmp_path}/run/slurm-%j.out"):
         assert line in script.splitlines(), line
-    srun = next(line for line in script.splitlines() if line.startswith("srun "))
-    for part in ("--nnodes $SLURM_NNODES", "--node-rank $SLURM_NODEID", "--nproc-per-node 8", "--rdzv-backend c10d",
-                 '--rdzv-endpoint "$head":29500', "--rdzv-id $SLURM_JOB_ID", f"--tp {layout.tp}",
-                 "--preset 7b", f"--micro-batch={layout.micro_batch}"):
-        assert part in srun, part
-    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # valid shell
-    with pytest.raises(ValueError, match="partition"):
-        slurm_script(config.model_copy(update={"slurm": SlurmLaunch()}), Path("m"), tmp_path)
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shutil.copy(ROOT / "tests/scripts/fake_slurm/scontrol", bin_dir / "scontrol")
+    (bin_dir / "srun").write_text("#!/usr/bin/env bash\nwhile [[ $1 == -* ]]; do shift; done\n"
+                                  "exec bash -c \"printf '%s\\n' $3\"\n")  # $@ is: bash -c COMMAND
+    (bin_dir / "srun").chmod(0o755)
+    node = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=30, env={
+        **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_NNODES": "2", "SLURM_NODEID": "1",
+        "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node7,node8"})
+    assert node.returncode == 0, node.stderr
+    args = node.stdout.split()
+    flags = dict(zip(args[3:-3:2], args[4:-3:2]))
+    assert flags == {"--nnodes": "2", "--node-rank": "1", "--nproc-per-node": "8", "--rdzv-backend": "c10d",
+                     "--rdzv-endpoint": "node7:29500", "--rdzv-id": "77"}
+    assert args[-3:] == ["-m", "model.train", str(tmp_path / "run" / JOB_FILE)]
+    with pytest.raises(ValueError, match="launch.slurm.partition"):
+        slurm_script(config.replace(launch={"launcher": "slurm"}), tmp_path, "pretrain")
 
 
 @pytest.mark.slow
@@ -77,10 +94,10 @@ def test_two_nodes_over_loopback_train_like_one(tiny_manifest, tp2_run, tmp_path
     endpoint = f"127.0.0.1:{free_port()}"
     agents = []
     for node in (0, 1):
-        config = PretrainConfig(tp=2, nproc=1, nnodes=2, node_rank=node, rdzv_endpoint=endpoint)
-        cmd = launch_command(config, tiny_manifest, tmp_path / "two")
-        cmd = cmd[:cmd.index("--manifest")] + ["--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / "two"),
-                                                "--tp", "2", *FAST]
+        config = RunConfig(parallel={"tensor_parallel": 2}, train=FAST, launch={
+            "nproc": 1, "nnodes": 2, "node_rank": node, "rdzv_endpoint": endpoint})
+        TrainJob(config=config, manifest=str(tiny_manifest)).write(tmp_path / "two")
+        cmd = launch_command(config, tmp_path / "two")
         agents.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                        env={**os.environ, "OMP_NUM_THREADS": "1"}))
     outputs = [a.communicate(timeout=300)[0] for a in agents]
@@ -89,11 +106,6 @@ def test_two_nodes_over_loopback_train_like_one(tiny_manifest, tp2_run, tmp_path
     one, two = tp2_run.metrics(), metrics(tmp_path / "two")
     assert [r["loss"] for r in two] == [r["loss"] for r in one]
     assert [r["val_loss"] for r in two if "val_loss" in r] == [r["val_loss"] for r in one if "val_loss" in r]
-
-
-# FAST as the launcher's train settings, for runs that must match the tp2_run fixture step for step.
-FAST_TRAIN = {"steps": 6, "warmup_steps": 1, "global_batch": 8, "micro_batch": 2, "log_every": 1, "eval_every": 3,
-              "eval_batches": 4, "save_every": 3, "lr": 3e-3}
 
 
 @pytest.mark.slow
@@ -107,14 +119,14 @@ def test_a_rank_that_dies_or_stalls_restarts_the_group_and_the_run_ends_as_if_un
 
     import psutil
 
-    from tasks.lib.launch import run_training
+    from tasks.lib.supervise import run_training
 
     monkeypatch.setenv("TRAIN_FAULT", f"{fault}:1:4")
     caplog.set_level("INFO", logger="llm_pipeline")
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    records = run_training(PretrainConfig(tp=2, max_restarts=1, step_timeout_s=8, train=FAST_TRAIN), tiny_manifest,
-                           run_dir)
+    config = RunConfig(parallel={"tensor_parallel": 2}, train=FAST, launch={"max_restarts": 1, "step_timeout_s": 8})
+    records = run_training(TrainJob(config=config, manifest=str(tiny_manifest)), run_dir)
     print(f"{fault}: finished in {time.monotonic() - started:.1f} s; final loss {records[-1]['loss']:.6f} "
           f"(uninterrupted {tp2_run.metrics()[-1]['loss']:.6f})")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]

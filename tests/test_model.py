@@ -15,7 +15,7 @@ import pytest
 
 from model.config import TrainConfig, llama2_7b, tiny
 
-from conftest import FAST, ROOT, gradient_reduction, launch_cmd, metrics, tensorboard_scalars, torchrun
+from conftest import ROOT, gradient_reduction, launch_cmd, metrics, tensorboard_scalars, torchrun, train, write_job
 
 
 def test_7b_preset_has_llama2_parameter_count():
@@ -59,8 +59,8 @@ def test_parallel_layouts_train(tiny_manifest, tp2_run, tmp_path, tp, pp):
     if (tp, pp) == (2, 1):  # the session's shared TP-2 run
         stdout, run_dir = tp2_run.stdout, tp2_run.dir
     else:
-        stdout, run_dir = torchrun(tp * pp, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path), "--tp",
-                                   str(tp), "--pp", str(pp), *FAST).stdout, tmp_path
+        parallel = {"tensor_parallel": tp, "pipeline_parallel": pp}
+        stdout, run_dir = train(tp * pp, tmp_path, tiny_manifest, parallel=parallel).stdout, tmp_path
     assert f"TP {tp} x PP {pp} x DP 1" in stdout
     m = metrics(run_dir)
     assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]
@@ -78,10 +78,11 @@ def test_same_weights_same_loss_at_tp1_tp2_and_pp2(tp1_run, tp1_evaluations):
         assert abs(result["val_loss"] - reference) < 1e-5, (layout, result["val_loss"], reference)
 
 
-def kill_after_step_4(nproc: int, args: list[str], run_dir: Path) -> None:
+def kill_after_step_4(nproc: int, job: Path) -> None:
     """Run training until step 4 has run (checkpoint at 3, none since), then SIGKILL the launcher and every rank,
     like a crash. torchrun puts ranks in their own process groups, so killing the launcher's group is not enough."""
-    cmd = launch_cmd(nproc, *args, "--run-dir", str(run_dir))
+    run_dir = job.parent
+    cmd = launch_cmd(nproc, str(job))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     for line in iter(proc.stdout.readline, ""):  # readline, not iteration: no read-ahead buffering
@@ -99,14 +100,14 @@ def kill_after_step_4(nproc: int, args: list[str], run_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_sigkill_then_resume_reproduces_uninterrupted_losses(tiny_manifest, tp2_run, tmp_path):
-    args = ["--manifest", str(tiny_manifest), "--tp", "2", *FAST]  # as the uninterrupted tp2_run
+    run_dir = tmp_path / "killed"
+    job = write_job(run_dir, tiny_manifest, parallel={"tensor_parallel": 2})  # as the uninterrupted tp2_run
     expected = tp2_run.metrics()
 
-    run_dir = tmp_path / "killed"
-    kill_after_step_4(2, args, run_dir)
+    kill_after_step_4(2, job)
     assert [s for s, _ in tensorboard_scalars(run_dir, "train/loss")] == [1, 2, 3, 4]  # step 4: after the checkpoint
 
-    resumed = torchrun(2, *args, "--run-dir", str(run_dir))
+    resumed = torchrun(2, str(job))
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     got = metrics(run_dir)
     assert [r["step"] for r in got] == [1, 2, 3, 4, 5, 6]
@@ -128,8 +129,8 @@ def test_sigkill_then_resume_reproduces_uninterrupted_losses(tiny_manifest, tp2_
 
 
 # What a GPU run turns on by default (TrainConfig.for_device), asked for explicitly so that gloo ranks run it.
-GPU_SETTINGS = ["--precision", "bf16", "--distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather",
-                "--grad-reduce-dtype", "bf16"]
+GPU_SETTINGS = {"precision": "bf16", "distributed_optimizer": True, "overlap_grad_reduce": True,
+                "overlap_param_gather": True, "grad_reduce_dtype": "bf16"}
 
 
 @pytest.mark.slow
@@ -138,11 +139,9 @@ def test_gpu_settings_on_two_data_parallel_ranks(tiny_manifest, tp1_run, tmp_pat
     DP=1 (same global batch; within 2e-3 of loss, about 20x what bf16 rounding gave here, while unaveraged
     gradients were 0.06 off by step 6). A SIGKILL and resume continues bit for bit, and its step-3 checkpoint
     resumes at DP=1 where the DP=2 run went on."""
-    common = ["--manifest", str(tiny_manifest), *FAST]
     reference = tp1_run.metrics()  # fp32 at DP 1
 
-    args = [*common, *GPU_SETTINGS]
-    proc = torchrun(2, *args, "--run-dir", str(tmp_path / "straight"))
+    proc = train(2, tmp_path / "straight", tiny_manifest, train=GPU_SETTINGS)
     assert "TP 1 x PP 1 x DP 2" in proc.stdout
     assert "bf16, gradients reduced in bf16, distributed optimizer, overlap grad reduce, overlap param gather" \
         in proc.stdout
@@ -155,8 +154,9 @@ def test_gpu_settings_on_two_data_parallel_ranks(tiny_manifest, tp1_run, tmp_pat
         assert [r.get(key) for r in straight] == pytest.approx([r.get(key) for r in reference], abs=2e-3), key
     assert [r["loss"] for r in straight] != [r["loss"] for r in reference]  # bf16 did round
 
-    kill_after_step_4(2, args, tmp_path / "killed")
-    torchrun(2, *args, "--run-dir", str(tmp_path / "killed"))
+    killed = write_job(tmp_path / "killed", tiny_manifest, train=GPU_SETTINGS)
+    kill_after_step_4(2, killed)
+    torchrun(2, str(killed))
     for a, b in zip(straight, metrics(tmp_path / "killed"), strict=True):
         for key in ("loss", "lr", "grad_norm", "val_loss"):
             assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
@@ -164,7 +164,7 @@ def test_gpu_settings_on_two_data_parallel_ranks(tiny_manifest, tp1_run, tmp_pat
     resumed = tmp_path / "dp2-then-dp1"
     shutil.copytree(tmp_path / "straight" / "checkpoints" / "step-000003", resumed / "checkpoints" / "step-000003")
     (resumed / "checkpoints" / "latest").write_text("step-000003")
-    proc = torchrun(1, *args, "--run-dir", str(resumed))
+    proc = train(1, resumed, tiny_manifest, train=GPU_SETTINGS)
     assert "DP 1" in proc.stdout and "at step 3" in proc.stdout
     after = metrics(resumed)
     assert [r["step"] for r in after] == [4, 5, 6]

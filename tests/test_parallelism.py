@@ -10,17 +10,17 @@ import shutil
 import pytest
 
 from model.config import ParallelConfig
-from tasks.lib.launch import PretrainConfig, check_resources
-from tasks.pretrain import preflight
+from model.run_config import RunConfig
+from tasks.lib.preflight import preflight
 
-from conftest import FAST, eval_lines, metrics, torchrun
+from conftest import eval_checkpoint, eval_lines, metrics, torchrun, train, write_job
 
 
 def test_sequence_parallel_trains_like_plain_tp2_and_its_checkpoint_resumes_without_it(tiny_manifest, tp2_run,
                                                                                        tmp_path):
     assert "TP 2 x PP 1 x DP 1 (sequence parallel)" in tp2_run.stdout  # the default at TP 2
-    common = ["--manifest", str(tiny_manifest), "--tp", "2", *FAST, "--no-sequence-parallel"]
-    proc = torchrun(2, *common, "--run-dir", str(tmp_path / "plain"))
+    plain = {"tensor_parallel": 2, "sequence_parallel": False}
+    proc = train(2, tmp_path / "plain", tiny_manifest, parallel=plain)
     assert "(sequence parallel)" not in proc.stdout
     with_sp, without = tp2_run.metrics(), metrics(tmp_path / "plain")
     for key in ("loss", "grad_norm", "val_loss"):
@@ -30,7 +30,7 @@ def test_sequence_parallel_trains_like_plain_tp2_and_its_checkpoint_resumes_with
     resumed = tmp_path / "resumed"
     shutil.copytree(tp2_run.checkpoint.parent / "step-000003", resumed / "checkpoints" / "step-000003")
     (resumed / "checkpoints" / "latest").write_text("step-000003")
-    torchrun(2, *common, "--run-dir", str(resumed))
+    train(2, resumed, tiny_manifest, parallel=plain)
     for key in ("loss", "val_loss"):
         assert [r.get(key) for r in metrics(resumed)] == pytest.approx([r.get(key) for r in with_sp[3:]],
                                                                         abs=1e-5), key
@@ -43,15 +43,17 @@ def test_sequence_parallel_without_tensor_parallel_is_refused():
 
 
 # Four layers, so PP 2 x 2 chunks gives each virtual stage one; all runs start from the same weights.
-FOUR_LAYERS = ["--model-overrides", '{"num_layers": 4}']
+FOUR_LAYERS = {"num_layers": 4}
+INTERLEAVED = {"pipeline_parallel": 2, "virtual_pipeline": 2}
 
 
 def test_interleaved_pipeline_trains_like_pp1_and_resumes_exactly(tiny_manifest, tmp_path):
-    common = ["--manifest", str(tiny_manifest), *FOUR_LAYERS, *FAST]
-    torchrun(1, *common, "--steps", "3", "--save-every", "3", "--run-dir", str(tmp_path / "init"))
-    start = ["--init-from", str(tmp_path / "init" / "checkpoints" / "step-000003")]
-    torchrun(1, *common, *start, "--run-dir", str(tmp_path / "pp1"))
-    proc = torchrun(2, *common, *start, "--pp", "2", "--virtual-pipeline", "2", "--run-dir", str(tmp_path / "vpp"))
+    train(1, tmp_path / "init", tiny_manifest, model_overrides=FOUR_LAYERS, train={"steps": 3, "save_every": 3})
+    start = tmp_path / "init" / "checkpoints" / "step-000003"
+    train(1, tmp_path / "pp1", tiny_manifest, model_overrides=FOUR_LAYERS, start=start)
+    vpp_job = write_job(tmp_path / "vpp", tiny_manifest, model_overrides=FOUR_LAYERS, start=start,
+                        parallel=INTERLEAVED)
+    proc = torchrun(2, str(vpp_job))
     assert "TP 1 x PP 2 x DP 1 (interleaved, 2 chunks per rank)" in proc.stdout
     pp1, vpp = metrics(tmp_path / "pp1"), metrics(tmp_path / "vpp")
     for key in ("loss", "grad_norm", "val_loss"):
@@ -61,26 +63,26 @@ def test_interleaved_pipeline_trains_like_pp1_and_resumes_exactly(tiny_manifest,
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "vpp" / "checkpoints" / "step-000003", resumed / "checkpoints" / "step-000003")
     (resumed / "checkpoints" / "latest").write_text("step-000003")
-    torchrun(2, *common, *start, "--pp", "2", "--virtual-pipeline", "2", "--run-dir", str(resumed))
+    train(2, resumed, tiny_manifest, model_overrides=FOUR_LAYERS, start=start, parallel=INTERLEAVED)
     keys = ("loss", "lr", "grad_norm", "val_loss")
     assert [{k: r.get(k) for k in keys} for r in metrics(resumed)] == [{k: r.get(k) for k in keys} for r in vpp[3:]]
 
     # The chunked checkpoint loads at another layout: evaluated at PP 1, the validation loss the VPP run logged.
-    proc = torchrun(1, *common, "--run-dir", str(tmp_path / "eval"), "--eval-only",
-                    str(tmp_path / "vpp" / "checkpoints" / "step-000006"))
+    job = write_job(tmp_path / "eval", tiny_manifest, model_overrides=FOUR_LAYERS)
+    proc = eval_checkpoint(1, job, tmp_path / "vpp" / "checkpoints" / "step-000006")
     assert eval_lines(proc.stdout)[0]["val_loss"] == pytest.approx(vpp[-1]["val_loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("layout,message", [
-    (dict(pp=2, virtual_pipeline=2), r"num_layers 2 is not divisible by pipeline_parallel x virtual_pipeline = 2 x 2"),
-    (dict(pp=2, virtual_pipeline=2, model_overrides={"num_layers": 4}, train={"global_batch": 6, "micro_batch": 2}),
+@pytest.mark.parametrize("config,message", [
+    (dict(parallel=INTERLEAVED), r"num_layers 2 is not divisible by pipeline_parallel x virtual_pipeline = 2 x 2"),
+    (dict(parallel=INTERLEAVED, model_overrides=FOUR_LAYERS, train={"global_batch": 6, "micro_batch": 2}),
      r"interleaved schedule needs a multiple of pipeline_parallel \(2\) micro-batches per step; the global batch "
      r"makes 3"),
-    (dict(pp=1, virtual_pipeline=2), r"virtual_pipeline 2 needs pipeline_parallel > 1"),
+    (dict(parallel={"pipeline_parallel": 1, "virtual_pipeline": 2}), r"virtual_pipeline 2 needs pipeline_parallel > 1"),
 ])
-def test_bad_pipeline_combinations_are_refused_before_launch(layout, message):
+def test_bad_pipeline_combinations_are_refused_before_launch(config, message):
     with pytest.raises(ValueError, match=message):
-        check_resources(PretrainConfig(**layout))
+        preflight(RunConfig.model_validate(config))
 
 
 def test_a_layout_is_checked_against_the_layers_of_the_model_it_starts_from(tp2_run, tmp_path):
@@ -92,15 +94,15 @@ def test_a_layout_is_checked_against_the_layers_of_the_model_it_starts_from(tp2_
     (folder / "config.json").write_text(json.dumps({
         "model_type": "llama", "num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
         "intermediate_size": 172, "vocab_size": 1000}))
-    config = PretrainConfig(pp=2, virtual_pipeline=2, train={"global_batch": 8, "micro_batch": 2, "eval_batches": 2})
+    config = RunConfig(parallel=INTERLEAVED, train={"global_batch": 8, "micro_batch": 2, "eval_batches": 2})
     with pytest.raises(ValueError, match="num_layers 2 is not divisible"):  # the tiny preset's 2 layers
-        preflight.fn(config)
-    preflight.fn(config, str(folder), "init_from_hf")  # the Hugging Face model's 4
+        preflight(config)
+    preflight(config, str(folder), "init_from_hf")  # the Hugging Face model's 4
     with pytest.raises(FileNotFoundError, match="init_from_hf: .* is not a Hugging Face model folder"):
-        preflight.fn(config, str(tmp_path / "missing"), "init_from_hf")
+        preflight(config, str(tmp_path / "missing"), "init_from_hf")
 
-    seven_b = config.model_copy(update={"preset": "7b"})
-    preflight.fn(seven_b)  # the preset's 32 layers
+    seven_b = config.replace(preset="7b")
+    preflight(seven_b)  # the preset's 32 layers
     with pytest.raises(ValueError, match="num_layers 2 is not divisible"):  # the checkpoint's 2
-        preflight.fn(seven_b, str(tp2_run.dir))
-    preflight.fn(seven_b, "latest")  # not known before the data is built: the preset's
+        preflight(seven_b, str(tp2_run.dir))
+    preflight(seven_b, "latest")  # not known before the data is built: the preset's

@@ -25,7 +25,7 @@ def test_pipeline_pretrains_tunes_and_reports(pretrained_by_flow, tmp_path):
     run's (cached, and found finished), then instruction tuning and evaluation run."""
     plan = pipeline_flow(str(pretrained_by_flow.spec_path), plan=True).splitlines()
     assert len(plan) == 1 and " reuse " in plan[0] and plan[0].endswith("no new files since manifest version 1")
-    state = pipeline_flow(str(pretrained_by_flow.spec_path), pretrain_train=FLOW_TRAIN, sft_train=SFT,
+    state = pipeline_flow(str(pretrained_by_flow.spec_path), pretrain={"train": FLOW_TRAIN}, sft={"train": SFT},
                           runs_dir=str(pretrained_by_flow.runs_dir), reports_dir=str(tmp_path / "reports"),
                           return_state=True)
     assert state.is_completed(), state
@@ -35,7 +35,8 @@ def test_pipeline_pretrains_tunes_and_reports(pretrained_by_flow, tmp_path):
     pre, tuned = results["results"]["pretrained"], results["results"]["instruction-tuned"]
     # The tuned checkpoint was initialised from the pretrained one.
     tuned_state = json.loads((Path(results["checkpoints"]["instruction-tuned"]) / "train_state.json").read_text())
-    assert tuned_state["init_from"] == results["checkpoints"]["pretrained"]
+    assert tuned_state["start"] == {"kind": "checkpoint", "checkpoint": results["checkpoints"]["pretrained"]}
+    assert tuned_state["optimizer"]["betas"] == [0.9, 0.95] and tuned_state["step_offset"] == 80
     # Instruction tuning made held-out replies far more likely; both models still model the pretraining text.
     assert tuned["sft_validation"]["loss"] < pre["sft_validation"]["loss"] - 0.5
     assert math.isfinite(pre["validation"]["perplexity"]) and pre["validation"]["tokens"] > 1000
@@ -53,6 +54,7 @@ def test_pipeline_pretrains_tunes_and_reports(pretrained_by_flow, tmp_path):
     assert info["manifest"]["mixture"] == {"sft": 1.0}
     pretrained = info["initialised_from"]
     assert pretrained["checkpoint"] == results["checkpoints"]["pretrained"]
+    assert pretrained["start"] == "scratch" and "initialised_from" not in pretrained
     assert set(pretrained["source_files"]) == {"sotu", "kjv"} and pretrained["settings"]["decontamination"]["n_grams"] == 13
     with get_client(sync_client=True) as client:
         keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(

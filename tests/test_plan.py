@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import yaml
 
 from model.config import llama2_7b, tiny
 from model.plan import GIB, RUNTIME_OVERHEAD_GIB, Layout, estimate, main, recommend
-from model.distributed import free_port
 from tasks.spec import PROJECT_ROOT
+
+from conftest import train
 
 
 def deployment(name: str) -> dict:
@@ -22,12 +20,12 @@ def deployment(name: str) -> dict:
 
 
 def test_pretrain_7b_deployment_layout_fits_80gib_h100s():
-    params = deployment("7b")
-    train = params["train"]
-    tp, pp, nproc = params["tp"], params["pp"], params["nproc"]
-    layout = Layout(tp=tp, pp=pp, dp=nproc // (tp * pp), micro_batch=train["micro_batch"],
-                    recompute=train["recompute_activations"], distributed_optimizer=True)
-    e = estimate(llama2_7b(), layout, global_batch=train["global_batch"])
+    run = deployment("7b")["run"]
+    settings, parallel = run["train"], run["parallel"]
+    tp, pp = parallel["tensor_parallel"], parallel["pipeline_parallel"]
+    layout = Layout(tp=tp, pp=pp, dp=run["launch"]["nproc"] // (tp * pp), micro_batch=settings["micro_batch"],
+                    recompute=settings["recompute_activations"], distributed_optimizer=True)
+    e = estimate(llama2_7b(), layout, global_batch=settings["global_batch"])
     assert e.total < (80 - RUNTIME_OVERHEAD_GIB["gpu"]) * GIB, e.total / GIB
     # Sanity of the pieces: bf16 weights of a TP-2 shard of 6.74B parameters are ~6.3 GiB.
     assert 6.0 < e.weights / GIB < 6.6
@@ -59,14 +57,10 @@ def test_recommendation_fits_and_one_gpu_cannot_hold_7b(capsys):
 def measured_peak_gib(manifest, run_dir, micro_batch: int, overrides: dict, attention: str) -> float:
     """Peak training memory of a one-process CPU run, as model.train reports it (peak RSS growth since the
     model was built), after a few steps and a validation pass."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
-           "--master-port", str(free_port()), "-m", "model.train", "--manifest", str(manifest), "--run-dir",
-           str(run_dir), "--steps", "3", "--warmup-steps", "1", "--global-batch", str(micro_batch),
-           "--micro-batch", str(micro_batch), "--log-every", "1", "--eval-every", "3", "--eval-batches", "1",
-           "--save-every", "100", "--model-overrides", json.dumps(overrides), "--attention-backend", attention]
-    out = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = train(1, run_dir, manifest, model_overrides=overrides,
+                train={"steps": 3, "warmup_steps": 1, "global_batch": micro_batch, "micro_batch": micro_batch,
+                       "log_every": 1, "eval_every": 3, "eval_batches": 1, "save_every": 100,
+                       "attention_backend": attention})
     return max(float(word.split("=")[1]) for line in out.stdout.splitlines() for word in line.split()
                if word.startswith("peak_mem_gib="))
 

@@ -10,30 +10,30 @@ import time
 import pytest
 
 from model.config import TrainConfig, tiny
-from tasks.lib.launch import PretrainConfig, check_resources
+from model.run_config import RunConfig
+from tasks.lib.preflight import preflight
 
-from conftest import gradient_reduction, metrics, tensorboard_scalars, torchrun
+from conftest import gradient_reduction, metrics, tensorboard_scalars, train
 
-STEPS = ["--steps", "8", "--warmup-steps", "1", "--global-batch", "8", "--micro-batch", "2", "--log-every", "1",
-         "--eval-every", "4", "--eval-batches", "2", "--save-every", "4", "--lr", "3e-3"]
+STEPS = {"steps": 8, "eval_every": 4, "eval_batches": 2, "save_every": 4}  # on top of conftest's FAST
 PARAMETERS = tiny(vocab_size=1024).num_parameters()  # the tests' vocabulary of 1000, padded to 1024
 # A scale that grows after 2 clean steps, so overflows, skipped steps and halvings happen within 8 steps.
-DYNAMIC = ["--precision", "fp16", "--initial-loss-scale", str(2**20), "--loss-scale-window", "2"]
+DYNAMIC = {"precision": "fp16", "initial_loss_scale": 2**20, "loss_scale_window": 2}
 
 
 @pytest.fixture(scope="module")
 def fp16_run(tiny_manifest, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fp16")
-    proc = torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(run_dir), *STEPS, *DYNAMIC)
+    proc = train(2, run_dir, tiny_manifest, train={**STEPS, **DYNAMIC})
     return run_dir, proc.stdout
 
 
 def test_fp16_tracks_fp32_at_dp2(tiny_manifest, tmp_path):
     """With a loss scale that never overflows here, fp16 losses stay within 0.01 of fp32's (both DP 2)."""
     runs, logs = {}, {}
-    for precision, extra in (("fp32", []), ("fp16", ["--initial-loss-scale", "1024"])):
-        logs[precision] = torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / precision),
-                                   *STEPS, "--precision", precision, *extra).stdout
+    for precision, extra in (("fp32", {}), ("fp16", {"initial_loss_scale": 1024})):
+        logs[precision] = train(2, tmp_path / precision, tiny_manifest,
+                                train={**STEPS, "precision": precision, **extra}).stdout
         runs[precision] = metrics(tmp_path / precision)
     # Both reduce gradients in fp32 (fp16 parameters too): 4 B per parameter, all-reduced (2 x (DP-1)/DP = 1 x).
     for log in logs.values():
@@ -68,7 +68,7 @@ def test_fp16_resume_is_exact_with_the_scalers_state(fp16_run, tiny_manifest, tm
     resumed = tmp_path / "resumed"
     shutil.copytree(run_dir / "checkpoints" / "step-000004", resumed / "checkpoints" / "step-000004")
     (resumed / "checkpoints" / "latest").write_text("step-000004")
-    torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(resumed), *STEPS, *DYNAMIC)
+    train(2, resumed, tiny_manifest, train={**STEPS, **DYNAMIC})
     keys = ("step", "loss", "lr", "loss_scale", "skipped", "skipped_steps", "val_loss")
     original = [{k: r.get(k) for k in keys} for r in metrics(run_dir)[4:]]
     assert [{k: r.get(k) for k in keys} for r in metrics(resumed)] == original
@@ -78,18 +78,17 @@ def test_fp16_resume_is_exact_with_the_scalers_state(fp16_run, tiny_manifest, tm
 def test_fp8_without_transformer_engine_is_refused_in_seconds():
     started = time.perf_counter()
     with pytest.raises(ValueError, match="precision fp8 needs a GPU with fp8 tensor cores .* Set precision bf16"):
-        check_resources(PretrainConfig(train={"precision": "fp8"}))
+        preflight(RunConfig(train={"precision": "fp8"}))
     assert time.perf_counter() - started < 5
 
 
 def test_precision_settings_say_what_to_change():
-    assert TrainConfig(bf16=True).for_device(gpu=False).precision == "bf16"  # the older switch, an alias
     assert TrainConfig().for_device(gpu=True).precision == "bf16"
     assert TrainConfig().for_device(gpu=False).precision == "fp32"
     with pytest.raises(ValueError, match="precision 'fp4' must be one of fp32, bf16, fp16, fp8"):
         TrainConfig(precision="fp4")
-    with pytest.raises(ValueError, match="bf16 true contradicts precision fp16"):
-        TrainConfig(bf16=True, precision="fp16")
+    with pytest.raises(ValueError, match="bf16"):  # the older switch, an alias of precision, is gone
+        TrainConfig(bf16=True)
     with pytest.raises(ValueError, match="fp8_recipe 'mxfp8' must be one of delayed, tensorwise"):
         TrainConfig(fp8_recipe="mxfp8")
     with pytest.raises(ValueError, match="grad_reduce_dtype bf16 needs bf16 parameters; set precision bf16"):

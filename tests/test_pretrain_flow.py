@@ -13,7 +13,8 @@ from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, F
 from prefect.logging.handlers import APILogWorker
 
 from flows.pretrain import pretrain_flow
-from tasks.lib.launch import PretrainConfig, run_training
+from model.run_config import RunConfig, TrainJob
+from tasks.lib.supervise import run_training
 
 from conftest import FLOW_TRAIN
 
@@ -55,7 +56,7 @@ def test_pretrain_flow_learns_and_publishes(pretrained_by_flow):
 
     # Same inputs again: the finished run is found and nothing retrains (data cached, training at its last step).
     started = time.perf_counter()
-    again = pretrain_flow(str(spec_path), train=FLOW_TRAIN, runs_dir=str(runs_dir))
+    again = pretrain_flow(str(spec_path), RunConfig(train=FLOW_TRAIN), runs_dir=str(runs_dir))
     assert again == str(run_dir)
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 80
     assert time.perf_counter() - started < 60
@@ -67,7 +68,7 @@ def test_a_finished_run_returns_at_once_without_launching(pretrained_by_flow, mo
     import subprocess
 
     from model.checkpoint import read_train_state, resolve_checkpoint
-    from tasks.pretrain import pretrain
+    from tasks.prefect_tasks import pretrain
 
     run_dir = Path(pretrained_by_flow.state.result())
     manifest = Path(read_train_state(resolve_checkpoint(run_dir))["manifest"]) / "manifest.json"
@@ -78,11 +79,28 @@ def test_a_finished_run_returns_at_once_without_launching(pretrained_by_flow, mo
 
     monkeypatch.setattr(subprocess, "Popen", no_launch)
     started = time.perf_counter()
-    returned = pretrain.fn(str(manifest), PretrainConfig(train=FLOW_TRAIN), str(pretrained_by_flow.runs_dir))
+    returned = pretrain.fn(str(manifest), RunConfig(train=FLOW_TRAIN), str(pretrained_by_flow.runs_dir))
     seconds = time.perf_counter() - started
     print(f"a finished run returned in {seconds:.3f} s")
     assert returned == str(run_dir) and seconds < 5
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == files
+
+
+def test_adam_betas_set_by_a_deployment_reach_the_optimizer(pretrained_by_flow, tmp_path):
+    """Every TrainConfig field travels in the run's train_job.json, adam_betas included: a deployment's value is the
+    one the Megatron optimizer steps with (its param groups, recorded in the checkpoint's train state)."""
+    from model.checkpoint import read_train_state, resolve_checkpoint
+
+    # As a deployment passes it: JSON, validated into RunConfig by Prefect when the flow starts.
+    run = {"train": {**FLOW_TRAIN, "steps": 2, "warmup_steps": 1, "eval_every": 2, "save_every": 2,
+                     "adam_betas": [0.8, 0.99]}}
+    run_dir = Path(pretrain_flow(str(pretrained_by_flow.spec_path), run, runs_dir=str(tmp_path / "runs")))
+    state = read_train_state(resolve_checkpoint(run_dir))
+    assert state["optimizer"]["betas"] == [0.8, 0.99]
+    job = json.loads((run_dir / "train_job.json").read_text())
+    assert job["config"]["train"]["adam_betas"] == [0.8, 0.99]
+    default = read_train_state(resolve_checkpoint(pretrained_by_flow.state.result()))
+    assert default["optimizer"]["betas"] == [0.9, 0.95]
 
 
 def test_server_streams_run_logs_for_watch():
@@ -96,8 +114,8 @@ def test_server_streams_run_logs_for_watch():
 
 def test_7b_without_gpus_fails_fast_saying_what_it_needs(tmp_path):
     started = time.perf_counter()
-    state = pretrain_flow("data_specs/llama7b_smoke.yaml", preset="7b", tp=2, pp=1, nproc=8, gpus_required=True,
-                          runs_dir=str(tmp_path / "runs"), return_state=True)
+    run = {"preset": "7b", "parallel": {"tensor_parallel": 2}, "launch": {"nproc": 8, "gpus_required": True}}
+    state = pretrain_flow("data_specs/llama7b_smoke.yaml", run, runs_dir=str(tmp_path / "runs"), return_state=True)
     assert state.is_failed()
     with pytest.raises(RuntimeError, match=r"8 GPUs \(TP 2 x PP 1 x DP 4\), but this machine has 0 CUDA"):
         state.result()
@@ -105,15 +123,21 @@ def test_7b_without_gpus_fails_fast_saying_what_it_needs(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("train,message", [
-    ({"steps": 10, "warmup_steps": 50}, r"warmup_steps \(50\) must be below steps \(10\)"),
-    ({"stepz": 10}, r"train: unknown setting 'stepz'"),
+@pytest.mark.parametrize("run,message", [
+    ({"train": {"steps": 10, "warmup_steps": 50}}, r"warmup_steps \(50\) must be below steps \(10\)"),
+    ({"train": {"stepz": 10}}, r"run\.train\.stepz: Extra inputs are not permitted"),
+    ({"train": {"adam_betas": [0.9]}}, r"run\.train\.adam_betas\.1: Field required"),
+    ({"parallel": {"tp": 2}}, r"run\.parallel\.tp: Unexpected keyword argument"),
+    ({"model_overrides": {"layers": 4}}, r"model_overrides: .*unexpected keyword argument 'layers'"),
 ])
-def test_bad_train_settings_fail_before_any_data_work(tmp_path, train, message):
+def test_bad_run_settings_fail_before_any_data_work(tmp_path, run, message):
+    """A deployment's `run` is validated as RunConfig when the flow starts: the error names the field."""
+    from prefect.exceptions import ParameterTypeError
+
     started = time.perf_counter()
-    state = pretrain_flow("data_specs/default.yaml", train=train, runs_dir=str(tmp_path / "runs"), return_state=True)
+    state = pretrain_flow("data_specs/default.yaml", run, runs_dir=str(tmp_path / "runs"), return_state=True)
     assert state.is_failed()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ParameterTypeError, match=message):
         state.result()
     assert time.perf_counter() - started < 30 and not (tmp_path / "runs").exists()
 
@@ -122,7 +146,7 @@ def test_rank_failure_reports_that_ranks_traceback(tmp_path):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "manifest.json").write_text('{"vocab_size": 1000, "seq_len": 64}')
     with pytest.raises(RuntimeError, match=r"(?s)training failed on rank \d.*Traceback.*KeyError: 'shards'\nAll ranks"):
-        run_training(PretrainConfig(nproc=2, train={"steps": 2, "warmup_steps": 1}), tmp_path / "shards",
-                     tmp_path / "run")
+        run_training(TrainJob(config=RunConfig(launch={"nproc": 2}, train={"steps": 2, "warmup_steps": 1}),
+                              manifest=str(tmp_path / "shards")), tmp_path / "run")
     assert "training failed" in (tmp_path / "run" / "ranks.log").read_text()
 

@@ -19,7 +19,7 @@ from model.tokenizer import Tokenizer
 from tasks.download import resolve_source
 from tasks.sft_data import build_sft_shards
 
-from conftest import FAST, ROOT, metrics, sft_spec, tensorboard_scalars, torchrun, write_jsonl
+from conftest import ROOT, metrics, sft_spec, tensorboard_scalars, train, write_jsonl
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is AI?"},
         {"role": "assistant", "content": "A field of science."}, {"role": "user", "content": "Thanks"},
@@ -120,8 +120,7 @@ def test_packed_examples_do_not_attend_to_each_other(tp1_run, tmp_path, tokenize
 def test_export_from_tp2_checkpoint_matches_megatron_logits(tiny_manifest, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    torchrun(2, "--manifest", str(tiny_manifest), "--run-dir", str(tmp_path / "run"), "--tp", "2",
-             "--model-overrides", json.dumps({"num_query_groups": 2}), *FAST)
+    train(2, tmp_path / "run", tiny_manifest, parallel={"tensor_parallel": 2}, model_overrides={"num_query_groups": 2})
     checkpoint = tmp_path / "run/checkpoints/step-000006"
     out = tmp_path / "hf"
     proc = subprocess.run([sys.executable, "-m", "model.export_hf", str(checkpoint), str(out)], cwd=ROOT,
@@ -154,14 +153,13 @@ def test_sft_from_a_tp2_checkpoint_trains_at_pp2_on_replies(tiny_manifest, tp2_r
     (tmp_path / "sft").mkdir()
     build_sft_shards([resolve_source(s) for s in spec.sources], spec, tiny_manifest.parent / "tokenizer", 64,
                      tmp_path / "sft", tmp_path / "downloads")
-    torchrun(2, "--manifest", str(tmp_path / "sft"), "--run-dir", str(tmp_path / "tuned"), "--pp", "2",
-             "--init-from", str(tp2_run.checkpoint),
-             *FAST[:FAST.index("--steps")], "--steps", "12", *FAST[FAST.index("--steps") + 2:])
+    train(2, tmp_path / "tuned", tmp_path / "sft", parallel={"pipeline_parallel": 2}, start=tp2_run.checkpoint,
+          train={"steps": 12})
     m = metrics(tmp_path / "tuned")
     assert m[0]["loss"] < tp2_run.metrics()[0]["loss"]  # it started from the pretrained weights
     assert m[-1]["val_loss"] < m[2]["val_loss"] - 0.3  # and learned the reply format
     state = json.loads((tmp_path / "tuned/checkpoints/step-000012/train_state.json").read_text())
-    assert state["init_from"].endswith("step-000006") and state["model"]["vocab_size"] == 1000
+    assert state["start"]["checkpoint"].endswith("step-000006") and state["model"]["vocab_size"] == 1000
     # TensorBoard draws the tuned run's curve after the 6 steps of the run it started from.
     assert state["step_offset"] == 6
     assert [step for step, _ in tensorboard_scalars(tmp_path / "tuned", "train/loss")] == list(range(7, 19))

@@ -41,7 +41,7 @@ pretrain = {"steps": 20, "global_batch": 8, "micro_batch": 4, "warmup_steps": 2,
             "eval_batches": 2, "log_every": 5, "save_every": 10}
 sft = {"steps": 10, "global_batch": 8, "micro_batch": 4, "warmup_steps": 1, "eval_every": 5, "save_every": 5,
        "eval_batches": 2}
-print(pipeline_flow(spec, pretrain_train=pretrain, sft_train=sft, runs_dir=runs, reports_dir=reports))
+print(pipeline_flow(spec, pretrain={"train": pretrain}, sft={"train": sft}, runs_dir=runs, reports_dir=reports))
 """
 
 

@@ -128,16 +128,16 @@ def test_dead_ranks_launchers_and_workers_end_in_completed_or_crashed_runs_that_
                     flow_run_id=LogFilterFlowRunId(any_=[run_id])))]
 
         def run_dir_of(run_id) -> Path:
-            (run_dir,) = {m.split("--run-dir ")[1].split()[0] for m in logs(run_id) if m.startswith("launching: ")}
-            return Path(run_dir)
+            (job,) = {m.split("-m model.train ")[1].split()[0] for m in logs(run_id) if m.startswith("launching: ")}
+            return Path(job).parent
 
         workers = [start_worker(env, POOL, tmp_path / "worker-1.log"),
                    start_worker(env, f"{POOL}-2", tmp_path / "worker-2.log")]
         try:
-            faults = {fault: run_deployment("pretrain/recovery", parameters={"train": {**train, "lr": lr}}, timeout=0,
+            faults = {fault: run_deployment("pretrain/recovery", parameters={"run": {"train": {**train, "lr": lr}}}, timeout=0,
                                             job_variables={"env": {"TRAIN_FAULT": fault, "OMP_NUM_THREADS": "1"}})
                       for fault, lr in (("kill:0:6", 3e-3), ("kill-launcher:0:6", 2e-3))}
-            lost = run_deployment("pretrain/lost-worker", parameters={"train": long}, timeout=0)
+            lost = run_deployment("pretrain/lost-worker", parameters={"run": {"train": long}}, timeout=0)
             deadline = time.monotonic() + 240
             while not any((d / "checkpoints" / "latest").is_file() for d in runs.glob("*")
                           if state_of(lost.id).is_running() and d.name in str(logs(lost.id))):
@@ -148,7 +148,7 @@ def test_dead_ranks_launchers_and_workers_end_in_completed_or_crashed_runs_that_
             killed = time.monotonic()
             checkpoint = (long_dir / "checkpoints" / "latest").read_text().strip()
             workers.append(start_worker(env, f"{POOL}-2", tmp_path / "worker-3.log"))
-            again = run_deployment("pretrain/lost-worker", parameters={"train": long}, timeout=0)
+            again = run_deployment("pretrain/lost-worker", parameters={"run": {"train": long}}, timeout=0)
 
             for fault, run in faults.items():
                 state = wait_for(run.id, {"COMPLETED", "FAILED", "CRASHED"}, 300)

@@ -8,10 +8,11 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 from tasks.lib.artifacts import canonical
 from tasks.lib.log import get_logger
-from tasks.lib.launch import PretrainConfig
+from model.run_config import RunConfig, Start
 from tasks.spec import resolve_path
 
 
@@ -34,7 +35,7 @@ def finished_summary(run_dir: Path) -> dict | None:
 def finished_runs(runs_dir: str | Path, kind: str) -> list[Path]:
     """The finished runs of a kind ("pretrain" or "sft") under runs_dir, newest first by recorded finish time."""
     summaries = {p.parent: json.loads(p.read_text()) for p in Path(runs_dir).glob(f"*/{SUMMARY}")}
-    runs = [run for run, s in summaries.items() if ("init_checkpoint" in s) == (kind == "sft")]
+    runs = [run for run, s in summaries.items() if s.get("stage") == kind]
     return sorted(runs, key=lambda run: summaries[run].get("finished_at", 0.0), reverse=True)
 
 
@@ -48,18 +49,18 @@ def newest_run(runs_dir: str | Path, kind: str) -> Path:
     return runs[0]
 
 
-def checkpoint_architecture(config: PretrainConfig, checkpoint: str | Path) -> PretrainConfig:
+def checkpoint_architecture(config: RunConfig, checkpoint: str | Path) -> RunConfig:
     """`config` with the checkpoint's own preset and model, so a run started from it cannot drift from it."""
     from model.checkpoint import read_train_state
 
     state = read_train_state(Path(checkpoint))
     # Not seq_len: the data sets the context (RoPE has no learned positions, so any length loads).
     model = {k: v for k, v in state["model"].items() if k != "seq_len"}
-    return config.model_copy(update={"preset": state["preset"], "model_overrides": model})
+    return config.replace(preset=state["preset"], model_overrides=model)
 
 
-def starting_architecture(config: PretrainConfig, start: str | Path | None,
-                          hf_setting: str | None = None) -> PretrainConfig:
+def starting_architecture(config: RunConfig, start: str | Path | None,
+                          hf_setting: str | None = None) -> RunConfig:
     """`config` with the architecture of the weights a run will start from, for the checks made before any work
     (a layout is checked against the model's real layer count, not the preset's): the config.json of a Hugging
     Face folder (the one the setting `hf_setting` names), or a checkpoint's (or run directory's) train state.
@@ -77,8 +78,32 @@ def starting_architecture(config: PretrainConfig, start: str | Path | None,
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{hf_setting}: {folder} is not a Hugging Face model folder (no config.json)")
         model = dataclasses.asdict(model_config_from_hf(read_hf_config(folder), f"{folder}/config.json"))
-        return config.model_copy(update={"preset": "hf", "model_overrides": model})
+        return config.replace(preset="hf", model_overrides=model)
     return checkpoint_architecture(config, resolve_checkpoint(resolve_path(start)))
+
+
+def decide_start(weights: str | None, manifest_path: str | None, runs_dir: str | Path,
+                 import_hf: Callable[[str], str]) -> Start:
+    """Where a run's weights come from, decided here and only here:
+
+        None                    scratch
+        a Hugging Face folder   hf_import: `import_hf(folder)` (the cached import stage) gives its checkpoint
+        "latest"                the newest finished pretraining run on another manifest with the same tokenizer
+                                (scratch when there is none)
+        a run dir or checkpoint checkpoint; its tokenizer must be the one of `manifest_path`, when given (SFT data
+                                is tokenized with the checkpoint's own, so it passes none)
+    """
+    from model.checkpoint import resolve_checkpoint
+    from model.import_hf import is_hf_folder
+
+    if weights is None:
+        return Start()
+    if is_hf_folder(resolve_path(weights)):
+        return Start(kind="hf_import", checkpoint=import_hf(weights))
+    if manifest_path is None:
+        return Start(kind="checkpoint", checkpoint=str(resolve_checkpoint(resolve_path(weights))))
+    checkpoint = continuation_checkpoint(weights, manifest_path, runs_dir)
+    return Start(kind="checkpoint", checkpoint=checkpoint) if checkpoint else Start()
 
 
 def run_key(**parts) -> str:

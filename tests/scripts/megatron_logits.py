@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 
 from model.export_hf import load_megatron, megatron_logits
-from model.train import segment_attention_mask
+from model.loss import segment_attention_mask
 
 if __name__ == "__main__":
     gpt, m, _ = load_megatron(Path(sys.argv[1]))
