@@ -27,10 +27,12 @@ import sentencepiece as spm  # noqa: E402
 
 from tasks.clean import clean_documents  # noqa: E402
 from tasks.dedup import dedup_documents  # noqa: E402
-from tasks.download import normalise_source, resolve_source  # noqa: E402
+from tasks.download import normalise_source  # noqa: E402
+from tasks.lib.sources import resolve_source  # noqa: E402
 from tasks.shard import shard_documents  # noqa: E402
 from tasks.spec import load_spec  # noqa: E402
-from tasks.tokenizer import iter_documents, train_tokenizer  # noqa: E402
+from tasks.decontaminate import iter_documents  # noqa: E402
+from tasks.tokenizer import train_tokenizer  # noqa: E402
 
 
 def timed(fn):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.download import resolve_source  # noqa: E402
+from tasks.lib.sources import resolve_source  # noqa: E402
 from tasks.spec import load_spec  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def main() -> None:
         from prefect.testing.utilities import prefect_test_harness
 
         from flows.data import data_flow
-        from tasks.shard import ShardManifest
+        from tasks.lib.manifest import ShardManifest
 
         def timed(**kwargs) -> tuple[str, float, float]:
             started = time.time()

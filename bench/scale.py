@@ -187,7 +187,8 @@ def stage_call(stage: str, run: Path) -> Callable[[], dict]:
     from tasks.clean import clean_documents
     from tasks.decontaminate import decontaminate_documents, reference_sets
     from tasks.dedup import dedup_documents
-    from tasks.download import downloads_dir, normalise_source, resolve_source
+    from tasks.download import normalise_source
+    from tasks.lib.sources import downloads_dir, resolve_source
     from tasks.shard import shard_documents
     from tasks.spec import DataSpec
     from tasks.tokenizer import train_tokenizer
@@ -288,7 +289,7 @@ def dedup_recall(corpus: Path, run: Path) -> dict:
 
     from tasks.lib.blocks import RegexWordTokenizer
     from tasks.spec import DataSpec
-    from tasks.tokenizer import iter_documents
+    from tasks.decontaminate import iter_documents
 
     planted = [json.loads(line) for f in sorted(corpus.glob("planted-*.jsonl")) for line in open(f)]
     copies = defaultdict(set)  # original id -> ids with the same text (itself and its exact copies)

@@ -15,18 +15,16 @@ import time
 from prefect import flow
 from prefect.events import emit_event
 
-from tasks.append import Base, append, find_base, settings_key
-from tasks.lib.artifacts import ArtifactRef, full_verification, run_stage
+from tasks.append import Base, find_base, settings_key
+from tasks.decontaminate import reference_sets
 from tasks.lib.log import progress
-from tasks.lib.plan import PlanRow, collecting_plan, format_plan, publish_plan
-from tasks.clean import clean
-from tasks.decontaminate import decontaminate, reference_sets
-from tasks.dedup import dedup
-from tasks.download import ResolvedSource, download, resolve
-from tasks.report import report
-from tasks.shard import ShardManifest, shard
+from tasks.lib.manifest import ShardManifest
+from tasks.lib.plan import PlanRow, format_plan, plan as plan_steps
+from tasks.lib.sources import ResolvedSource
+from tasks.lib.steps import Step, step
+from tasks.prefect_tasks import publish_plan, report, resolve, run_steps
 from tasks.spec import DataSpec, load_spec, resolve_path
-from tasks.tokenizer import pin_pretrained, tokenizer, with_model_tokenizer
+from tasks.tokenizer import pin_pretrained, with_model_tokenizer
 
 
 MANIFEST_EVENT = "llm-pipeline.manifest.created"
@@ -37,8 +35,10 @@ def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False
               verify: bool = False, plan: bool = False, tokenizer_from: str | None = None) -> str:
     """Build training shards for a data spec; returns the path of the shard manifest.
 
-    Every run first plans: one line per stage, reuse or build and why (tasks/lib/plan.py), logged and published
-    as the `data-plan` table artifact. `plan` stops there, builds nothing, and returns the plan's text.
+    The flow first makes its steps (one per stage and source, with their settings and input steps), then plans
+    over them: one line per stage, reuse or build and why (tasks/lib/plan.py), logged and published as the
+    `data-plan` table artifact. `plan` stops there, builds nothing, and returns the plan's text. Otherwise it runs
+    the same steps.
 
     `incremental` (default): when the spec's sources have gained files since a manifest was built with the same
     settings, only the new files are processed, deduplicated against the persistent index, tokenized with the
@@ -55,27 +55,17 @@ def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False
 
     `tokenizer_from`: tokenize with this Hugging Face model folder's tokenizer (the pretrain flow's `init_from_hf`
     passes it), as `tokenizer: {pretrained: ...}` in the spec would."""
-    token = full_verification.set(verify)
-    try:
-        return build_manifest(spec_path, announce, incremental, plan_only=plan, tokenizer_from=tokenizer_from)
-    finally:
-        full_verification.reset(token)
-
-
-def build_manifest(spec_path: str, announce: bool, incremental: bool, plan_only: bool = False,
-                   tokenizer_from: str | None = None) -> str:
     started = time.time()
     spec = with_model_tokenizer(load_spec(spec_path), tokenizer_from) if tokenizer_from else load_spec(spec_path)
-    artifacts_dir = spec.artifacts_path()
     resolved = {source.name: resolve(source) for source in spec.sources}
     files = {name: r.files for name, r in resolved.items()}
     lineage = {"spec_path": str(resolve_path(spec_path)), "spec": spec.model_dump(mode="json"),
                "source_files": files, "settings": settings_key(spec)}
-    base = find_base(artifacts_dir, lineage["settings"], files) if incremental else None
+    base = find_base(spec.artifacts_path(), lineage["settings"], files, full=verify) if incremental else None
     if base is not None and not base.new_files:
         progress(f"no new files since manifest version {base.manifest.data_version} ({base.manifest_dir}): "
                  f"nothing to do")
-        if plan_only:
+        if plan:
             return format_plan([PlanRow(base.artifact.stage, "all sources", "reuse", base.artifact.fingerprint,
                                         f"no new files since manifest version {base.manifest.data_version}")])
         return str(base.manifest_dir / "manifest.json")
@@ -84,19 +74,18 @@ def build_manifest(spec_path: str, announce: bool, incremental: bool, plan_only:
         progress(f"incremental: new files ({new}) on top of manifest version {base.manifest.data_version} "
                  f"({base.manifest_dir}); the tokenizer is reused")
 
-    def run_stages() -> tuple[ArtifactRef, list]:
-        return ingest_new_files(spec, resolved, base, lineage) if base else build_all(spec, resolved, lineage)
-
-    with collecting_plan(hash_files=plan_only and full_verification.get()) as plan:
-        run_stages()
-    table = format_plan(plan)
-    progress(f"plan: {sum(r.decision == 'build' for r in plan)} of {len(plan)} stages to build\n{table}")
-    publish_plan(plan)
-    if plan_only:
+    steps = increment_steps(spec, resolved, base, lineage) if base else full_build_steps(spec, resolved, lineage)
+    # The plan that starts a run checks reused artifacts by stat; with `verify` each step hashes as it is reached.
+    rows = plan_steps(steps, full=plan and verify)
+    table = format_plan(rows)
+    progress(f"plan: {sum(r.decision == 'build' for r in rows)} of {len(rows)} stages to build\n{table}")
+    publish_plan(rows)
+    if plan:
         return table
-    shards, refs = run_stages()
+    refs = run_steps(steps, verify)
+    shards = refs[-1]
     manifest = str(shards.dir / "manifest.json")
-    report(refs, manifest)
+    report(steps, refs, manifest)
     meta = shards.meta()
     if announce and meta.get("built_at", 0) >= started and meta["summary"].get("rows_added", 1) > 0:
         emit_event(event=MANIFEST_EVENT, resource={"prefect.resource.id": f"llm-pipeline.manifest.{shards.fingerprint}",
@@ -107,75 +96,70 @@ def build_manifest(spec_path: str, announce: bool, incremental: bool, plan_only:
     return manifest
 
 
-def clean_sources(spec: DataSpec, resolved: dict[str, ResolvedSource]) -> tuple[dict[str, ArtifactRef], list]:
-    """Download and clean each given source; returns the cleaned artifacts and (label, artifact) report rows."""
-    artifacts_dir = str(spec.artifacts_path())
-    cleaned, refs = {}, []
+def cleaning_steps(spec: DataSpec, resolved: dict[str, ResolvedSource]) -> list[Step]:
+    """Download and clean each given source."""
+    store, steps = str(spec.artifacts_path()), []
     for source in spec.sources:
-        if source.name not in resolved:
-            continue
-        downloaded = run_stage(download, resolved=resolved[source.name], executor=spec.executor,
-                               artifacts_dir=artifacts_dir)
-        cleaned[source.name] = run_stage(clean, downloaded=downloaded, source_name=source.name,
-                                         cleaning=spec.cleaning_for(source), executor=spec.executor,
-                                         artifacts_dir=artifacts_dir)
-        refs += [(source.name, downloaded), (source.name, cleaned[source.name])]
-    return cleaned, refs
+        if source.name in resolved:
+            downloaded = step("download", source.name, resolved=resolved[source.name], executor=spec.executor,
+                              artifacts_dir=store)
+            steps += [downloaded, step("clean", source.name, downloaded=downloaded.ref, source_name=source.name,
+                                       cleaning=spec.cleaning_for(source), executor=spec.executor,
+                                       artifacts_dir=store)]
+    return steps
 
 
-def dedup_and_decontaminate(spec: DataSpec, cleaned: dict[str, ArtifactRef],
-                            base: ArtifactRef | None) -> tuple[ArtifactRef, ArtifactRef, list]:
-    """(dedup artifact, the documents to tokenize, report rows)."""
-    artifacts_dir = str(spec.artifacts_path())
-    deduped = run_stage(dedup, cleaned=cleaned, config=spec.dedup, executor=spec.executor, base=base,
-                        artifacts_dir=artifacts_dir)
+def dedup_steps(spec: DataSpec, cleaned: list[Step], base: Base | None) -> list[Step]:
+    """Dedup across the cleaned sources (and against `base`'s index), then decontaminate if the spec says so; the
+    last step's documents are the ones to tokenize."""
+    store = str(spec.artifacts_path())
+    deduped = step("dedup", cleaned={s.what: s.ref for s in cleaned if s.stage == "clean"}, config=spec.dedup,
+                   executor=spec.executor, base=base.dedup if base else None, artifacts_dir=store)
     if not spec.decontamination.enabled:
-        return deduped, deduped, [("all sources", deduped)]
-    documents = run_stage(decontaminate, documents=deduped, references=reference_sets(spec.decontamination),
-                          config=spec.decontamination, executor=spec.executor, artifacts_dir=artifacts_dir)
-    return deduped, documents, [("all sources", deduped), ("all sources", documents)]
+        return [deduped]
+    return [deduped, step("decontaminate", documents=deduped.ref, references=reference_sets(spec.decontamination),
+                          config=spec.decontamination, executor=spec.executor, artifacts_dir=store)]
 
 
-def build_all(spec: DataSpec, resolved: dict[str, ResolvedSource], lineage: dict) -> tuple[ArtifactRef, list]:
+def full_build_steps(spec: DataSpec, resolved: dict[str, ResolvedSource], lineage: dict) -> list[Step]:
     """A full build from every file: download -> clean -> dedup -> decontaminate -> tokenizer -> shard."""
-    artifacts_dir = str(spec.artifacts_path())
-    cleaned, refs = clean_sources(spec, resolved)
-    deduped, documents, more = dedup_and_decontaminate(spec, cleaned, base=None)
-    refs += more
+    store = str(spec.artifacts_path())
+    steps = cleaning_steps(spec, resolved)
+    steps += dedup_steps(spec, steps, base=None)
+    documents = steps[-1]
     if spec.tokenizer.pretrained:
-        trained = run_stage(tokenizer, documents=None, config=spec.tokenizer, executor=spec.executor,
-                            artifacts_dir=artifacts_dir, pretrained=pin_pretrained(spec.tokenizer))
+        tokenizer = step("tokenizer", documents=None, config=spec.tokenizer, executor=spec.executor,
+                         artifacts_dir=store, pretrained=pin_pretrained(spec.tokenizer))
     else:
-        trained = run_stage(tokenizer, documents=documents, config=spec.tokenizer, executor=spec.executor,
-                            artifacts_dir=artifacts_dir)
-    lineage = {**lineage, "dedup_dir": str(deduped.dir),
-               "upstream": {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}}
-    shards = run_stage(shard, documents=documents, tokenizer=trained, config=spec.sharding, lineage=lineage,
-                       executor=spec.executor, artifacts_dir=artifacts_dir)
-    return shards, refs + [("all sources", trained), ("all sources", shards)]
+        tokenizer = step("tokenizer", documents=documents.ref, config=spec.tokenizer, executor=spec.executor,
+                         artifacts_dir=store)
+    deduped = next(s for s in steps if s.stage == "dedup")
+    lineage = {**lineage, "dedup_dir": str(deduped.ref.dir),
+               "upstream": {f"{s.stage}/{s.what}": s.ref.fingerprint for s in steps}}
+    return [*steps, tokenizer, step("shard", documents=documents.ref, tokenizer=tokenizer.ref, config=spec.sharding,
+                                    lineage=lineage, executor=spec.executor, artifacts_dir=store)]
 
 
-def ingest_new_files(spec: DataSpec, resolved: dict[str, ResolvedSource], base: Base,
-                     lineage: dict) -> tuple[ArtifactRef, list]:
+def increment_steps(spec: DataSpec, resolved: dict[str, ResolvedSource], base: Base, lineage: dict) -> list[Step]:
     """Only the new files: download -> clean -> dedup against the base's index -> decontaminate -> shard with
     the base's tokenizer -> append to the base's manifest."""
-    artifacts_dir = str(spec.artifacts_path())
+    store = str(spec.artifacts_path())
     new = {name: r.model_copy(update={"files": base.new_files[name]})
            for name, r in resolved.items() if name in base.new_files}
-    cleaned, refs = clean_sources(spec, new)
-    deduped, documents, more = dedup_and_decontaminate(spec, cleaned, base=base.dedup)
-    refs += more
-    upstream = {f"{ref.stage}/{name}": ref.fingerprint for name, ref in refs}
-    added = run_stage(shard, documents=documents, tokenizer=base.tokenizer, config=spec.sharding, increment=True,
-                      lineage={"spec_path": lineage["spec_path"], "new_files": base.new_files, "upstream": upstream},
-                      executor=spec.executor, artifacts_dir=artifacts_dir)
+    steps = cleaning_steps(spec, new)
+    steps += dedup_steps(spec, steps, base=base)
+    upstream = {f"{s.stage}/{s.what}": s.ref.fingerprint for s in steps}
+    added = step("shard", "new documents", documents=steps[-1].ref, tokenizer=base.tokenizer, config=spec.sharding,
+                 increment=True, lineage={"spec_path": lineage["spec_path"], "new_files": base.new_files,
+                                          "upstream": upstream},
+                 executor=spec.executor, artifacts_dir=store)
     increments = base.manifest.lineage.get("increments", []) + [
-        {"data_version": base.manifest.data_version + 1, "new_files": base.new_files, "shards": str(added.dir),
+        {"data_version": base.manifest.data_version + 1, "new_files": base.new_files, "shards": str(added.ref.dir),
          "upstream": upstream}]
-    lineage = {**base.manifest.lineage, **lineage, "dedup_dir": str(deduped.dir), "increments": increments}
-    appended = run_stage(append, base=base.artifact, added=added, config=spec.sharding, lineage=lineage,
-                         artifacts_dir=artifacts_dir)
-    return appended, refs + [("new documents", added), ("all sources", appended)]
+    deduped = next(s for s in steps if s.stage == "dedup")
+    lineage = {**base.manifest.lineage, **lineage, "dedup_dir": str(deduped.ref.dir), "increments": increments}
+    return [*steps, added, step("append", base=base.artifact, added=added.ref, config=spec.sharding,
+                                lineage=lineage, artifacts_dir=store)]
 
 
 def require_server() -> None:

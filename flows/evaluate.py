@@ -11,9 +11,10 @@ import argparse
 from prefect import flow
 
 from flows.data import require_server
-from tasks.download import downloads_dir
+from tasks.evaluate import load_items
 from tasks.lib.artifacts import store_of
-from tasks.evaluate import evaluate_model, export_hf, load_items, prepare_lm_eval, publish_report
+from tasks.lib.sources import downloads_dir
+from tasks.prefect_tasks import evaluate_model, export_hf, prepare_lm_eval, publish_report
 from model.checkpoint import read_train_state, resolve_checkpoint
 from tasks.lib.runs import newest_run
 from tasks.spec import EvalSpec, load_spec, resolve_path

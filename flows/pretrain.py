@@ -14,10 +14,11 @@ from prefect import flow
 
 from flows.data import data_flow, require_server
 from model.run_config import RunConfig
-from tasks.import_hf import checkpoint_of, import_hf, pin_hf_model
-from tasks.lib.artifacts import run_stage, store_of
+from tasks.import_hf import checkpoint_of, pin_hf_model
+from tasks.lib.artifacts import store_of
 from tasks.lib.runs import decide_start
-from tasks.prefect_tasks import preflight, pretrain
+from tasks.lib.steps import step
+from tasks.prefect_tasks import preflight, pretrain, run_step
 from tasks.spec import resolve_path
 
 
@@ -45,9 +46,9 @@ def pretrain_flow(spec_path: str = "data_specs/default.yaml", run: RunConfig = R
     manifest = str(resolve_path(manifest or data_flow(spec_path, tokenizer_from=init_from_hf)))
 
     def imported(folder: str) -> str:  # the store that holds the manifest: <store>/<stage>/<fingerprint>/
-        return checkpoint_of(run_stage(import_hf, model=hf_model, tp=run.parallel.tensor_parallel,
-                                       pp=run.parallel.pipeline_parallel, dtype=hf_dtype,
-                                       artifacts_dir=str(store_of(Path(manifest).parent))))
+        tp, pp = run.parallel.tensor_parallel, run.parallel.pipeline_parallel
+        return checkpoint_of(run_step(step("import_hf", f"{tp}x{pp}", model=hf_model, tp=tp, pp=pp, dtype=hf_dtype,
+                                           artifacts_dir=str(store_of(Path(manifest).parent)))))
 
     start = decide_start(init_from_hf or continue_from, manifest, runs, imported)
     return pretrain(manifest, run, runs, start)

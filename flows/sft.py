@@ -17,12 +17,11 @@ from model.checkpoint import checkpoint_tokenizer, read_train_state
 from model.data import load_manifest
 from model.import_hf import is_hf_folder
 from model.run_config import RunConfig
-from tasks.download import resolve
-from tasks.import_hf import checkpoint_of, import_hf, pin_hf_model
-from tasks.lib.artifacts import ArtifactRef, run_stage, store_of
+from tasks.import_hf import checkpoint_of, pin_hf_model
+from tasks.lib.artifacts import ArtifactRef, store_of
 from tasks.lib.runs import decide_start, newest_run
-from tasks.prefect_tasks import preflight, sft
-from tasks.sft_data import sft_data
+from tasks.lib.steps import step
+from tasks.prefect_tasks import preflight, resolve, run_step, sft
 from tasks.spec import SFTSpec, load_spec, resolve_path
 from tasks.train import SFT_TRAIN
 
@@ -46,9 +45,9 @@ def sft_flow(sft_spec_path: str = "data_specs/sft_default.yaml", pretrained: str
     spec = load_spec(sft_spec_path, SFTSpec)
 
     def imported(folder: str) -> str:
-        return checkpoint_of(run_stage(import_hf, model=pin_hf_model(folder, "pretrained"),
-                                       tp=run.parallel.tensor_parallel, pp=run.parallel.pipeline_parallel,
-                                       dtype=hf_dtype, artifacts_dir=str(resolve_path(artifacts_dir))))
+        tp, pp = run.parallel.tensor_parallel, run.parallel.pipeline_parallel
+        return checkpoint_of(run_step(step("import_hf", f"{tp}x{pp}", model=pin_hf_model(folder, "pretrained"), tp=tp,
+                                           pp=pp, dtype=hf_dtype, artifacts_dir=str(resolve_path(artifacts_dir)))))
 
     start = decide_start(pretrained, None, runs, imported)  # SFT data is tokenized with the checkpoint's tokenizer
     checkpoint = Path(start.checkpoint)
@@ -61,8 +60,8 @@ def sft_flow(sft_spec_path: str = "data_specs/sft_default.yaml", pretrained: str
         seq_len = seq_len or load_manifest(Path(state["manifest"]))["seq_len"]
     recorded = checkpoint_tokenizer(checkpoint)  # keyed by content: the same tokenizer wherever it is stored
     tokenizer = ArtifactRef(stage="tokenizer", fingerprint=recorded["sha256"][:20], path=recorded["dir"])
-    shards = run_stage(sft_data, resolved=[resolve(s) for s in spec.sources], spec=spec, tokenizer=tokenizer,
-                       seq_len=seq_len, artifacts_dir=str(store))
+    shards = run_step(step("sft_data", resolved=[resolve(s) for s in spec.sources], spec=spec, tokenizer=tokenizer,
+                           seq_len=seq_len, artifacts_dir=str(store)))
     return sft(str(shards.dir / "manifest.json"), run, str(runs), start)
 
 

@@ -138,6 +138,9 @@ class TrainJob(Strict):
     manifest: str
     """The manifest directory (holding manifest.json) it trains on."""
     start: Start = Start()
+    inputs: list[str] = []
+    """The artifacts of the store it reads, as `stage/fingerprint` (its manifest's, an import's): recorded in each
+    checkpoint's train state, where the store's garbage collection (tasks/gc.py) finds them."""
 
     def write(self, run_dir: Path) -> Path:
         """`<run_dir>/train_job.json`, replaced atomically."""

@@ -250,7 +250,7 @@ def described(job: TrainJob, model_cfg: ModelConfig, t: Training, offset: int) -
     group = t.optimizer.param_groups[0]
     parent = read_train_state(Path(job.start.checkpoint)) if job.start.checkpoint else {}
     return {"preset": job.config.preset, "model": dataclasses.asdict(model_cfg),
-            "manifest": str(Path(job.manifest).resolve()), "start": job.start.model_dump(),
+            "manifest": str(Path(job.manifest).resolve()), "start": job.start.model_dump(), "inputs": job.inputs,
             "distributed_optimizer": t.train.distributed_optimizer, "step_offset": offset,
             "optimizer": {"betas": list(group["betas"]), "weight_decay": group["weight_decay"],
                           "grad_clip": t.train.grad_clip},

@@ -1,5 +1,5 @@
-"""Prefect tasks, one pipeline stage per module; each wraps a plain function that runs without a server. What the
-stages share (and no stage itself) is in tasks/lib/."""
+"""One pipeline stage per module (`tasks/<stage>.py`: its datatrove blocks and its plain `build` function, no
+Prefect); what two or more stages share in tasks/lib/; every Prefect task in tasks/prefect_tasks.py."""
 
 import os
 from pathlib import Path

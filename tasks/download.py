@@ -1,111 +1,105 @@
 """Stage 1, download: bring one source to local JSONL.gz documents `{id, text, metadata}`.
 
-Sources are local files (jsonl, jsonl.gz, txt, parquet), a Hugging Face dataset, or an http(s) URL. Local files
-and datasets are normalised in parallel on the spec's executor, a share per task (tasks/lib/normalise.py). Records
-that cannot be used go to `quarantine.jsonl` with file, line and reason, and are counted in the summary: nothing
-is dropped silently.
+Sources are local files (jsonl, jsonl.gz, txt, parquet), a Hugging Face dataset, or an http(s) URL
+(tasks/lib/sources.py reads them). Local files and datasets are normalised in parallel on the spec's executor, a
+share per datatrove task (`NormaliseSource`). Records that cannot be used go to `quarantine.jsonl` with file, line
+and reason, and are counted in the summary: nothing is dropped silently.
 """
 
 from __future__ import annotations
 
-import glob
 import gzip
-import hashlib
 import json
 import shutil
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from prefect import task
-from pydantic import BaseModel
+from datatrove.pipeline.base import PipelineStep
 
-from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
 from tasks.lib.blocks import in_process_if_small, run_pipeline
-from tasks.lib.normalise import (NormaliseSource, Quarantine, Record, SourceError, file_format, hf_records,
-                                 load_hf_dataset, read_records, write_documents)
-from tasks.spec import ExecutorConfig, SourceSpec, project_relative, resolve_path
-
-class ResolvedSource(BaseModel):
-    """A source pinned to content: the files it matched and their checksums, so caching follows the data."""
-
-    source: SourceSpec
-    files: list[tuple[str, str]] = []  # (absolute path, sha256)
-
-    def fingerprint_payload(self) -> dict:
-        """The files by content and by their path in the project, not by where the checkout lives."""
-        return {"source": self.source, "files": {project_relative(p): digest for p, digest in self.files}}
+from tasks.lib.log import get_logger
+from tasks.lib.sources import (Quarantine, Record, ResolvedSource, downloads_dir, file_format, hf_records,
+                               load_hf_dataset, read_records, source_records)
+from tasks.spec import ExecutorConfig, SourceSpec
 
 
-# ---------------------------------------------------------------- resolving
+def write_documents(records: Iterator[Record], source: SourceSpec, outs: list, quarantine: Quarantine
+                    ) -> tuple[int, int, int]:
+    """Documents of `records` round-robin into the open `outs`, the unusable ones to `quarantine`; returns
+    (records seen, documents kept, their text bytes)."""
+    log = get_logger()
+    seen = kept = kept_bytes = 0
+    for rec in records:
+        seen += 1
+        doc, problem = to_document(rec, source)
+        if problem:
+            quarantine.add(rec, problem)
+            continue
+        outs[kept % len(outs)].write(json.dumps(doc, ensure_ascii=False) + "\n")
+        kept += 1
+        kept_bytes += len(doc["text"].encode("utf-8"))
+        if kept % 50_000 == 0:
+            log.info(f"download {source.name}: {kept:,} documents so far")
+    return seen, kept, kept_bytes
 
 
-def resolve_source(source: SourceSpec) -> ResolvedSource:
-    """Expand globs and checksum local inputs; fail here, with the pattern, if anything is missing."""
-    source = source.model_copy(update={"cleaning": {}})  # cleaning settings must not invalidate downloads
-    if source.kind == "local":
-        files = _expand(source.paths, source.name, "paths")
-    elif source.kind == "hf" and source.data_files:
-        files = _expand(source.data_files, source.name, "data_files")
-    else:
-        return ResolvedSource(source=source)
-    return ResolvedSource(source=source, files=[(str(f), sha256_file(f)) for f in files])
+class NormaliseSource(PipelineStep):
+    """datatrove step: task `rank` of N normalises its share of a source, every N-th file of a local source
+    (files[rank::N]) or its part of a Hugging Face dataset (`hf_records`), into `docs/<rank>.jsonl.gz` and
+    `quarantine/<rank>.jsonl`, and records its counts in `_logs/normalised/<rank>.json`."""
+
+    name = "📥 normalise source"
+    type = "📖 - READER"
+
+    def __init__(self, source: SourceSpec, files: list[str], out_dir: Path):
+        super().__init__()
+        self.source, self.files, self.out_dir = source, files, Path(out_dir)
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        source = self.source
+        if source.kind == "hf":
+            records = hf_records(source, rank, world_size)
+        else:
+            paths = [Path(p) for p in self.files][rank::world_size]
+            records = (rec for p in paths
+                       for rec in read_records(p, file_format(p, source.format), source.record_field))
+        with gzip.open(self.out_dir / "docs" / f"{rank:05d}.jsonl.gz", "wt", encoding="utf-8", compresslevel=3) as out, \
+                open(self.out_dir / "quarantine" / f"{rank:05d}.jsonl", "w", encoding="utf-8") as file:
+            quarantine = Quarantine(file, source)
+            seen, kept, kept_bytes = write_documents(records, source, [out], quarantine)
+        self.stat_update("documents", value=kept)
+        record = self.out_dir / "_logs" / "normalised" / f"{rank:05d}.json"
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps({"records": seen, "docs": kept, "bytes": kept_bytes,
+                                      "quarantine_reasons": dict(quarantine.reasons)}))
+        return iter(())
 
 
-def _expand(patterns: list[str], name: str, field: str) -> list[Path]:
-    files: list[Path] = []
-    for pattern in patterns:
-        absolute = resolve_path(pattern)
-        matched = sorted(Path(p) for p in glob.glob(str(absolute), recursive=True) if Path(p).is_file())
-        if not matched:
-            raise SourceError(f"source '{name}': {field} pattern {pattern!r} matches no file "
-                              f"(looked for {absolute})")
-        files.extend(matched)
-    return files
-
-
-# ---------------------------------------------------------------- fetching
-
-
-def fetch_url(url: str, sha256: str | None, cache_dir: Path, name: str) -> Path:
-    """Download `url` into cache_dir: streamed to a .part file, resumed with a Range request, verified, renamed."""
-    final = cache_dir / (hashlib.sha256(url.encode()).hexdigest()[:16] + "-" + Path(urllib.parse.urlparse(url).path).name)
-    if final.exists() and (sha256 is None or sha256_file(final) == sha256):
-        return final
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    part = final.with_name(final.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            resumed = have and resp.status == 206
-            with open(part, "ab" if resumed else "wb") as out:
-                while block := resp.read(1 << 20):
-                    out.write(block)
-    except (urllib.error.URLError, OSError) as err:
-        raise SourceError(f"source '{name}': cannot download {url}: {err}. Check the URL and the network; "
-                          f"a partial download is kept in {part} and resumed next time.") from None
-    if sha256 is not None and (actual := sha256_file(part)) != sha256:
-        part.unlink()
-        raise SourceError(f"source '{name}': {url} has sha256 {actual}, the spec expects {sha256}")
-    part.replace(final)
-    return final
+def to_document(rec: Record, source: SourceSpec) -> tuple[dict | None, str | None]:
+    if rec.problem:
+        return None, rec.problem
+    if not isinstance(rec.raw, dict):
+        return None, f"not a JSON object (got {type(rec.raw).__name__})"
+    if source.text_field not in rec.raw:
+        return None, f"missing field {source.text_field!r} (fields: {sorted(rec.raw)[:10]})"
+    text = rec.raw[source.text_field]
+    if not isinstance(text, str):
+        return None, f"field {source.text_field!r} is {type(text).__name__}, not a string"
+    if not text.strip():
+        return None, "empty text"
+    size = len(text.encode("utf-8"))
+    if size > source.max_doc_bytes:
+        return None, f"document too large ({size:,} bytes > max_doc_bytes {source.max_doc_bytes:,})"
+    raw_id = rec.raw.get(source.id_field) if source.id_field else None
+    doc_id = f"{source.name}/{raw_id}" if raw_id not in (None, "") else f"{source.name}/{rec.origin}"
+    metadata = rec.raw.get("metadata") if isinstance(rec.raw.get("metadata"), dict) else {
+        k: v for k, v in rec.raw.items() if k not in (source.text_field, source.id_field)
+        and isinstance(v, (str, int, float, bool))}
+    return {"id": doc_id, "text": text, "metadata": {**metadata, "source": source.name, "origin": rec.origin}}, None
 
 
 # ---------------------------------------------------------------- normalising
-
-
-def source_records(resolved: ResolvedSource, downloads_dir: Path) -> Iterator[Record]:
-    """Every raw record of a source, wherever it lives (local files, a URL, a Hugging Face dataset)."""
-    source = resolved.source
-    if source.kind == "hf":
-        return hf_records(source)
-    paths = ([Path(p) for p, _ in resolved.files] if source.kind == "local"
-             else [fetch_url(source.url, source.sha256, downloads_dir, source.name)])
-    return (rec for p in paths for rec in read_records(p, file_format(p, source.format), source.record_field))
 
 
 def normalise_source(resolved: ResolvedSource, out_dir: Path, executor: ExecutorConfig, downloads_dir: Path) -> dict:
@@ -152,24 +146,6 @@ def normalise_tasks(source: SourceSpec, files: list[str], most: int) -> int:
     return max(t for t in range(1, min(most, shards) + 1) if shards % t == 0)
 
 
-# ---------------------------------------------------------------- Prefect tasks
-
-
-@task(name="resolve", task_run_name="resolve-{source.name}")
-def resolve(source: SourceSpec) -> ResolvedSource:
-    """Not cached on purpose: it is what notices that the files changed."""
-    return resolve_source(source)
-
-
-def downloads_dir(artifacts_dir: str | Path) -> Path:
-    """The store's one cache of URL downloads (named by the URL's hash, verified on reuse), for every stage that
-    reads a source: corpus, instruction sets, evaluation sets and decontamination references."""
-    return Path(artifacts_dir) / "_downloads"
-
-
-@task(name="download", task_run_name="download-{resolved.source.name}", **STAGE_TASK_OPTIONS)
-def download(resolved: ResolvedSource, executor: ExecutorConfig, artifacts_dir: str) -> ArtifactRef:
-    return build_artifact("download", dict(resolved=resolved, executor=executor, artifacts_dir=artifacts_dir),
-                          lambda out: normalise_source(resolved, out, executor, downloads_dir(artifacts_dir)),
-                          label=resolved.source.name)
-
+def build(out: Path, resolved: ResolvedSource, executor: ExecutorConfig, artifacts_dir: str) -> dict:
+    """The stage, as a step runs it (tasks/lib/steps.py): `resolved`'s documents into `out`."""
+    return normalise_source(resolved, out, executor, downloads_dir(artifacts_dir))

@@ -1,5 +1,6 @@
 """Evaluation stage: export each checkpoint to Hugging Face format, score it with lm-evaluation-harness and the
-held-out perplexities (model/evaluate.py), and publish a report comparing them.
+held-out perplexities (model/evaluate.py), and write a report comparing them. Plain functions; the evaluate flow
+runs them as Prefect tasks (tasks/prefect_tasks.py), which also publish the report in the UI.
 """
 
 from __future__ import annotations
@@ -10,33 +11,10 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from prefect import task
-
+from tasks.lib.items import multiple_choice_item
 from tasks.lib.log import get_logger, progress
-from tasks.download import resolve_source, source_records
-from tasks.lib.normalise import Record, SourceError
-from tasks.spec import EvalSpec, MultipleChoiceSpec
-
-
-def multiple_choice_item(rec: Record, source: MultipleChoiceSpec) -> tuple[dict | None, str]:
-    """{question, choices, answer (index)} of a benchmark record, or None and why it cannot be scored."""
-    if rec.problem:
-        return None, rec.problem
-    raw = rec.raw
-    if not isinstance(raw, dict):
-        return None, f"not a JSON object (got {type(raw).__name__})"
-    question, choices, answer = (raw.get(source.question_field), raw.get(source.choices_field),
-                                 raw.get(source.answer_field))
-    if not isinstance(question, str) or not question.strip():
-        return None, f"field {source.question_field!r} is missing or empty"
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
-        return None, f"field {source.choices_field!r} is not a list of at least two strings"
-    if isinstance(answer, str) and answer in choices:
-        answer = choices.index(answer)
-    if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-        return None, f"field {source.answer_field!r} is {answer!r}: not a choice index or a choice's text"
-    return {"id": str(raw.get(source.id_field) or rec.origin), "question": question, "choices": choices,
-            "answer": answer}, ""
+from tasks.lib.sources import SourceError, resolve_source, source_records
+from tasks.spec import EvalSpec
 
 
 def load_items(spec: EvalSpec, downloads_dir: Path) -> tuple[dict[str, list[dict]], dict]:
@@ -62,7 +40,6 @@ def load_items(spec: EvalSpec, downloads_dir: Path) -> tuple[dict[str, list[dict
     return items, problems
 
 
-@task(name="prepare-lm-eval")
 def prepare_lm_eval(spec: EvalSpec, items: dict[str, list[dict]], task_dir: str) -> list[str]:
     """Write each multiple-choice set as a local lm-eval task in `task_dir`, and load every task the spec names,
     so that a task that cannot run (unknown, or its dataset out of reach) fails now, before any export. Returns
@@ -76,7 +53,6 @@ def prepare_lm_eval(spec: EvalSpec, items: dict[str, list[dict]], task_dir: str)
     return names
 
 
-@task(name="export-hf", task_run_name="export-{label}")
 def export_hf(checkpoint: str, label: str) -> str:
     """`<run>/hf/<step>`: a transformers folder; reused when it already holds this checkpoint's export."""
     from model.export_hf import export
@@ -92,7 +68,6 @@ def export_hf(checkpoint: str, label: str) -> str:
     return str(out)
 
 
-@task(name="evaluate", task_run_name="evaluate-{label}")
 def evaluate_model(model_dir: str, label: str, manifest: str, sft_manifest: str | None, spec: EvalSpec,
                    task_names: list[str], task_dir: str) -> dict:
     from model.evaluate import evaluate
@@ -142,26 +117,16 @@ def _with_stderr(scores: dict, metric: str) -> str:
     return f"{scores[metric]:.3f}" + (f" ± {stderr:.3f}" if isinstance(stderr, (int, float)) else "")
 
 
-@task(name="eval-report")
-def publish_report(results: dict[str, dict], benchmarks: dict, checkpoints: dict[str, str], reports_dir: str) -> str:
-    """Write `results.json` and `report.md` (atomically) and publish them as Prefect artifacts."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
+def write_report(results: dict[str, dict], benchmarks: dict, checkpoints: dict[str, str], reports_dir: str) -> Path:
+    """`<reports_dir>/eval-<key>/results.json` and `report.md`, each written atomically; returns the folder."""
     key = hashlib.sha256(json.dumps(checkpoints, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(reports_dir) / f"eval-{key}"
     out.mkdir(parents=True, exist_ok=True)
-    markdown = report_markdown(results, benchmarks)
     for name, text in (("results.json", json.dumps({"checkpoints": checkpoints, "benchmarks": benchmarks,
-                                                    "results": results}, indent=1)), ("report.md", markdown)):
+                                                    "results": results}, indent=1)),
+                       ("report.md", report_markdown(results, benchmarks))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)
-    create_markdown_artifact(key="evaluation-report", markdown=markdown + f"\n\nFiles: `{out}`")
-    create_table_artifact(key="evaluation-metrics", table=[
-        {"checkpoint": label, "perplexity": round(r["validation"]["perplexity"], 3),
-         **{f"{task} {m}": round(v, 4) for task, scores in r.get("lm_eval", {}).get("tasks", {}).items()
-            for m, v in scores.items() if m != "items"},
-         **{f"{n} chance": round(b["chance"], 3) for n, b in benchmarks.items()}}
-        for label, r in results.items()])
     progress(f"evaluation report: {out / 'report.md'}")
-    return str(out)
+    return out

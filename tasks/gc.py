@@ -5,16 +5,15 @@
     python -m tasks.gc --verify         # also hash every file of every artifact; a corrupt one is removed too
 
 What is kept:
-  * every manifest (`shard/`, `append/`, `sft_data/`) that a training run under the runs directory used, and
-    every imported model (`import_hf/`) one started from: each checkpoint's train_state.json names its manifest
-    and its start (`start.checkpoint`);
+  * every artifact a training run under the runs directory read: each checkpoint's train_state.json lists them in
+    `inputs` (its manifest's, and an imported model's), as `stage/fingerprint`;
   * for each data spec, its `--keep` most recently built manifests;
-  * everything a kept artifact refers to, transitively: its `_artifact.json` names the upstream artifacts it was
-    built from (documents, tokenizer, cleaned sources, ...), and an appended manifest lists earlier shards;
+  * everything a kept artifact was built from, transitively: its `_artifact.json` lists its `inputs` (documents,
+    tokenizer, cleaned sources, ...; an appended manifest's are the manifest it extends and the new shards);
   * anything built in the last `--min-age-hours` (a data flow may be on its way to a manifest that refers to
     it), and builds in progress.
 A Prefect cache record names the artifact its stage built, so every artifact has one: the records decide nothing
-here. They are removed with their artifacts (`run_stage` rebuilds anyway when a cached artifact is gone).
+here. They are removed with their artifacts (the stage task rebuilds anyway when a cached artifact is gone).
 Also removed: failed builds' evidence (`<stage>/failed-<fingerprint>/`, whatever its age), temporary build
 directories of processes that no longer run, and the locks of absent artifacts.
 """
@@ -23,17 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.lib.artifacts import FAILED_PREFIX, MANIFEST_NAME, TMP_PREFIX, remove_stale_temporaries, verify
+from tasks.lib.artifacts import FAILED_PREFIX, RECORD_NAME, TMP_PREFIX, remove_stale_temporaries, verify
+from tasks.lib.manifest import ShardManifest
 from tasks.spec import resolve_path
-
-ARTIFACT_ID = re.compile(r"\b([a-z_]+)/([0-9a-f]{20})\b")  # <stage>/<fingerprint>, as in any path to one
-
 
 @dataclass
 class Artifact:
@@ -48,17 +44,17 @@ class Artifact:
         """The kept files of a failed build, not an artifact."""
         return self.path.name.startswith(FAILED_PREFIX)
 
-    def texts(self) -> str:
-        """What it says about other artifacts: its build record and, for a manifest, the manifest."""
-        files = [self.path / MANIFEST_NAME, self.path / "manifest.json"]
-        return "\n".join(f.read_text() for f in files if f.is_file())
+    @property
+    def inputs(self) -> list[str]:
+        """The artifacts it was built from (its build record's `inputs`)."""
+        return (self.meta or {}).get("inputs", [])
 
 
 def scan(artifacts_dir: Path) -> dict[str, Artifact]:
     found = {}
     for stage_dir in sorted(p for p in artifacts_dir.iterdir() if p.is_dir()):
         for path in sorted(p for p in stage_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            meta_file = path / MANIFEST_NAME
+            meta_file = path / RECORD_NAME
             meta = json.loads(meta_file.read_text()) if meta_file.is_file() else None
             size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
             built = (meta or {}).get("built_at", path.stat().st_mtime)
@@ -70,18 +66,14 @@ def kept_roots(artifacts: dict[str, Artifact], runs_dir: Path, keep: int, min_ag
     """{artifact id: why it is kept} for the artifacts kept for their own sake."""
     roots = {}
     for state in sorted(runs_dir.glob("*/checkpoints/*/train_state.json")) if runs_dir.is_dir() else []:
-        recorded = json.loads(state.read_text())
         run = state.parent.parent.parent.name
-        used = ((recorded.get("manifest"), f"trained on by {run}"),
-                ((recorded.get("start") or {}).get("checkpoint"), f"started from by {run}"))
-        for path, why in used:
-            if path and (match := ARTIFACT_ID.search(str(Path(path).resolve()))):
-                roots.setdefault(match[0], why)
+        for artifact_id in json.loads(state.read_text()).get("inputs", []):
+            roots.setdefault(artifact_id, f"read by {run}")
     by_spec: dict[str, list[Artifact]] = {}
     for artifact in artifacts.values():
         manifest = artifact.path / "manifest.json"
         if artifact.meta is not None and manifest.is_file():
-            lineage = json.loads(manifest.read_text()).get("lineage", {})
+            lineage = ShardManifest.load(artifact.path).lineage
             spec = lineage.get("spec_path") or f"sft spec {lineage.get('sft_spec', {}).get('name')}"
             by_spec.setdefault(spec, []).append(artifact)
     for spec, manifests in by_spec.items():
@@ -104,8 +96,7 @@ def collect(artifacts_dir: Path, runs_dir: Path, keep: int = 1, min_age_hours: f
         current = artifacts.get(frontier.pop())
         if current is None:
             continue
-        for stage, fingerprint in ARTIFACT_ID.findall(current.texts()):
-            referred = f"{stage}/{fingerprint}"
+        for referred in current.inputs:
             if referred in artifacts and referred not in kept:
                 kept[referred] = f"used by {current.id}"
                 frontier.append(referred)
@@ -124,15 +115,6 @@ def delete(artifacts_dir: Path, garbage: list[Artifact], cache_dir: Path | None)
             if not (stage_dir / lock.name[len(".lock-"):]).exists() and \
                     not list(stage_dir.glob(f"{TMP_PREFIX}{lock.name[len('.lock-'):]}-*")):
                 lock.unlink(missing_ok=True)
-
-
-def prefect_cache_dir() -> Path | None:
-    try:
-        from prefect.settings import get_current_settings
-
-        return Path(get_current_settings().results.local_storage_path).expanduser()
-    except Exception:
-        return None
 
 
 def main(argv=None) -> None:
@@ -164,6 +146,8 @@ def main(argv=None) -> None:
               + (", a failed build's files" if artifact.failed else "" if artifact.meta else ", incomplete"))
     total = sum(a.bytes for a in garbage)
     if args.delete:
+        from tasks.prefect_tasks import prefect_cache_dir
+
         delete(artifacts_dir, garbage, prefect_cache_dir())
         print(f"deleted {len(garbage)} artifacts, {total / 1e6:,.1f} MB freed")
     else:

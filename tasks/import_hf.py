@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import task
 
 from model.config import ParallelConfig
 from model.import_hf import import_hf as convert
 from model.import_hf import read_hf_config, weight_files
 from model.tokenizer import TOKENIZER_FILES
-from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, PinnedFiles, build_artifact, pin_files
+from tasks.lib.artifacts import ArtifactRef, PinnedFiles, pin_files
 from tasks.spec import resolve_path
 
 
@@ -34,7 +33,6 @@ def checkpoint_of(imported: ArtifactRef) -> str:
     return str(imported.dir / "checkpoint")
 
 
-@task(name="import_hf", task_run_name="import_hf-{tp}x{pp}", **STAGE_TASK_OPTIONS)
-def import_hf(model: PinnedFiles, tp: int, pp: int, dtype: str | None, artifacts_dir: str) -> ArtifactRef:
-    return build_artifact("import_hf", dict(model=model, tp=tp, pp=pp, dtype=dtype, artifacts_dir=artifacts_dir),
-                          lambda out: convert(Path(model.directory), out / "checkpoint", ParallelConfig(tp, pp), dtype))
+def build(out: Path, model: PinnedFiles, tp: int, pp: int, dtype: str | None, artifacts_dir: str) -> dict:
+    """The stage, as a step runs it (tasks/lib/steps.py): the checkpoint in `out/checkpoint`."""
+    return convert(Path(model.directory), out / "checkpoint", ParallelConfig(tp, pp), dtype)

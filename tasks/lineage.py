@@ -65,13 +65,13 @@ def print_lineage(info: dict, indent: str = "") -> None:
         p(f"checkpoint  {info['checkpoint']} (imported, {info['dtype']})")
         p(f"imported    from the Hugging Face folder {info['imported_from']} (model_type {info['hf_model_type']}, "
           f"{info['model']['num_layers']} layers, hidden {info['model']['hidden_size']})")
-        p(f"tokenizer   " + (f"the folder's own (sha256 {tokenizer['sha256'][:12]})" if tokenizer else "none"))
+        p("tokenizer   " + (f"the folder's own (sha256 {tokenizer['sha256'][:12]})" if tokenizer else "none"))
         return
     p(f"checkpoint  {info['checkpoint']} (step {info['step']}, {info['consumed_samples']:,} samples, "
       f"preset {info['preset']})")
     m = info["manifest"]
     p(f"manifest    {m['path']} (data version {m['data_version']}, seq {m['seq_len']}, vocab {m['vocab_size']})")
-    p(f"mixture     " + ", ".join(f"{k} {v:.3f}" for k, v in m["mixture"].items()))
+    p("mixture     " + ", ".join(f"{k} {v:.3f}" for k, v in m["mixture"].items()))
     p(f"tokenizer   {info['tokenizer']['dir']} (sha256 {info['tokenizer']['sha256'][:12]})")
     p(f"spec        {info['spec']['path']} ({info['spec']['name']})")
     for shard in m["shards"]:

@@ -15,51 +15,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import task
 
-from model.chat import ROLES, encode_chat, template_of
+from model.chat import encode_chat, template_of
 from model.tokenizer import Tokenizer
-from tasks.lib.artifacts import STAGE_TASK_OPTIONS, ArtifactRef, build_artifact, sha256_file
+from tasks.lib.artifacts import ArtifactRef, sha256_file
 from tasks.lib.log import get_logger
-from tasks.download import ResolvedSource, downloads_dir, source_records
-from tasks.lib.normalise import Quarantine, Record
-from tasks.shard import ShardInfo, ShardManifest
-from tasks.spec import InstructionSourceSpec, SFTSpec
 from tasks.lib.blocks import keep_in_sample
+from tasks.lib.items import conversation
+from tasks.lib.manifest import ShardInfo, ShardManifest
+from tasks.lib.sources import Quarantine, ResolvedSource, downloads_dir, source_records
+from tasks.spec import SFTSpec
 
 ROW_GROUP = 32
-
-
-def conversation(rec: Record, source: InstructionSourceSpec, system_prompt: str | None) -> tuple[list | None, str]:
-    """The record as chat messages, or None and the reason it cannot be used."""
-    if rec.problem:
-        return None, rec.problem
-    raw = rec.raw
-    if not isinstance(raw, dict):
-        return None, f"not a JSON object (got {type(raw).__name__})"
-    if source.layout == "messages":
-        messages = raw.get(source.messages_field)
-        if not isinstance(messages, list) or not messages:
-            return None, f"field {source.messages_field!r} is missing or not a non-empty list"
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                return None, (f"{source.messages_field}[{i}] is not a dict with a role ({', '.join(ROLES)}) and string "
-                              f"content")
-    else:
-        fields = [source.prompt_field, source.response_field]
-        for field in fields:
-            if not isinstance(raw.get(field), str):
-                return None, f"field {field!r} is missing or not a string"
-        messages = [{"role": "user", "content": raw[source.prompt_field]},
-                    {"role": "assistant", "content": raw[source.response_field]}]
-        system = raw.get(source.system_field) if source.system_field else None
-        if isinstance(system, str) and system.strip():
-            messages.insert(0, {"role": "system", "content": system})
-    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        return None, "no non-empty assistant reply to learn from"
-    if system_prompt and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": system_prompt}, *messages]
-    return messages, ""
 
 
 class ExamplePacker:
@@ -170,10 +137,7 @@ def build_sft_shards(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer_di
     return {**totals, "fill": fill, "quarantine_reasons": dict(reasons), "sources": per_source}
 
 
-@task(name="sft_data", **STAGE_TASK_OPTIONS)
-def sft_data(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer: ArtifactRef, seq_len: int,
-             artifacts_dir: str) -> ArtifactRef:
-    return build_artifact("sft_data", dict(resolved=resolved, spec=spec, tokenizer=tokenizer, seq_len=seq_len,
-                                           artifacts_dir=artifacts_dir),
-                          lambda out: build_sft_shards(resolved, spec, tokenizer.dir, seq_len, out,
-                                                       downloads_dir(artifacts_dir)))
+def build(out: Path, resolved: list[ResolvedSource], spec: SFTSpec, tokenizer: ArtifactRef, seq_len: int,
+          artifacts_dir: str) -> dict:
+    """The stage, as a step runs it (tasks/lib/steps.py)."""
+    return build_sft_shards(resolved, spec, tokenizer.dir, seq_len, out, downloads_dir(artifacts_dir))

@@ -9,36 +9,65 @@ gives the same ids and renders chats the same way.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
-import json
 import re
 import shutil
 from pathlib import Path
 from typing import Iterator
 
 import sentencepiece as spm
+from datatrove.data import DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.readers import JsonlReader
-from prefect import task
 
 from model.chat import CHAT_TEMPLATE
 from model.tokenizer import TOKENIZER_FILES, Tokenizer
-from tasks.lib.artifacts import (STAGE_TASK_OPTIONS, ArtifactRef, PinnedFiles, build_artifact, pin_files,
-                                 sha256_file)
-from tasks.lib.blocks import SampleLines, in_process_if_small, run_pipeline
+from tasks.lib.artifacts import ArtifactRef, PinnedFiles, pin_files, sha256_file
+from tasks.lib.blocks import in_process_if_small, keep_in_sample, run_pipeline
 from tasks.lib.log import get_logger
 from tasks.spec import DataSpec, ExecutorConfig, TokenizerConfig, resolve_path
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 
 
-def iter_documents(folder: Path) -> Iterator[dict]:
-    """Documents of all `*.jsonl.gz` files under `folder` (e.g. a dedup artifact's docs/), in a stable order."""
-    for path in sorted(folder.rglob("*.jsonl.gz")):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)
+class SampleLines(PipelineStep):
+    """The tokenizer's training text: the lines of the documents `keep_in_sample` picks, each task writing its own
+    `<out_dir>/<rank>.txt`. Lines longer than `max_chars` are cut at a space (`split_long_line`), since
+    sentencepiece would skip them silently."""
+
+    name = "🎲 sample lines"
+    type = "🔢 - TOKENIZER"
+
+    def __init__(self, out_dir: Path, fraction: float, seed: int, max_chars: int):
+        super().__init__()
+        self.out_dir, self.fraction, self.seed, self.max_chars = Path(out_dir), fraction, seed, max_chars
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / f"{rank:05d}.txt", "w", encoding="utf-8", newline="\n") as out:
+            for doc in data:
+                if not keep_in_sample(doc.id, self.fraction, self.seed):
+                    continue
+                self.stat_update("sample docs")
+                self.stat_update("sample bytes", value=len(doc.text.encode("utf-8")))
+                lines = [piece for line in doc.text.split("\n") if line.strip()
+                         for piece in split_long_line(line, self.max_chars)]
+                self.stat_update("sample lines", value=len(lines))
+                out.writelines(line + "\n" for line in lines)
+        return iter(())
+
+
+def split_long_line(line: str, max_chars: int) -> list[str]:
+    """`line` in pieces of at most `max_chars` characters, cut at the last space before the limit where there is
+    one; the pieces join back to the line."""
+    pieces = []
+    while len(line) > max_chars:
+        cut = line.rfind(" ", 0, max_chars)
+        cut = cut if cut > 0 else max_chars
+        pieces.append(line[:cut])
+        line = line[cut:]
+    return pieces + [line]
 
 
 def sample_lines(docs_dir: Path, config: TokenizerConfig, total_bytes: int, out_dir: Path,
@@ -149,14 +178,10 @@ def copy_pretrained(pretrained: PinnedFiles, out_dir: Path) -> dict:
     return summary
 
 
-@task(name="tokenizer", **STAGE_TASK_OPTIONS)
-def tokenizer(documents: ArtifactRef | None, config: TokenizerConfig, executor: ExecutorConfig,
-              artifacts_dir: str, pretrained: PinnedFiles | None = None) -> ArtifactRef:
-    """Train a tokenizer on `documents`, or (`pretrained`, with no documents) copy a pretrained one."""
-    params = dict(documents=documents, config=config, executor=executor, artifacts_dir=artifacts_dir,
-                  pretrained=pretrained)
+def build(out: Path, documents: ArtifactRef | None, config: TokenizerConfig, executor: ExecutorConfig,
+          artifacts_dir: str, pretrained: PinnedFiles | None = None) -> dict:
+    """The stage, as a step runs it (tasks/lib/steps.py): train a tokenizer on `documents`, or (`pretrained`, with
+    no documents) copy a pretrained one."""
     if pretrained is not None:
-        return build_artifact("tokenizer", params, lambda out: copy_pretrained(pretrained, out))
-    total_bytes = documents.meta()["summary"]["bytes_out"]
-    return build_artifact("tokenizer", params,
-                          lambda out: train_tokenizer(documents.dir / "docs", config, total_bytes, out, executor))
+        return copy_pretrained(pretrained, out)
+    return train_tokenizer(documents.dir / "docs", config, documents.meta()["summary"]["bytes_out"], out, executor)

@@ -237,7 +237,7 @@ def sft_spec(path: Path, **overrides) -> SFTSpec:
 def packed_sft_manifest(tiny_manifest, tmp_path_factory) -> tuple[Path, dict]:
     """SFT shards of short chats, several packed per row (validation rows too), with the tiny tokenizer:
     (manifest directory, build summary)."""
-    from tasks.download import resolve_source
+    from tasks.lib.sources import resolve_source
     from tasks.sft_data import build_sft_shards
 
     root = tmp_path_factory.mktemp("packed_sft")

@@ -15,7 +15,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
 from flows.data import data_flow
-from tasks.shard import ShardManifest
+from tasks.lib.manifest import ShardManifest
 
 from conftest import bundled_docs, small_spec, write_jsonl, write_spec
 
@@ -189,16 +189,18 @@ def test_new_files_are_ingested_incrementally(small_corpus, tmp_path, capsys):
     for path in imports:
         (path / "checkpoint").mkdir(parents=True)
         (path / "_artifact.json").write_text(json.dumps({"stage": "import_hf", "built_at": 0, "files": {}}))
+    ids = lambda path: f"{Path(path).parent.parent.name}/{Path(path).parent.name}"  # noqa: E731
+    # What the trainer records (tasks/train.py store_inputs): the manifest's artifact and the import's.
     state.write_text(json.dumps({"step": 1, "manifest": str(Path(second_path).parent),
-                                 "start": {"kind": "hf_import", "checkpoint": str(imports[0] / "checkpoint")}}))
+                                 "start": {"kind": "hf_import", "checkpoint": str(imports[0] / "checkpoint")},
+                                 "inputs": [ids(second_path), "import_hf/" + "1" * 20]}))
     failed = artifacts / "clean" / "failed-0123456789abcdef0123"  # a failed build's files, however recent
     failed.mkdir()
     (failed / "quarantine.jsonl").write_text("{}\n")
     assert failed in [a.path for a in collect(artifacts, runs, keep=1, min_age_hours=24)[1]]
     kept, garbage = collect(artifacts, runs, keep=1, min_age_hours=0)
-    ids = lambda path: f"{Path(path).parent.parent.name}/{Path(path).parent.name}"  # noqa: E731
     assert {ids(rebuilt), ids(second_path), ids(first_path)} <= set(kept)
-    assert kept["import_hf/" + "1" * 20] == "started from by tiny-x"
+    assert kept["import_hf/" + "1" * 20] == kept[ids(second_path)] == "read by tiny-x"
     assert "import_hf/" + "2" * 20 in {a.id for a in garbage}
     assert ids(third_path) in {a.id for a in garbage} and not {ids(rebuilt), ids(second_path)} & {a.id for a in garbage}
     assert {a.id.split("/")[0] for a in garbage} >= {"append", "dedup", "shard"}  # v3, its dedup and its added shards

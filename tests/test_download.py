@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.lib.artifacts import build_artifact, verify
-from tasks.download import fetch_url, normalise_source, resolve_source
-from tasks.lib.normalise import SourceError
+from tasks.download import normalise_source
+from tasks.lib.sources import SourceError, fetch_url, resolve_source
 from tasks.spec import ExecutorConfig, SourceSpec, load_spec
 
 from conftest import bundled_docs, write_jsonl
@@ -258,10 +258,12 @@ def test_artifact_verification_catches_corruption(tmp_path):
     assert "fails its sha256 check" in verify(ref.dir)
     os.utime(ref.dir / "a.txt", ns=(built, built))  # mtime restored: only a full check sees it
     assert verify(ref.dir) is None and "fails its sha256 check" in verify(ref.dir, full=True)
-    record = json.loads((ref.dir / "_artifact.json").read_text())  # a store built before mtimes were recorded:
-    record["files"] = {rel: entry[:2] for rel, entry in record["files"].items()}  # every file is hashed
+    record = json.loads((ref.dir / "_artifact.json").read_text())  # a record that lacks a file's mtime: rebuilt
+    record["files"] = {rel: entry[:2] for rel, entry in record["files"].items()}
     (ref.dir / "_artifact.json").write_text(json.dumps(record))
-    assert "fails its sha256 check" in verify(ref.dir)
+    assert "_artifact.json is unreadable: not enough values to unpack" in verify(ref.dir)
+    (ref.dir / "_artifact.json").write_text(json.dumps({**record, "files": {"a.txt": [3, record["files"]["a.txt"][1],
+                                                                                     built]}}))
     (ref.dir / "a.txt").unlink()
     assert "missing" in verify(ref.dir)
 

@@ -18,7 +18,8 @@ from tasks.clean import clean_documents
 from tasks.dedup import dedup_documents
 from tasks.lib.artifacts import sha256_file
 from tasks.lib.blocks import keep_in_sample
-from tasks.shard import ShardManifest, shard_documents
+from tasks.lib.manifest import ShardManifest
+from tasks.shard import shard_documents
 from tasks.spec import CleaningConfig, DedupConfig, ExecutorConfig, ShardingConfig, TokenizerConfig
 from tasks.tokenizer import train_tokenizer
 

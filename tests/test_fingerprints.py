@@ -19,8 +19,10 @@ from tasks.lib.code_version import stage_code_version
 from conftest import ROOT, bundled_docs
 
 STAGES = ("download", "clean", "dedup", "decontaminate", "tokenizer", "shard", "append", "sft_data")
-# TokenizeAndPack's train/validation split: only the shard stage runs it.
-SPLIT_SEED = 'keep_in_sample(doc.id, self.config.validation_fraction, seed=1234)'
+# The train/validation split's seed: only the shard stage uses it.
+SPLIT_SEED = "SPLIT_SEED = 1234"
+# A semantic edit of a shared block (the same value, another syntax tree): what samples by document id reaches it.
+SAMPLING = "return h / 2**64 < fraction"
 
 
 def project_copy(where: Path) -> Path:
@@ -48,16 +50,16 @@ def test_code_version_covers_what_the_stage_reaches_and_nothing_else(tmp_path):
     root = project_copy(tmp_path)
     before = versions(root)
     assert before == versions(ROOT)  # where the checkout lives is not in a fingerprint
-    blocks = root / "tasks" / "lib" / "blocks.py"
+    blocks, shard = root / "tasks" / "lib" / "blocks.py", root / "tasks" / "shard.py"
 
     # Comments, docstrings, blank lines: nothing changes.
-    edit(blocks, "class TokenizeAndPack(PipelineStep):\n", "class TokenizeAndPack(PipelineStep):  # packs rows\n")
+    edit(shard, "class TokenizeAndPack(PipelineStep):\n", "class TokenizeAndPack(PipelineStep):  # packs rows\n")
     edit(blocks, 'def keep_in_sample(doc_id: str, fraction: float, seed: int) -> bool:\n    """',
          'def keep_in_sample(doc_id: str, fraction: float, seed: int) -> bool:\n\n    """Reworded. ')
     assert versions(root) == before
 
-    # The split's seed in the shard stage's block: the shard stage only (upstream stages never run it).
-    edit(blocks, SPLIT_SEED, SPLIT_SEED.replace("1234", "999"))
+    # The split's seed in the shard stage's module: the shard stage only (upstream stages never run it).
+    edit(shard, SPLIT_SEED, SPLIT_SEED.replace("1234", "999"))
     after = versions(root)
     assert {s for s in STAGES if after[s] != before[s]} == {"shard"}
 
@@ -119,18 +121,19 @@ def test_a_library_edit_rebuilds_the_stage_that_runs_it_and_after(raw_documents,
     assert set(build_states(root, raw_documents, artifacts).values()) == {"built"}
 
     blocks = root / "tasks" / "lib" / "blocks.py"
-    edit(blocks, "class TokenizeAndPack(PipelineStep):\n", "# Rows of seq_len + 1 tokens.\nclass TokenizeAndPack(PipelineStep):\n")
+    edit(blocks, "def keep_in_sample(", "# Sampled by a hash of the id.\ndef keep_in_sample(")
     assert all(p.startswith("reuse ") for p in plan(root, raw_documents, artifacts).values())
     assert set(build_states(root, raw_documents, artifacts).values()) == {"reused"}  # a comment: nothing rebuilds
 
-    edit(blocks, SPLIT_SEED, SPLIT_SEED.replace("1234", "999"))
+    edit(blocks, SAMPLING, SAMPLING.replace("2**64", "2.0**64"))
     planned = plan(root, raw_documents, artifacts)
     print("\n".join(f"{stage} {line}" for stage, line in planned.items()))
-    assert [s for s, p in planned.items() if p.startswith("build ")] == ["shard"]
-    assert planned["shard"].endswith("code tasks/lib/blocks.py (TokenizeAndPack)")
+    assert [s for s, p in planned.items() if p.startswith("build ")] == ["tokenizer", "shard"]
+    assert planned["tokenizer"].endswith("code tasks/lib/blocks.py (keep_in_sample)")
+    assert "code tasks/lib/blocks.py (keep_in_sample)" in planned["shard"] and "upstream tokenizer" in planned["shard"]
     assert build_states(root, raw_documents, artifacts) == {
         "download": "reused", "clean": "reused", "dedup": "reused", "decontaminate": "reused",
-        "tokenizer": "reused", "shard": "built"}
+        "tokenizer": "built", "shard": "built"}
 
 
 def test_only_fields_that_change_the_output_are_in_a_key():

@@ -134,7 +134,8 @@ def test_shards_tokenized_with_a_pretrained_tokenizer_json(hf_models, tmp_path):
     import gzip
 
     from model.tokenizer import Tokenizer
-    from tasks.shard import ShardManifest, shard_documents
+    from tasks.lib.manifest import ShardManifest
+    from tasks.shard import shard_documents
     from tasks.spec import ShardingConfig
 
     docs = [d for d in bundled_docs("kjv", 20)]

@@ -16,7 +16,7 @@ import torch
 from model.chat import encode_chat
 from model.data import read_rows
 from model.tokenizer import Tokenizer
-from tasks.download import resolve_source
+from tasks.lib.sources import resolve_source
 from tasks.sft_data import build_sft_shards
 
 from conftest import ROOT, metrics, sft_spec, tensorboard_scalars, train, write_jsonl

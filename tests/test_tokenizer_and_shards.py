@@ -14,10 +14,12 @@ import pytest
 import sentencepiece as spm
 
 from tasks.lib.artifacts import sha256_file
-from tasks.shard import ShardManifest, shard_documents
+from tasks.lib.manifest import ShardManifest
+from tasks.shard import shard_documents
 from tasks.spec import ExecutorConfig, ShardingConfig, TokenizerConfig
+from tasks.decontaminate import iter_documents
 from tasks.lib.blocks import keep_in_sample
-from tasks.tokenizer import iter_documents, read_lines, sample_lines, train_tokenizer
+from tasks.tokenizer import read_lines, sample_lines, train_tokenizer
 
 from conftest import ROOT, bundled_docs
 

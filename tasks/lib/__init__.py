@@ -1,10 +1,12 @@
-"""Plain helpers the stages share: no Prefect task is defined here.
+"""What two or more stages share, plain (no Prefect); no class or function here serves a single stage.
 
-- `artifacts`: the content-addressed artifact store and the Prefect cache that points at it;
-- `blocks`: datatrove plumbing and blocks (word splitting, counting, sampling, tokenize-and-pack, executors, stats);
-- `normalise`: reading raw records and normalising them to documents, in datatrove tasks (the download stage);
-- `launch`: torchrun / Slurm launch of `model.train`, with its output streamed into the run's log;
-- `training_report`: training progress, metrics and loss-curve artifacts;
-- `runs`: finding, keying and continuing training runs;
-- `log`: run logging, and the progress lines that reach the root flow run (what `--watch` shows).
+- `artifacts`: the content-addressed artifact store: fingerprints, build records with typed inputs, verification;
+- `steps`: a pipeline as a list of steps, and running one without Prefect; `plan`: reuse or build, and why;
+- `code_version`: what code a stage's fingerprint covers;
+- `blocks`: datatrove plumbing (word splitting, counting, sampling by id, documents per source, executors);
+- `sources`: reading a source's raw records (local, URL, Hugging Face) and quarantining bad ones;
+- `items`: conversations and multiple-choice items read from records; `manifest`: the typed shard manifest;
+- `preflight`, `commands`, `supervise`: checking, starting and watching a training launch;
+- `runs`: keying, finding and starting training runs; `training_report`: a finished run's curve;
+- `log`: the pipeline's logger and its progress lines.
 """

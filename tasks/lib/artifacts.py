@@ -2,9 +2,9 @@
 
 Every stage writes one directory, `<artifacts_dir>/<stage>/<fingerprint>`, where the fingerprint hashes the stage's
 code, its config and its upstream fingerprints. The directory is built under a temporary name and renamed into
-place only when complete, with `_artifact.json` listing each file's size and sha256. Prefect caches the task's
-return value (an `ArtifactRef`) under the same fingerprint; since Prefect cannot know the directory behind it
-still exists, `run_stage` verifies the directory first and bypasses the cache when it does not.
+place only when complete, with `_artifact.json` (its build record) listing each file's size, sha256 and mtime, the
+key the fingerprint hashed, and its inputs: the upstream artifacts it was built from, as `stage/fingerprint`.
+(Prefect caches the task's return value under the same fingerprint: tasks/prefect_tasks.py.)
 
 A build holds a lock per fingerprint, so concurrent runs of a stage build it once; a build killed mid-way leaves
 its temporary directory, which the next build of that stage removes once the owning process is gone. A build that
@@ -16,10 +16,8 @@ any more, failed builds included.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import fcntl
 import hashlib
-import inspect
 import json
 import os
 import re
@@ -33,9 +31,9 @@ import psutil
 from pydantic import BaseModel
 
 from tasks.lib.code_version import code_version, stage_code_parts
-from tasks.lib.log import get_logger, progress
+from tasks.lib.log import get_logger
 
-MANIFEST_NAME = "_artifact.json"
+RECORD_NAME = "_artifact.json"  # an artifact's build record (not a shard manifest.json)
 TMP_PREFIX = ".tmp-"  # a build in progress: .tmp-<fingerprint>-<host>-<pid>
 TMP_NAME = re.compile(r"\.tmp-(?P<fingerprint>[0-9a-f]+)-(?P<host>.+)-(?P<pid>\d+)")
 FAILED_PREFIX = "failed-"  # a failed build's evidence: failed-<fingerprint>
@@ -52,8 +50,13 @@ class ArtifactRef(BaseModel):
     def dir(self) -> Path:
         return Path(self.path)
 
+    @property
+    def id(self) -> str:
+        """`stage/fingerprint`: how build records and train states name it as an input."""
+        return f"{self.stage}/{self.fingerprint}"
+
     def meta(self) -> dict:
-        return json.loads((self.dir / MANIFEST_NAME).read_text())
+        return json.loads((self.dir / RECORD_NAME).read_text())
 
     def fingerprint_payload(self) -> dict:
         """Downstream keys name an upstream artifact by fingerprint, never by where the store lives."""
@@ -142,35 +145,37 @@ def verify(path: Path, full: bool = False) -> str | None:
     By default it checks what a stat shows: every file present, with the size and mtime recorded at build; a file
     whose stat differs is hashed. `full` hashes every file (the data flow's and `tasks.gc`'s `--verify`). A file
     rewritten to the same size with its mtime restored passes the stat check: that is its accepted blind spot."""
-    manifest = path / MANIFEST_NAME
+    manifest = path / RECORD_NAME
     if not manifest.is_file():
-        return f"{path} is missing or incomplete (no {MANIFEST_NAME})"
+        return f"{path} is missing or incomplete (no {RECORD_NAME})"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as err:
+        files = {rel: (size, digest, mtime_ns) for rel, (size, digest, mtime_ns)
+                 in json.loads(manifest.read_text())["files"].items()}
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not [size, sha256, mtime] per file
         return f"{manifest} is unreadable: {err}"
-    for rel, (size, digest, *mtime_ns) in files.items():  # stores built before mtimes were recorded: hashed
+    for rel, (size, digest, mtime_ns) in files.items():
         f = path / rel
         if not f.is_file():
             return f"{f} is missing"
         stat = f.stat()
         if stat.st_size != size:
             return f"{f} has {stat.st_size} bytes, expected {size}"
-        if (full or [stat.st_mtime_ns] != mtime_ns) and sha256_file(f) != digest:
+        if (full or stat.st_mtime_ns != mtime_ns) and sha256_file(f) != digest:
             return f"{f} fails its sha256 check"
     return None
 
 
-# Set by a flow run with `verify` (flows/data.py): every reuse hashes every file instead of trusting its stat.
-full_verification: contextvars.ContextVar[bool] = contextvars.ContextVar("full_verification", default=False)
+def input_refs(value: Any) -> list[ArtifactRef]:
+    """The upstream artifacts among a stage's parameters (nested in dicts and lists too), in order."""
+    if isinstance(value, ArtifactRef):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else []
+    return [ref for item in items for ref in input_refs(item)]
 
 
-def build_artifact(stage: str, params: dict, build: Callable[[Path], dict], label: str = "all") -> ArtifactRef:
+def build_artifact(stage: str, params: dict, build: Callable[[Path], dict]) -> ArtifactRef:
     """Return the verified artifact for (stage, params), building it with `build(tmp_dir) -> summary` if needed.
-
-    The summary dict is stored in `_artifact.json` and published as a Prefect table (key `<stage>-<label>`)
-    when in a run.
-    """
+    The summary is stored in `_artifact.json`, with the inputs: the upstream artifacts among `params`."""
     log = get_logger()
     final = artifact_path(stage, params)
     ref = ArtifactRef(stage=stage, fingerprint=final.name, path=str(final))
@@ -186,11 +191,10 @@ def build_artifact(stage: str, params: dict, build: Callable[[Path], dict], labe
         if final.exists():
             log.warning(f"{stage}: rebuilding because {problem}")
         remove_stale_temporaries(final.parent)
-        return _build(stage, params, build, label, final, ref)
+        return _build(stage, params, build, final, ref)
 
 
-def _build(stage: str, params: dict, build: Callable[[Path], dict], label: str, final: Path,
-           ref: ArtifactRef) -> ArtifactRef:
+def _build(stage: str, params: dict, build: Callable[[Path], dict], final: Path, ref: ArtifactRef) -> ArtifactRef:
     log = get_logger()
     tmp = final.parent / f"{TMP_PREFIX}{final.name}-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -202,10 +206,10 @@ def _build(stage: str, params: dict, build: Callable[[Path], dict], label: str, 
         files = {str(p.relative_to(tmp)): file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         # "key" is what the fingerprint hashed, per code definition: what a plan compares a new build with.
         meta = {"stage": stage, "fingerprint": final.name, "params": canonical(params, keyed=False),
-                "key": stage_key(stage, params),
+                "key": stage_key(stage, params), "inputs": [r.id for r in input_refs(params)],
                 "summary": summary, "files": files, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "built_at": time.time()}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(meta, indent=1))
+        (tmp / RECORD_NAME).write_text(json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -217,7 +221,6 @@ def _build(stage: str, params: dict, build: Callable[[Path], dict], label: str, 
         raise
     shutil.rmtree(failed_path(final), ignore_errors=True)  # an earlier failure's evidence
     log.info(f"{stage}: built {final} in {summary['seconds']} s")
-    publish_summary(f"{stage}-{label}", summary)
     return ref
 
 
@@ -273,81 +276,6 @@ def remove_stale_temporaries(stage_dir: Path) -> list[Path]:
             removed.append(tmp)
             get_logger().info(f"{stage_dir.name}: removed {tmp}, left by a run that no longer exists")
     return removed
-
-
-def publish_summary(key: str, summary: dict) -> None:
-    """A two-column Prefect table of the stage summary; a no-op outside a Prefect run."""
-    try:
-        from prefect.artifacts import create_table_artifact
-        from prefect.context import get_run_context
-
-        get_run_context()
-    except Exception:
-        return
-    rows = [{"metric": k, "value": _fmt(v)} for k, v in _flatten(summary).items()]
-    key = re.sub(r"[^a-z0-9-]", "-", key.lower())  # Prefect artifact keys allow only these
-    create_table_artifact(key=key, table=rows, description=f"**{key}** stage summary")
-
-
-def _flatten(summary: dict, prefix: str = "") -> dict:
-    """{"filters": {"c4": {"dropped": 3}}} -> {"filters.c4.dropped": 3}, so nested counts show in one table."""
-    flat = {}
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:,.3f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
-# ---------------------------------------------------------------- Prefect glue
-
-def stage_cache_key(context, parameters: dict) -> str:
-    """Prefect cache key of a stage task: its artifact's location, i.e. the fingerprint under artifacts_dir."""
-    where = hashlib.sha256(str(parameters["artifacts_dir"]).encode()).hexdigest()[:8]
-    return f"{context.task.name}-{stage_fingerprint(context.task.name, parameters)}-{where}"
-
-
-STAGE_TASK_OPTIONS = dict(cache_key_fn=stage_cache_key, persist_result=True, retries=0)
-
-
-def run_stage(stage_task, **params) -> ArtifactRef:
-    """Call a stage task, trusting Prefect's cached result only if the artifact directory still verifies; its
-    start and its summary are progress lines (tasks/lib/log.py)."""
-    from tasks.lib.plan import plan_row, planning
-
-    bound = inspect.signature(stage_task.fn).bind(**params)
-    bound.apply_defaults()  # the fingerprint covers parameters left at their defaults too
-    path = artifact_path(stage_task.name, bound.arguments)
-    name = stage_task.task_run_name.format(**bound.arguments) if isinstance(stage_task.task_run_name, str) \
-        else stage_task.name
-    if (plan := planning.get()) is not None:  # planning: decide and say why, build nothing
-        what = name.removeprefix(f"{stage_task.name}-") if name != stage_task.name else "all sources"
-        plan.append(plan_row(stage_task.name, what, bound.arguments, path, full=full_verification.get()))
-        return ArtifactRef(stage=stage_task.name, fingerprint=path.name, path=str(path))
-    problem = verify(path, full=full_verification.get())
-    if problem is not None:
-        stage_task = stage_task.with_options(refresh_cache=True)
-        if (path / MANIFEST_NAME).is_file():  # complete but corrupt: mark it incomplete, so the task rebuilds it
-            get_logger().warning(f"{stage_task.name}: rebuilding {path} because {problem}")
-            (path / MANIFEST_NAME).unlink()
-    progress(f"> {name}: started")
-    started = time.time()
-    ref = stage_task(**params)
-    row = stage_row(name, ref)
-    done = "reused" if ref.meta().get("built_at", 0) < started else "built"
-    progress(f"< {name}: {done}; " + ", ".join(f"{k} {v}" for k, v in row.items()
-                                               if v not in ("", None) and k not in ("stage", "what", "built",
-                                                                                    "artifact")))
-    return ref
 
 
 def stage_row(label: str, ref: ArtifactRef) -> dict:

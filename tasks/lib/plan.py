@@ -9,20 +9,20 @@ the nearest earlier artifact of the same stage, the one with the fewest differen
     upstream    dedup 3f2a9c1d -> 77b0e412
     input       new data/raw/more.jsonl; changed ...; removed ...
 
-`flows/data.py` makes the plan at the start of every run (logged, and a Prefect table artifact), and `--plan` /
-`plan: true` stops there.
+The plan walks the data flow's step list (tasks/lib/steps.py) before it runs: `flows/data.py` makes it at the
+start of every run (logged, and a Prefect table artifact), and `--plan` / `plan: true` stops there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from tasks.lib.artifacts import FAILED_PREFIX, MANIFEST_NAME, TMP_PREFIX, full_verification, stage_key, verify
+from tasks.lib.artifacts import FAILED_PREFIX, RECORD_NAME, TMP_PREFIX, stage_key, verify
+from tasks.lib.steps import Step
 
 
 @dataclass(frozen=True)
@@ -34,22 +34,10 @@ class PlanRow:
     reason: str
 
 
-# While set (a list), run_stage plans instead of running: it appends a row and returns the artifact's reference.
-planning: contextvars.ContextVar[list[PlanRow] | None] = contextvars.ContextVar("planning", default=None)
-
-
-@contextlib.contextmanager
-def collecting_plan(hash_files: bool) -> Iterator[list[PlanRow]]:
-    """Plan the stages run_stage is called for inside. `hash_files`: check reused artifacts by sha256 (a `verify`
-    plan that stops there); the plan that starts a run checks by stat and leaves the hashing of a `verify` run to
-    each stage as it is reached, so no file is hashed twice."""
-    rows: list[PlanRow] = []
-    tokens = planning.set(rows), full_verification.set(hash_files)
-    try:
-        yield rows
-    finally:
-        planning.reset(tokens[0])
-        full_verification.reset(tokens[1])
+def plan(steps: list[Step], full: bool = False) -> list[PlanRow]:
+    """The decision for each step, in order. `full`: check reused artifacts by sha256, not only by stat (a `verify`
+    plan that stops there; the plan that starts a run checks by stat, and each step hashes as it is reached)."""
+    return [plan_row(s.stage, s.what, s.params, s.ref.dir, full) for s in steps]
 
 
 # The name a stage parameter has in the data spec, where it differs ("": the part below it is the spec's own).
@@ -63,7 +51,7 @@ def plan_row(stage: str, what: str, params: dict, path: Path, full: bool = False
     problem = verify(path, full=full)
     if problem is None:
         return PlanRow(stage, what, "reuse", path.name, "")
-    if (path / MANIFEST_NAME).is_file():  # built before, now changed on disk
+    if (path / RECORD_NAME).is_file():  # built before, now changed on disk
         return PlanRow(stage, what, "build", path.name, problem)
     return PlanRow(stage, what, "build", path.name, why_build(stage, stage_key(stage, params), path.parent))
 
@@ -71,7 +59,7 @@ def plan_row(stage: str, what: str, params: dict, path: Path, full: bool = False
 def why_build(stage: str, key: dict, stage_dir: Path) -> str:
     """What differs between `key` and the nearest earlier artifact of the stage, as one line."""
     earlier = []
-    for manifest in stage_dir.glob(f"*/{MANIFEST_NAME}"):
+    for manifest in stage_dir.glob(f"*/{RECORD_NAME}"):
         if manifest.parent.name.startswith((FAILED_PREFIX, TMP_PREFIX)):
             continue
         with contextlib.suppress(ValueError, OSError):
@@ -152,16 +140,3 @@ def format_plan(rows: list[PlanRow]) -> str:
     width = max((len(f"{r.stage} ({r.what})") for r in rows), default=0)
     return "\n".join(f"{f'{r.stage} ({r.what})':<{width}}  {r.decision:<5} {r.fingerprint}"
                      + (f"  {r.reason}" if r.reason else "") for r in rows)
-
-
-def publish_plan(rows: list[PlanRow], key: str = "data-plan") -> None:
-    """The plan as a Prefect table artifact; a no-op outside a Prefect run."""
-    try:
-        from prefect.artifacts import create_table_artifact
-        from prefect.context import get_run_context
-
-        get_run_context()
-    except Exception:
-        return
-    create_table_artifact(key=key, table=[asdict(r) for r in rows],
-                          description="Each stage of this run: reused, or built, and why (tasks/lib/plan.py)")

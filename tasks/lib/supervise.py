@@ -15,39 +15,25 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from model.run_config import RunConfig, TrainJob
 from tasks.lib.commands import launch_command, slurm_script
 from tasks.lib.log import get_logger, progress
-from tasks.lib.training_report import TrainingProgress
 from tasks.spec import PROJECT_ROOT
 
 FAILURE = re.compile(r"^\[rank (\d+)\] training failed:\n(.*?)(?=^\[rank \d+\] training failed:|\Z)", re.M | re.S)
 
 
 class LauncherDied(RuntimeError):
-    """torchrun itself (not a rank) was killed: the pretrain and sft tasks retry on this (Prefect retries)."""
+    """torchrun itself (not a rank) was killed: the pretrain and sft tasks retry on this (Prefect retries, which
+    resume the run directory)."""
 
 
-def launcher_died(task, task_run, state) -> bool:
-    """Prefect's retry condition of the training tasks: retry (and so resume) when the launcher was killed, not
-    when training failed on its own (that has had its restarts) or a setting is wrong."""
-    try:
-        state.result()
-    except LauncherDied:
-        return True
-    except Exception:
-        return False
-    return False
-
-
-# The training tasks' Prefect options: a retry re-runs the task, which resumes its run directory.
-TRAINING_TASK_OPTIONS = dict(retries=2, retry_delay_seconds=5, retry_condition_fn=launcher_died)
-
-
-def run_training(job: TrainJob, run_dir: Path, stage: str = "pretrain") -> list[dict]:
-    """Write the run's `train_job.json` and run training to completion, streaming rank 0's lines to the log and a progress artifact; returns the
-    metrics records.
+def run_training(job: TrainJob, run_dir: Path, stage: str = "pretrain",
+                 on_line: Callable[[str], None] = lambda line: None) -> list[dict]:
+    """Write the run's `train_job.json` and run training to completion, streaming rank 0's lines to the log and to
+    `on_line` (the Prefect task's progress artifact); returns the metrics records.
 
     A rank that dies, or a step that stalls (no rank makes progress for `step_timeout_s`), ends the attempt;
     the whole group is then started again, up to `max_restarts` times, and resumes from the run's latest
@@ -58,11 +44,10 @@ def run_training(job: TrainJob, run_dir: Path, stage: str = "pretrain") -> list[
     log = get_logger()
     config, launch = job.config, job.config.launch
     job.write(run_dir)
-    tracker = TrainingProgress(stage, config.train.steps)
     watch = StallWatch(run_dir, launch.step_timeout_s)
     for attempt in range(launch.restarts + 1):
         watch.reset()
-        code, output, offset, stalled = launch_once(config, run_dir, stage, tracker, watch, attempt)
+        code, output, offset, stalled = launch_once(config, run_dir, stage, on_line, watch, attempt)
         if code == 0:
             return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         error = stalled or describe_failure(code, output.read_bytes()[offset:].decode(errors="replace"), output)
@@ -79,12 +64,12 @@ def run_training(job: TrainJob, run_dir: Path, stage: str = "pretrain") -> list[
     raise AssertionError("unreachable")
 
 
-def launch_once(config: RunConfig, run_dir: Path, stage: str, tracker: TrainingProgress, watch: StallWatch,
+def launch_once(config: RunConfig, run_dir: Path, stage: str, on_line: Callable[[str], None], watch: StallWatch,
                 attempt: int) -> tuple[int, Path, int, str | None]:
     """One attempt: (exit code, the ranks' output file, where this attempt's output starts in it, the stall
     that ended it or None)."""
     if config.launch.launcher == "slurm":
-        return run_slurm_job(config, run_dir, stage, tracker, watch)
+        return run_slurm_job(config, run_dir, stage, on_line, watch)
     cmd = launch_command(config, run_dir)
     get_logger().info("launching: " + " ".join(cmd))
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // config.ranks)),
@@ -94,7 +79,7 @@ def launch_once(config: RunConfig, run_dir: Path, stage: str, tracker: TrainingP
         ranks_log.write(f"=== launch attempt {attempt} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         ranks_log.flush()
         offset = ranks_log.tell()
-        code, stalled = follow_launcher(cmd, env, ranks_log, tracker, watch)
+        code, stalled = follow_launcher(cmd, env, ranks_log, on_line, watch)
     return code, output, offset, stalled
 
 
@@ -151,7 +136,7 @@ class StallWatch:
                    if others else ""))
 
 
-def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgress,
+def follow_launcher(cmd: list[str], env: dict, ranks_log, on_line: Callable[[str], None],
                     watch: StallWatch) -> tuple[int, str | None]:
     """Run torchrun in a session of its own, streaming its stdout (rank 0's lines) into the log until it exits
     or `watch` finds a stalled step; returns (its exit code, the stall or None). torchrun starts each rank in a
@@ -192,7 +177,7 @@ def follow_launcher(cmd: list[str], env: dict, ranks_log, tracker: TrainingProgr
                 break
             if line:
                 progress(line.rstrip())
-                tracker.line(line)
+                on_line(line)
             if proc.poll() is not None:
                 # The launcher is gone: take what its ranks printed before it, but wait no longer than a few
                 # seconds for an end of output that orphans may never give. Killed itself, it leaves orphan ranks
@@ -231,7 +216,7 @@ def kill_sessions(sessions: set[int]) -> None:
     get_logger().warning(f"processes of the training launch still running after SIGKILL: {members()}")
 
 
-def run_slurm_job(config: RunConfig, run_dir: Path, stage: str, tracker: TrainingProgress,
+def run_slurm_job(config: RunConfig, run_dir: Path, stage: str, on_line: Callable[[str], None],
                   watch: StallWatch) -> tuple[int, Path, int, str | None]:
     """Submit the training job with `sbatch --wait` and follow its output file into the log until it ends, or
     cancel it when `watch` finds a stalled step."""
@@ -251,7 +236,7 @@ def run_slurm_job(config: RunConfig, run_dir: Path, stage: str, tracker: Trainin
                 f.seek(position)
                 for line in f:
                     progress(line.rstrip())
-                    tracker.line(line)
+                    on_line(line)
                 position = f.tell()
         if finished:
             return proc.returncode, output, 0, None
