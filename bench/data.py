@@ -14,7 +14,9 @@ tokens/s (goal >= 1M on 2 cores).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
+import os
 import shutil
 import sys
 import tempfile
@@ -28,11 +30,20 @@ import sentencepiece as spm  # noqa: E402
 from tasks.clean import clean_documents  # noqa: E402
 from tasks.dedup import dedup_documents  # noqa: E402
 from tasks.download import normalise_source  # noqa: E402
+from tasks.lib.manifest import DataLineage  # noqa: E402
 from tasks.lib.sources import resolve_source  # noqa: E402
 from tasks.shard import shard_documents  # noqa: E402
 from tasks.spec import load_spec  # noqa: E402
 from tasks.decontaminate import iter_documents  # noqa: E402
 from tasks.tokenizer import train_tokenizer  # noqa: E402
+
+
+def prefect_server():
+    """The Prefect server PREFECT_API_URL names (the test suite's), else a temporary local one."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    return contextlib.nullcontext() if os.environ.get("PREFECT_API_URL") else \
+        prefect_test_harness(server_startup_timeout=90)
 
 
 def timed(fn):
@@ -60,7 +71,7 @@ def run_bare(spec, work: Path) -> dict[str, float]:
     _, seconds["tokenizer"] = timed(lambda: train_tokenizer(work / "dedup/docs", spec.tokenizer,
                                                             dedup_summary["bytes_out"], work / "tokenizer",
                                                             spec.executor))
-    _, seconds["shard"] = timed(lambda: shard_documents(work / "dedup/docs", work / "tokenizer", spec.sharding, {},
+    _, seconds["shard"] = timed(lambda: shard_documents(work / "dedup/docs", work / "tokenizer", spec.sharding, DataLineage(),
                                                         work / "shard", executor=spec.executor))
     return seconds
 
@@ -86,13 +97,11 @@ def main() -> None:
     try:
         bare, bare_total = timed(lambda: run_bare(spec, work / "bare"))
 
-        from prefect.testing.utilities import prefect_test_harness
-
         from flows.data import data_flow
 
         spec_file = work / "spec.yaml"
         spec_file.write_text(spec.model_copy(update={"artifacts_dir": str(work / "artifacts")}).model_dump_json())
-        with prefect_test_harness(server_startup_timeout=90):
+        with prefect_server():
             manifest, flow_total = timed(lambda: data_flow(str(spec_file)))
             _, rerun_total = timed(lambda: data_flow(str(spec_file)))
         orchestrated = stage_seconds_from_artifacts(Path(manifest))

@@ -1,7 +1,7 @@
 """One-GPU benchmark of the 7B-width decoder: `model.train`'s real loop per attention backend vs plain PyTorch.
 
 Shape: hidden 4096, 32 heads, FFN 11008, seq 4096, vocab 32000 (Llama-2-7B's width), with as many layers as the
-memory planner (`model.plan`) fits on this GPU alongside the Adam states, at TP 1 x PP 1 x DP 1, no recompute,
+memory planner (`model.memory_plan`) fits on this GPU alongside the Adam states, at TP 1 x PP 1 x DP 1, no recompute,
 micro-batch chosen by the planner. `model.train` runs with the GPU defaults (bf16, distributed optimizer,
 overlapped gradient reduction and parameter gather) on synthetic token rows (throughput does not depend on the
 text). For each attention backend available (te with Transformer Engine, sdpa, local) it prints tokens/s, MFU,
@@ -45,13 +45,15 @@ from bench.train import mean_tokens_per_s, model_train_records, plain_training, 
 from model.config import ModelConfig, llama2_7b, tiny  # noqa: E402
 from model.data import TrainSamples  # noqa: E402
 from model.gpt import check_fp8_available, resolve_attention_backend  # noqa: E402
-from model.plan import GIB, RUNTIME_OVERHEAD_GIB, Layout, estimate  # noqa: E402
+from model.memory_plan import GIB, RUNTIME_OVERHEAD_GIB, Layout, estimate  # noqa: E402
 from model.metrics import PEAK_BY_PRECISION, PEAK_TFLOPS, flops_per_token  # noqa: E402
+from tasks.lib.artifacts import sha256_file  # noqa: E402
+from tasks.lib.manifest import DataLineage, ShardInfo, ShardManifest  # noqa: E402
 
 
 def synthetic_manifest(out: Path, m: ModelConfig, rows: int) -> Path:
-    """A shard directory of uniformly random token rows (seq_len + 1 tokens each): Parquet shards and the
-    manifest fields that model/data.py reads (tasks/shard.py's ShardManifest has more, and needs Prefect)."""
+    """A shard directory of uniformly random token rows (seq_len + 1 tokens each): Parquet shards and their
+    ShardManifest, with no tokenizer (the ids are random)."""
     row_len = m.seq_len + 1
     rng = np.random.default_rng(0)
     shards = []
@@ -61,14 +63,16 @@ def synthetic_manifest(out: Path, m: ModelConfig, rows: int) -> Path:
         tokens = rng.integers(3, m.vocab_size, size=count * row_len, dtype=np.int32)
         pq.write_table(pa.table({"tokens": pa.FixedSizeListArray.from_arrays(pa.array(tokens), row_len)}), path,
                        row_group_size=64)
-        shards.append({"path": str(path.relative_to(out)), "split": split, "source": "synthetic", "rows": count})
-    manifest = {"seq_len": m.seq_len, "row_len": row_len, "vocab_size": m.vocab_size, "mixture": {"synthetic": 1.0},
-                "shards": shards}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        shards.append(ShardInfo(path=str(path.relative_to(out)), split=split, source="synthetic", rows=count,
+                                tokens=count * row_len, sha256=sha256_file(path), row_group_rows=64))
+    manifest = ShardManifest(seq_len=m.seq_len, row_len=row_len, vocab_size=m.vocab_size, eos_id=2,
+                             tokenizer_sha256="none: random ids", mixture={"synthetic": 1.0}, shards=shards,
+                             totals={"rows_train": rows, "rows_valid": 16}, lineage=DataLineage())
+    (out / "manifest.json").write_text(manifest.model_dump_json(indent=1))
     return out
 
 
-def plan(width: ModelConfig, budget_gib: float, max_layers: int, accumulation: int, bf16: bool,
+def fit_layers(width: ModelConfig, budget_gib: float, max_layers: int, accumulation: int, bf16: bool,
          attention: str) -> tuple[ModelConfig, int, float] | None:
     """(model with the most layers that fit at micro-batch 1, the largest micro-batch that then fits, its
     estimate in GiB including the runtime allowance), or None if not even one layer fits."""
@@ -124,6 +128,8 @@ def main(argv=None) -> None:
     p.add_argument("--ranks", type=int, default=None,
                    help="ranks for the TP 2 / PP 2 layout comparisons, an even number (default: the GPUs present, "
                         "so none on one GPU or on CPU; on CPU they are gloo ranks)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="this device's dense bf16 peak, for MFU (default: a known GPU's; none on CPU)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -135,14 +141,14 @@ def main(argv=None) -> None:
     device_name = torch.cuda.get_device_name() if gpu else "CPU"
     memory = args.memory_gib or (torch.cuda.get_device_properties(0).total_memory / GIB if gpu else 0.2)
     budget = memory * args.memory_fraction
-    peak = next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in device_name), None)
     te = resolve_attention_backend("auto") == "te"  # Transformer Engine imports and CUDA is present
     ranks = args.ranks if args.ranks is not None else torch.cuda.device_count()
     if ranks >= 2 and ranks % 2:
         raise SystemExit(f"--ranks {ranks}: the layout comparisons (TP 2, PP 2) need an even number of ranks")
     backends = args.backends.split(",") if args.backends else ["te"] * te + ["sdpa", "local"]
 
-    chosen = plan(width, budget, max_layers, accumulation, bf16=gpu, attention=backends[0])
+    chosen = fit_layers(width, budget, max_layers, accumulation, bf16=gpu, attention=backends[0])
     if chosen is None:
         raise SystemExit(f"not even one layer of this width fits {budget:.1f} GiB; raise --memory-fraction")
     m, micro, _ = chosen

@@ -77,8 +77,7 @@ def main() -> None:
         spec_file.write_text(spec.model_copy(update={"artifacts_dir": str(work / "artifacts"), "sources": sources})
                              .model_dump_json())
 
-        from prefect.testing.utilities import prefect_test_harness
-
+        from bench.data import prefect_server
         from flows.data import data_flow
         from tasks.lib.manifest import ShardManifest
 
@@ -87,7 +86,7 @@ def main() -> None:
             manifest = data_flow(str(spec_file), **kwargs)
             return manifest, time.time() - started, started
 
-        with prefect_test_harness(server_startup_timeout=90):
+        with prefect_server():
             cold_manifest, cold, _ = timed()
             for held in (work / "corpus").glob("*/held-back.later"):
                 held.rename(held.with_name("held-back.jsonl.gz"))

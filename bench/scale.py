@@ -188,6 +188,7 @@ def stage_call(stage: str, run: Path) -> Callable[[], dict]:
     from tasks.decontaminate import decontaminate_documents, reference_sets
     from tasks.dedup import dedup_documents
     from tasks.download import normalise_source
+    from tasks.lib.manifest import DataLineage
     from tasks.lib.sources import downloads_dir, resolve_source
     from tasks.shard import shard_documents
     from tasks.spec import DataSpec
@@ -208,7 +209,7 @@ def stage_call(stage: str, run: Path) -> Callable[[], dict]:
     if stage == "tokenizer":
         text_bytes = json.loads((run / "decontaminate.json").read_text())["summary"]["bytes_out"]
         return lambda: train_tokenizer(run / "decontaminate/docs", spec.tokenizer, text_bytes, out, executor)
-    return lambda: shard_documents(run / "decontaminate/docs", run / "tokenizer", spec.sharding, {}, out,
+    return lambda: shard_documents(run / "decontaminate/docs", run / "tokenizer", spec.sharding, DataLineage(), out,
                                    executor=executor)
 
 

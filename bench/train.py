@@ -26,7 +26,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from model.config import ModelConfig, tiny  # noqa: E402
-from model.data import TrainSamples, load_manifest  # noqa: E402
+from model.data import TrainSamples  # noqa: E402
+from tasks.lib.manifest import ShardManifest  # noqa: E402
 from model.run_config import RunConfig, TrainJob  # noqa: E402
 from tasks.lib.commands import launch_command  # noqa: E402
 
@@ -151,8 +152,8 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=4)
     args = p.parse_args()
-    manifest = load_manifest(args.manifest)
-    m = tiny(vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"])
+    manifest = ShardManifest.load(args.manifest)
+    m = tiny(vocab_size=manifest.vocab_size, seq_len=manifest.seq_len)
     torch.set_num_threads(2)
     plain = plain_training(m, TrainSamples(args.manifest, seed=0), args.steps, args.global_batch,
                            args.micro_batch)["tokens_per_s"]

@@ -18,7 +18,7 @@ from prefect.events import emit_event
 from tasks.append import Base, find_base, settings_key
 from tasks.decontaminate import reference_sets
 from tasks.lib.log import progress
-from tasks.lib.manifest import ShardManifest
+from tasks.lib.manifest import DataLineage, Increment, ShardManifest
 from tasks.lib.plan import PlanRow, format_plan, plan as plan_steps
 from tasks.lib.sources import ResolvedSource
 from tasks.lib.steps import Step, step
@@ -59,9 +59,9 @@ def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False
     spec = with_model_tokenizer(load_spec(spec_path), tokenizer_from) if tokenizer_from else load_spec(spec_path)
     resolved = {source.name: resolve(source) for source in spec.sources}
     files = {name: r.files for name, r in resolved.items()}
-    lineage = {"spec_path": str(resolve_path(spec_path)), "spec": spec.model_dump(mode="json"),
-               "source_files": files, "settings": settings_key(spec)}
-    base = find_base(spec.artifacts_path(), lineage["settings"], files, full=verify) if incremental else None
+    lineage = DataLineage(spec_path=str(resolve_path(spec_path)), spec=spec.model_dump(mode="json"),
+                          source_files=files, settings=settings_key(spec))
+    base = find_base(spec.artifacts_path(), lineage.settings, files, full=verify) if incremental else None
     if base is not None and not base.new_files:
         progress(f"no new files since manifest version {base.manifest.data_version} ({base.manifest_dir}): "
                  f"nothing to do")
@@ -121,7 +121,7 @@ def dedup_steps(spec: DataSpec, cleaned: list[Step], base: Base | None) -> list[
                           config=spec.decontamination, executor=spec.executor, artifacts_dir=store)]
 
 
-def full_build_steps(spec: DataSpec, resolved: dict[str, ResolvedSource], lineage: dict) -> list[Step]:
+def full_build_steps(spec: DataSpec, resolved: dict[str, ResolvedSource], lineage: DataLineage) -> list[Step]:
     """A full build from every file: download -> clean -> dedup -> decontaminate -> tokenizer -> shard."""
     store = str(spec.artifacts_path())
     steps = cleaning_steps(spec, resolved)
@@ -134,13 +134,14 @@ def full_build_steps(spec: DataSpec, resolved: dict[str, ResolvedSource], lineag
         tokenizer = step("tokenizer", documents=documents.ref, config=spec.tokenizer, executor=spec.executor,
                          artifacts_dir=store)
     deduped = next(s for s in steps if s.stage == "dedup")
-    lineage = {**lineage, "dedup_dir": str(deduped.ref.dir),
-               "upstream": {f"{s.stage}/{s.what}": s.ref.fingerprint for s in steps}}
+    lineage = lineage.model_copy(update={"dedup_dir": str(deduped.ref.dir),
+                                         "upstream": {f"{s.stage}/{s.what}": s.ref.fingerprint for s in steps}})
     return [*steps, tokenizer, step("shard", documents=documents.ref, tokenizer=tokenizer.ref, config=spec.sharding,
                                     lineage=lineage, executor=spec.executor, artifacts_dir=store)]
 
 
-def increment_steps(spec: DataSpec, resolved: dict[str, ResolvedSource], base: Base, lineage: dict) -> list[Step]:
+def increment_steps(spec: DataSpec, resolved: dict[str, ResolvedSource], base: Base,
+                    lineage: DataLineage) -> list[Step]:
     """Only the new files: download -> clean -> dedup against the base's index -> decontaminate -> shard with
     the base's tokenizer -> append to the base's manifest."""
     store = str(spec.artifacts_path())
@@ -150,14 +151,15 @@ def increment_steps(spec: DataSpec, resolved: dict[str, ResolvedSource], base: B
     steps += dedup_steps(spec, steps, base=base)
     upstream = {f"{s.stage}/{s.what}": s.ref.fingerprint for s in steps}
     added = step("shard", "new documents", documents=steps[-1].ref, tokenizer=base.tokenizer, config=spec.sharding,
-                 increment=True, lineage={"spec_path": lineage["spec_path"], "new_files": base.new_files,
-                                          "upstream": upstream},
+                 increment=True, lineage=DataLineage(spec_path=lineage.spec_path, new_files=base.new_files,
+                                                     upstream=upstream),
                  executor=spec.executor, artifacts_dir=store)
-    increments = base.manifest.lineage.get("increments", []) + [
-        {"data_version": base.manifest.data_version + 1, "new_files": base.new_files, "shards": str(added.ref.dir),
-         "upstream": upstream}]
+    increments = [*base.manifest.lineage.increments,
+                  Increment(data_version=base.manifest.data_version + 1, new_files=base.new_files,
+                            shards=str(added.ref.dir), upstream=upstream)]
     deduped = next(s for s in steps if s.stage == "dedup")
-    lineage = {**base.manifest.lineage, **lineage, "dedup_dir": str(deduped.ref.dir), "increments": increments}
+    lineage = base.manifest.lineage.model_copy(update={**lineage.model_dump(exclude_unset=True),
+                                                       "dedup_dir": str(deduped.ref.dir), "increments": increments})
     return [*steps, added, step("append", base=base.artifact, added=added.ref, config=spec.sharding,
                                 lineage=lineage, artifacts_dir=store)]
 

@@ -14,7 +14,7 @@ from prefect import flow
 
 from flows.data import require_server
 from model.checkpoint import checkpoint_tokenizer, read_train_state
-from model.data import load_manifest
+from tasks.lib.manifest import ShardManifest
 from model.import_hf import is_hf_folder
 from model.run_config import RunConfig
 from tasks.import_hf import checkpoint_of, pin_hf_model
@@ -57,7 +57,7 @@ def sft_flow(sft_spec_path: str = "data_specs/sft_default.yaml", pretrained: str
         seq_len = seq_len or min(2048, state["hf_config"].get("max_position_embeddings", 2048))
     else:
         store = store_of(state["manifest"])
-        seq_len = seq_len or load_manifest(Path(state["manifest"]))["seq_len"]
+        seq_len = seq_len or ShardManifest.load(state["manifest"]).seq_len
     recorded = checkpoint_tokenizer(checkpoint)  # keyed by content: the same tokenizer wherever it is stored
     tokenizer = ArtifactRef(stage="tokenizer", fingerprint=recorded["sha256"][:20], path=recorded["dir"])
     shards = run_step(step("sft_data", resolved=[resolve(s) for s in spec.sources], spec=spec, tokenizer=tokenizer,

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from tasks.lib.manifest import ShardManifest
+
 LATEST = "latest"
 STATE_FILE = "train_state.json"
 # How the distributed optimizer lays out its state in a checkpoint (ignored by the non-distributed optimizer).
@@ -36,10 +38,10 @@ def read_train_state(checkpoint: Path) -> dict:
 def manifest_tokenizer(manifest_dir: str | Path) -> dict | None:
     """The tokenizer a manifest was tokenized with, as a checkpoint records it: {"dir", "sha256"}; None for a
     manifest that names none (the benchmarks' synthetic token rows)."""
-    manifest = json.loads((Path(manifest_dir) / "manifest.json").read_text())
-    if "tokenizer_dir" not in manifest.get("lineage", {}):
+    manifest = ShardManifest.load(manifest_dir)
+    if manifest.lineage.tokenizer_dir is None:
         return None
-    return {"dir": manifest["lineage"]["tokenizer_dir"], "sha256": manifest["tokenizer_sha256"]}
+    return {"dir": manifest.lineage.tokenizer_dir, "sha256": manifest.tokenizer_sha256}
 
 
 def checkpoint_tokenizer(checkpoint: str | Path) -> dict:
@@ -160,6 +162,9 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     import torch
     from megatron.core import dist_checkpointing
 
+    if optimizer is None:
+        load_weights(path, model)
+        return read_train_state(path)
     model_sd = sharded_model_state(model)
     request = {"model": model_sd}
     if optimizer is not None:
@@ -174,6 +179,19 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
             optimizer.load_state_dict(state["optimizer"])
             _restore_adam_steps(optimizer)
     return read_train_state(path)
+
+
+def load_weights(path: Path, model) -> None:
+    """The weights alone (export, evaluation), read straight into the parameters. A tensor saved in parts (fc1's
+    gate and up halves) is described by a factory whose parts are views of the parameter; dist_checkpointing
+    would merge the loaded parts into a new copy, for every layer at once, and the state dict would be copied in
+    again. Built into their parts first, every tensor loads in place: no copy of the model is ever made."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    sharded = sharded_model_state(model)
+    apply_factories(sharded)
+    dist_checkpointing.load(sharded, str(path))
 
 
 def _give_adam_states(optimizer) -> None:

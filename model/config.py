@@ -113,13 +113,24 @@ class ParallelConfig:
     def chunks(self) -> int:
         return self.virtual_pipeline or 1
 
-    def check_schedule(self, num_layers: int, train: TrainConfig, data_parallel: int) -> None:
-        """Refuse, before launch, what the pipeline schedule cannot run (the layers it splits, the micro-batches of
-        a training step and of an evaluation), naming the setting to change."""
-        stages = self.pipeline_parallel * self.chunks
-        if num_layers % stages:
-            raise ValueError(f"num_layers {num_layers} is not divisible by pipeline_parallel x virtual_pipeline = "
-                             f"{self.pipeline_parallel} x {self.chunks}; change pp, virtual_pipeline or the model")
+    def check_split(self, m: ModelConfig) -> None:
+        """Refuse a layout the model cannot be split into (its heads, query groups, FFN and vocabulary across TP
+        ranks, its layers across pipeline stages and chunks), naming every field that does not divide."""
+        tp, stages = self.tensor_parallel, self.pipeline_parallel * self.chunks
+        problems = [f"{name} {value} is not divisible by tensor_parallel {tp}" for name, value in (
+            ("num_attention_heads", m.num_attention_heads), ("num_query_groups", m.num_query_groups or
+                                                             m.num_attention_heads),
+            ("ffn_hidden_size", m.ffn_hidden_size), ("padded vocabulary", m.padded_vocab_size)) if value % tp]
+        if m.num_layers % stages:
+            problems.append(f"num_layers {m.num_layers} is not divisible by pipeline_parallel x virtual_pipeline = "
+                            f"{self.pipeline_parallel} x {self.chunks}")
+        if problems:
+            raise ValueError("cannot lay this model out: " + "; ".join(problems) + ". Change the layout or the model")
+
+    def check_schedule(self, m: ModelConfig, train: TrainConfig, data_parallel: int) -> None:
+        """Refuse, before launch, what the layout and the pipeline schedule cannot run (the model's split, the
+        micro-batches of a training step and of an evaluation), naming the setting to change."""
+        self.check_split(m)
         step = train.global_batch // (data_parallel * train.micro_batch)
         for what, micro_batches in (("the global batch", step), ("eval_batches", train.eval_batches)):
             if self.virtual_pipeline and micro_batches % self.pipeline_parallel:

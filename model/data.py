@@ -11,7 +11,6 @@ Global batch g is samples [g*G, (g+1)*G); data-parallel rank r takes the r-th co
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import OrderedDict
@@ -21,15 +20,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from tasks.lib.manifest import ShardInfo, ShardManifest
+
 BLOCK = 1024
 
 
 def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng([abs(k) for k in key])
-
-
-def load_manifest(manifest_dir: Path) -> dict:
-    return json.loads((Path(manifest_dir) / "manifest.json").read_text())
 
 
 # Pretraining shards have `tokens`; SFT shards add a per-token `loss_mask` and `segments` (tasks/sft_data.py).
@@ -51,21 +48,18 @@ def to_batch(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
     return {c: torch.from_numpy(np.stack([r[c] for r in rows]).astype(np.int64)) for c in rows[0]}
 
 
-def row_group_sizes(manifest_dir: Path, shard: dict) -> np.ndarray:
-    """Rows in each Parquet row group of one manifest shard: from the manifest's `row_group_rows` (every group
-    full but the last), without opening the file; for manifests written before it was recorded, from the footer."""
-    rows, per_group = shard["rows"], shard.get("row_group_rows")
-    if per_group:
-        full, rest = divmod(rows, per_group)
-        return np.concatenate([np.full(full, per_group, dtype=np.int64), np.array([rest] if rest else [], np.int64)])
-    metadata = pq.ParquetFile(Path(manifest_dir) / shard["path"]).metadata
-    return np.array([metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)], dtype=np.int64)
+def row_group_sizes(shard: ShardInfo) -> np.ndarray:
+    """Rows in each Parquet row group of one manifest shard, from the manifest's `row_group_rows` (every group full
+    but the last), without opening the file."""
+    full, rest = divmod(shard.rows, shard.row_group_rows)
+    return np.concatenate([np.full(full, shard.row_group_rows, dtype=np.int64),
+                           np.array([rest] if rest else [], np.int64)])
 
 
-def row_group_index(manifest_dir: Path, shards: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def row_group_index(shards: list[ShardInfo]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every row group of `shards`, in order, as three arrays: its rows, its shard (position in `shards`) and its
     index within that shard."""
-    sizes = [row_group_sizes(manifest_dir, x) for x in shards]
+    sizes = [row_group_sizes(x) for x in shards]
     group_rows = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
     group_shard = np.repeat(np.arange(len(shards), dtype=np.int32), [len(x) for x in sizes])
     first_group = np.concatenate([[0], np.cumsum([len(x) for x in sizes])])[:-1].astype(np.int64)
@@ -77,10 +71,10 @@ class SourceRows:
     """Row access for one source's shards of one split, with a small cache of decoded row groups. Its index is three
     arrays over row groups (a few bytes each): start-up opens no file."""
 
-    def __init__(self, manifest_dir: Path, shards: list[dict], source_id: int, seed: int, cache_groups: int = 8):
+    def __init__(self, manifest_dir: Path, shards: list[ShardInfo], source_id: int, seed: int, cache_groups: int = 8):
         self.manifest_dir = Path(manifest_dir)
-        self.paths = [x["path"] for x in shards]  # the manifest's own strings: no copy per shard
-        self.group_rows, self.group_shard, self.group_index = row_group_index(manifest_dir, shards)
+        self.paths = [x.path for x in shards]  # the manifest's own strings: no copy per shard
+        self.group_rows, self.group_shard, self.group_index = row_group_index(shards)
         self.total = int(self.group_rows.sum())
         self.source_id, self.seed = source_id, seed
         self._epoch_order: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -118,15 +112,14 @@ class TrainSamples:
 
     def __init__(self, manifest_dir: str | Path, seed: int):
         manifest_dir = Path(manifest_dir)
-        manifest = load_manifest(manifest_dir)
-        self.row_len = manifest["row_len"]
-        weights = {s: w for s, w in manifest["mixture"].items() if w > 0}
-        self.sources = sorted(s for s in weights
-                              if any(x["source"] == s and x["split"] == "train" for x in manifest["shards"]))
+        manifest = ShardManifest.load(manifest_dir)
+        self.row_len = manifest.row_len
+        train = manifest.split("train")
+        weights = {s: w for s, w in manifest.mixture.items() if w > 0}
+        self.sources = sorted(s for s in weights if any(x.source == s for x in train))
         if not self.sources:
             raise ValueError(f"{manifest_dir}: no training shards for any source with a positive mixture weight")
-        self.rows = [SourceRows(manifest_dir, [x for x in manifest["shards"]
-                                               if x["source"] == s and x["split"] == "train"], i, seed)
+        self.rows = [SourceRows(manifest_dir, [x for x in train if x.source == s], i, seed)
                      for i, s in enumerate(self.sources)]
         self.seed = seed
         w = np.array([weights[s] for s in self.sources], dtype=np.float64)
@@ -206,11 +199,10 @@ def validation_rows(manifest_dir: str | Path, limit: int) -> dict[str, torch.Ten
     """`limit` validation rows spread evenly over all of them (sources interleaved rather than the first source
     only), always the same ones, for comparable eval losses. Reads only the row groups that hold them."""
     manifest_dir = Path(manifest_dir)
-    shards = sorted((x for x in load_manifest(manifest_dir)["shards"] if x["split"] == "valid"),
-                    key=lambda x: x["path"])
+    shards = sorted(ShardManifest.load(manifest_dir).split("valid"), key=lambda x: x.path)
     if not shards:
         raise ValueError(f"{manifest_dir}: no validation shards; set sharding.validation_fraction > 0")
-    group_rows, group_shard, group_index = row_group_index(manifest_dir, shards)
+    group_rows, group_shard, group_index = row_group_index(shards)
     group_starts = np.concatenate([[0], np.cumsum(group_rows)])
     picks = np.linspace(0, group_starts[-1] - 1, num=min(limit, int(group_starts[-1]))).astype(int)
     decoded: dict[int, dict[str, np.ndarray]] = {}
@@ -218,7 +210,7 @@ def validation_rows(manifest_dir: str | Path, limit: int) -> dict[str, torch.Ten
     for pick in picks:
         group = int(np.searchsorted(group_starts, pick, side="right")) - 1
         if group not in decoded:
-            decoded[group] = read_rows(pq.ParquetFile(manifest_dir / shards[group_shard[group]]["path"])
+            decoded[group] = read_rows(pq.ParquetFile(manifest_dir / shards[group_shard[group]].path)
                                        .read_row_group(int(group_index[group])))
         rows.append({c: v[pick - group_starts[group]] for c, v in decoded[group].items()})
     return to_batch(rows)
@@ -233,15 +225,15 @@ def unigram_entropy(manifest_dir: str | Path, sample_tokens: int = UNIGRAM_SAMPL
     `sample_tokens` tokens (all of them if there are fewer): whole row groups evenly spaced over the training
     shards, the same ones every time. Returns (entropy, tokens counted)."""
     manifest_dir = Path(manifest_dir)
-    manifest = load_manifest(manifest_dir)
-    shards = [x for x in manifest["shards"] if x["split"] == "train"]
-    group_rows, group_shard, group_index = row_group_index(manifest_dir, shards)
-    groups, total = len(group_rows), int(group_rows.sum()) * manifest["row_len"]
+    manifest = ShardManifest.load(manifest_dir)
+    shards = manifest.split("train")
+    group_rows, group_shard, group_index = row_group_index(shards)
+    groups, total = len(group_rows), int(group_rows.sum()) * manifest.row_len
     wanted = groups if total <= sample_tokens else min(groups, math.ceil(groups * sample_tokens / total))
-    counts = np.zeros(manifest["vocab_size"], dtype=np.int64)
+    counts = np.zeros(manifest.vocab_size, dtype=np.int64)
     counted = 0
     for group in np.unique(np.linspace(0, groups - 1, num=wanted).astype(int)):
-        tokens = token_rows(pq.ParquetFile(manifest_dir / shards[group_shard[group]]["path"])
+        tokens = token_rows(pq.ParquetFile(manifest_dir / shards[group_shard[group]].path)
                             .read_row_group(int(group_index[group]), columns=["tokens"]))
         counts += np.bincount(tokens.ravel(), minlength=len(counts))
         counted += tokens.size

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from model.checkpoint import load_checkpoint, read_train_state
 from model.config import ModelConfig
-from model.data import load_manifest
+from tasks.lib.manifest import ShardManifest
 from model.loss import run_batches
 from model.run_config import TrainJob
 from model.train import build_gpt, init_distributed, layout_line, validation_batch
@@ -33,16 +33,16 @@ def evaluate_checkpoint(job: TrainJob, checkpoint: Path, manifests: list[str], b
     parallel, train = job.config.parallel, job.config.train.for_device(on_gpu)
     model_cfg = ModelConfig(**read_train_state(checkpoint)["model"])
     dp = init_distributed(parallel, train, on_gpu)
-    parallel.check_schedule(model_cfg.num_layers, train, dp)
+    parallel.check_schedule(model_cfg, train, dp)
     if dist.get_rank() == 0:
         print(layout_line(parallel, train, dp, on_gpu), flush=True)
     batches, seq_lens = {}, {}
     for manifest in manifests:
-        data = load_manifest(manifest)
-        if data["vocab_size"] > model_cfg.vocab_size:
-            raise ValueError(f"{manifest}: its tokenizer's {data['vocab_size']} ids do not fit the checkpoint's "
+        data = ShardManifest.load(manifest)
+        if data.vocab_size > model_cfg.vocab_size:
+            raise ValueError(f"{manifest}: its tokenizer's {data.vocab_size} ids do not fit the checkpoint's "
                              f"vocab_size {model_cfg.vocab_size} ({checkpoint})")
-        batches[manifest], seq_lens[manifest] = validation_batch(manifest, train), data["seq_len"]
+        batches[manifest], seq_lens[manifest] = validation_batch(manifest, train), data.seq_len
     results = []
     for backend in backends:
         attention = resolve_attention_backend(backend)

@@ -172,7 +172,7 @@ def generate(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: in
     return out
 
 
-def evaluate(model_dir: Path, manifest_dir: Path, task_names: list[str], task_dir: Path | None,
+def score(model_dir: Path, manifest_dir: Path, task_names: list[str], task_dir: Path | None,
              prompts: list[str], perplexity_rows: int = 64, sft_manifest_dir: Path | None = None,
              max_new_tokens: int = 40, temperature: float = 0.8, top_k: int = 50, seed: int = 0,
              lm_eval_limit: int | None = None) -> dict:
@@ -205,7 +205,7 @@ def main(argv=None) -> None:
     task_dir = args.model_dir / "lm_eval_tasks"
     names = [write_lm_eval_task(path.stem, [json.loads(line) for line in path.read_text().splitlines()
                                             if line.strip()], task_dir) for path in args.items]
-    print(json.dumps(evaluate(args.model_dir, args.manifest, names + args.lm_eval_task, task_dir, args.prompt),
+    print(json.dumps(score(args.model_dir, args.manifest, names + args.lm_eval_task, task_dir, args.prompt),
                      indent=1))
 
 

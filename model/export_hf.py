@@ -1,11 +1,14 @@
 """Export a checkpoint (saved at any TP/PP) as a Hugging Face `transformers` Llama folder.
 
-    python -m model.export_hf runs/tiny-<hash>/checkpoints/step-000300 exports/tiny
+    python -m model.export_hf runs/tiny-<hash>/checkpoints/step-000300 exports/tiny [--dtype bfloat16]
 
-The checkpoint is loaded into a single-process Megatron model (dist_checkpointing reshards it), its weights are
-renamed and split into Llama's layout, and the folder gets safetensors weights, config.json, the tokenizer
-files (with the chat template) and generation_config.json. Before the folder is published, the exported model's
-logits are compared with Megatron's on a validation row; a mismatch fails the export.
+The checkpoint is loaded into a single-process Megatron model in its own dtype (dist_checkpointing reshards it),
+and each Llama tensor is read out of it through the one name and layout map (model/hf_map.py): a view where the
+layouts agree, a copy only for q, k and v. Before anything is written, a Llama model built on those same tensors
+(no copy) runs a validation row, and its logits must agree with Megatron's within a bound suited to the dtype; a
+mismatch fails the export. The weights are then written one safetensors shard at a time (the embedding, each
+layer, the head), cast to `--dtype` per tensor, with config.json, the tokenizer files (with the chat template)
+and generation_config.json. Peak memory: the model, its q/k/v copies and one shard.
 """
 
 from __future__ import annotations
@@ -23,31 +26,29 @@ from model.checkpoint import checkpoint_tokenizer, read_train_state
 from model.config import ModelConfig, ParallelConfig, TrainConfig
 from model.data import validation_rows
 from model.distributed import init_single_process
+from model.hf_map import llama_tensor, llama_weights
 from model.tokenizer import TOKENIZER_FILES, Tokenizer
 
-MAX_LOGIT_DIFF = 1e-4  # fp32
+# The largest |logit difference| the export's check accepts, by the checkpoint's dtype, in which both models
+# compute. On CPU the two forwards run the same kernels and agree exactly (0 measured at tiny and 7B width, fp32 and
+# bf16); the bounds leave room for other kernels' rounding of logits of order 10, while a layout error is O(1).
+MAX_LOGIT_DIFF = {"fp32": 1e-4, "bf16": 0.25, "fp16": 0.05}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # End-of-turn tokens of known chat templates (the project's, Llama-3's, ChatML's, Gemma's): generation stops at them.
 END_OF_TURN = ("<|end|>", "<|eot_id|>", "<|im_end|>", "<end_of_turn>")
 
 
-def checkpoint_info(checkpoint: Path) -> dict:
-    """What model/train.py (or model/import_hf.py) recorded with the checkpoint: step, preset, model config..."""
-    state = read_train_state(checkpoint)
-    if "model" not in state:
-        raise ValueError(f"{checkpoint} does not record its model config (saved by an older model/train.py); "
-                         f"re-save it by resuming training for one step")
-    return state
-
-
 def load_megatron(checkpoint: Path):
-    """(GPTModel at TP=1/PP=1 in fp32 with the checkpoint's weights, ModelConfig, checkpoint info)."""
+    """(GPTModel at TP=1/PP=1 in the checkpoint's dtype with its weights, ModelConfig, checkpoint info)."""
     from model.checkpoint import load_checkpoint
     from model.gpt import build_model, transformer_config
 
-    info = checkpoint_info(checkpoint)
+    info = read_train_state(checkpoint)  # what model/train.py or model/import_hf.py recorded
     model_cfg = ModelConfig(**info["model"])
     init_single_process()
-    config = transformer_config(model_cfg, ParallelConfig(), TrainConfig(precision="fp32"))
+    config = transformer_config(model_cfg, ParallelConfig(), TrainConfig(precision=info["dtype"]))
+    config.perform_initialization = False  # every weight is loaded from the checkpoint
     gpt = build_model(model_cfg, config, pre_process=True, post_process=True)
     load_checkpoint(checkpoint, gpt)
     return gpt.eval(), model_cfg, info
@@ -62,34 +63,47 @@ def megatron_logits(gpt, m: ModelConfig, tokens: torch.Tensor,
         return gpt(tokens, positions, attention_mask).float()[..., :m.vocab_size]
 
 
-def llama_state_dict(megatron_sd: dict, m: ModelConfig) -> dict[str, torch.Tensor]:
-    """Rename Megatron's local-spec weights to transformers' Llama names, splitting the fused projections and
-    dropping the vocabulary's padding rows (model/import_hf.py does the reverse)."""
-    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    head_dim = m.hidden_size // heads
-    out = {"model.embed_tokens.weight": megatron_sd["embedding.word_embeddings.weight"][:m.vocab_size],
-           "model.norm.weight": megatron_sd["decoder.final_layernorm.weight"]}
-    if not m.tie_embeddings:
-        out["lm_head.weight"] = megatron_sd["output_layer.weight"][:m.vocab_size]
-    for i in range(m.num_layers):
-        src, dst = f"decoder.layers.{i}.", f"model.layers.{i}."
-        # Megatron interleaves QKV per query group: [group][q heads of the group, k, v][head_dim] x hidden.
-        qkv = megatron_sd[src + "self_attention.linear_qkv.weight"].view(groups, heads // groups + 2, head_dim, -1)
-        q, k, v = qkv[:, :-2], qkv[:, -2], qkv[:, -1]
-        gate, up = megatron_sd[src + "mlp.linear_fc1.weight"].chunk(2)  # SwiGLU: silu(first half) * second
-        out.update({
-            dst + "input_layernorm.weight": megatron_sd[src + "input_layernorm.weight"],
-            dst + "self_attn.q_proj.weight": q.reshape(heads * head_dim, -1),
-            dst + "self_attn.k_proj.weight": k.reshape(groups * head_dim, -1),
-            dst + "self_attn.v_proj.weight": v.reshape(groups * head_dim, -1),
-            dst + "self_attn.o_proj.weight": megatron_sd[src + "self_attention.linear_proj.weight"],
-            dst + "post_attention_layernorm.weight": megatron_sd[src + "pre_mlp_layernorm.weight"],
-            dst + "mlp.gate_proj.weight": gate,
-            dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": megatron_sd[src + "mlp.linear_fc2.weight"],
-        })
-    # Views of Megatron's parameters where the layout allows (no copy); the split q, k and v are new tensors.
-    return {k: v.detach().contiguous() for k, v in out.items()}
+def llama_state_dict(gpt, m: ModelConfig) -> dict[str, torch.Tensor]:
+    """Megatron's weights under transformers' Llama names and shapes (model/hf_map.py): views of Megatron's tensors
+    where the layouts agree, copies of q, k and v. Each layer's fused QKV is released once split, so the copies
+    never coexist with it: `gpt` cannot run afterwards."""
+    params, weights = dict(gpt.named_parameters()), {}
+    for w in llama_weights(m):
+        weights[w.hf] = llama_tensor(w, params[w.megatron].detach(), m)
+        if w.part == "v":  # the last of q, k, v: the fused tensor is no longer needed
+            params[w.megatron].data = torch.empty(0, dtype=params[w.megatron].dtype)
+    return weights
+
+
+def shards(names: list[str]) -> list[list[str]]:
+    """The tensors of each safetensors file: the embedding, then one file per layer, then the final norm and head
+    (so writing holds one layer's bytes at a time)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        key = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else \
+            "embed" if "embed_tokens" in name else "head"
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
+
+
+def write_weights(weights: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype) -> int:
+    """`weights` as sharded safetensors files and their index, each tensor cast to `dtype` as its shard is
+    written; returns the bytes written."""
+    from safetensors.torch import save_file
+
+    groups, weight_map, total = shards(list(weights)), {}, 0
+    for i, names in enumerate(groups, start=1):
+        file = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        # safetensors writes from the tensors' memory (gate and up, halves of one Megatron tensor, included): a copy
+        # only where the dtype changes.
+        tensors = {name: weights[name].to(dtype).contiguous() for name in names}
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({name: file for name in names})
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    return total
 
 
 def hf_config(info: dict, m: ModelConfig, tokenizer: Tokenizer, stop_ids: list[int]):
@@ -118,18 +132,58 @@ def check_tokens(info: dict, m: ModelConfig) -> torch.Tensor:
     return torch.randint(0, m.vocab_size, (2, min(m.seq_len, 64)), generator=torch.Generator().manual_seed(0))
 
 
-def export(checkpoint: Path, out: Path, dtype: str = "float32", check: bool = True) -> dict:
-    from transformers import GenerationConfig, LlamaForCausalLM
+def export(checkpoint: Path, out: Path, dtype: str | None = None, check: bool = True) -> dict:
+    """Write the Llama folder `out` (replaced atomically); `dtype` of its weights (float32 | bfloat16 | float16),
+    default the checkpoint's. Returns a report."""
+    from transformers import GenerationConfig
 
     checkpoint, out = Path(checkpoint).resolve(), Path(out)
     gpt, m, info = load_megatron(checkpoint)
+    own = TORCH_DTYPES[info["dtype"]]
+    target = HF_DTYPES[dtype] if dtype else own
     tok_dir = Path(checkpoint_tokenizer(checkpoint)["dir"])
     tokenizer = Tokenizer(tok_dir)
     stop_ids = [tokenizer.eos_id] + [i for t in END_OF_TURN if (i := tokenizer.token_id(t)) is not None
                                      and i != tokenizer.eos_id]
-    with torch.device("meta"):  # no weights of its own: it takes Megatron's tensors (assign), not copies
-        hf = LlamaForCausalLM(hf_config(info, m, tokenizer, stop_ids))
-    weights = llama_state_dict(gpt.state_dict(), m)
+    config = hf_config(info, m, tokenizer, stop_ids)
+    config.torch_dtype = target
+    tokens = check_tokens(info, m)
+    megatron = megatron_logits(gpt, m, tokens) if check else None  # before llama_state_dict releases the QKV
+    weights = llama_state_dict(gpt, m)
+    report = {"checkpoint": str(checkpoint), "step": info["step"], "preset": info["preset"],
+              "parameters": sum(t.numel() for t in weights.values())}
+    if check:
+        report["max_logit_diff"] = check_logits(weights, config, m, info, tokens, megatron)
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    report["weight_bytes"] = write_weights(weights, tmp, target)
+    config.save_pretrained(tmp)
+    GenerationConfig(bos_token_id=tokenizer.bos_id, eos_token_id=stop_ids, pad_token_id=tokenizer.eos_id,
+                     max_new_tokens=128, do_sample=False).save_pretrained(tmp)
+    for name in TOKENIZER_FILES:
+        if (tok_dir / name).is_file():
+            shutil.copy2(tok_dir / name, tmp / name)
+    if tokenizer.chat_template is None:  # SFT used the project's template (model/chat.py): ship it
+        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    dtype_name = str(target).removeprefix("torch.")
+    (tmp / "export_info.json").write_text(json.dumps({**report, "model": info["model"], "dtype": dtype_name,
+                                                      "manifest": info.get("manifest")}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return report
+
+
+def check_logits(weights: dict[str, torch.Tensor], config, m: ModelConfig, info: dict, tokens: torch.Tensor,
+                 megatron: torch.Tensor) -> float:
+    """Max |logit difference| between Megatron's logits and a Llama model's built on the export's own tensors
+    (assigned, not copied), both in the checkpoint's dtype; fails the export beyond MAX_LOGIT_DIFF."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):  # no weights of its own: it takes the export's tensors
+        hf = LlamaForCausalLM(config)
     missing, unexpected = hf.load_state_dict(weights, strict=False, assign=True)
     if unexpected or set(missing) - ({"lm_head.weight"} if m.tie_embeddings else set()):
         raise RuntimeError(f"export: Megatron's weights do not fill the Llama model: missing {missing}, "
@@ -139,43 +193,21 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32", check: bool = Tr
     hf.model.rotary_emb = type(hf.model.rotary_emb)(config=hf.config)  # a buffer, not a weight: rebuilt off meta
     if any(t.is_meta for t in (*hf.parameters(), *hf.buffers())):
         raise RuntimeError("export: part of the Llama model was left without weights")
-    hf.eval()
-
-    report = {"checkpoint": str(checkpoint), "step": info["step"], "preset": info["preset"],
-              "parameters": sum(p.numel() for p in hf.parameters())}
-    if check:
-        tokens = check_tokens(info, m)
-        with torch.no_grad():
-            megatron = megatron_logits(gpt, m, tokens)
-            diff = (hf(tokens).logits.float() - megatron).abs().max().item()
-        report["max_logit_diff"] = diff
-        if not diff <= MAX_LOGIT_DIFF:
-            raise RuntimeError(f"exported model disagrees with Megatron: max |logit difference| {diff:.3g} > "
-                               f"{MAX_LOGIT_DIFF} on {tuple(tokens.shape)} tokens")
-
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf.to(getattr(torch, dtype)).save_pretrained(tmp, safe_serialization=True)
-    GenerationConfig(bos_token_id=tokenizer.bos_id, eos_token_id=stop_ids, pad_token_id=tokenizer.eos_id,
-                     max_new_tokens=128, do_sample=False).save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
-        if (tok_dir / name).is_file():
-            shutil.copy2(tok_dir / name, tmp / name)
-    if tokenizer.chat_template is None:  # SFT used the project's template (model/chat.py): ship it
-        (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (tmp / "export_info.json").write_text(json.dumps({**report, "model": info["model"], "dtype": dtype,
-                                                      "manifest": info.get("manifest")}, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return report
+    with torch.no_grad():
+        diff = (hf.eval()(tokens).logits.float() - megatron).abs().max().item()
+    bound = MAX_LOGIT_DIFF[info["dtype"]]
+    if not diff <= bound:
+        raise RuntimeError(f"exported model disagrees with Megatron: max |logit difference| {diff:.3g} > {bound} "
+                           f"({info['dtype']}) on {tuple(tokens.shape)} tokens")
+    return diff
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", type=Path, help="a checkpoints/step-NNNNNN directory")
     p.add_argument("out", type=Path, help="output folder (replaced atomically)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=sorted(HF_DTYPES),
+                   help="the weights' dtype (default: the checkpoint's)")
     p.add_argument("--no-check", action="store_true", help="skip the logit comparison with Megatron")
     args = p.parse_args(argv)
     report = export(args.checkpoint, args.out, args.dtype, check=not args.no_check)

@@ -9,7 +9,7 @@ out so before anything is written). The checkpoint's train_state.json records th
 original config.json (export starts from it) and the tokenizer, whose files are copied into `tokenizer/`.
 
 Memory: the Megatron model is allocated once, uninitialised, in the target dtype, and each Hugging Face tensor is
-read, copied into its place (Megatron's fused QKV and gate/up layouts) and dropped: peak memory is the model plus one
+read, copied into its place (model/hf_map.py: Megatron's fused QKV and gate/up layouts) and dropped: peak memory is the model plus one
 tensor. An architecture the Megatron model cannot represent is refused, naming the config key.
 """
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig, ParallelConfig, TrainConfig
+from model.hf_map import llama_weights, megatron_part
 from model.tokenizer import TOKENIZER_FILES, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,19 +79,6 @@ def model_config_from_hf(config: dict, source: str = "config.json") -> ModelConf
         tie_embeddings=bool(config.get("tie_word_embeddings", False)))
 
 
-def check_layout(m: ModelConfig, parallel: ParallelConfig) -> None:
-    """Refuse a TP/PP the model cannot be split into, naming the field."""
-    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    problems = [f"{name} {value} is not divisible by tp {tp}" for name, value in (
-        ("num_attention_heads", m.num_attention_heads), ("num_key_value_heads", m.num_query_groups or
-                                                         m.num_attention_heads),
-        ("intermediate_size", m.ffn_hidden_size), ("padded vocabulary", m.padded_vocab_size)) if value % tp]
-    if m.num_layers % pp:
-        problems.append(f"num_hidden_layers {m.num_layers} is not divisible by pp {pp}")
-    if problems:
-        raise ValueError("cannot lay this model out at the requested --tp/--pp: " + "; ".join(problems))
-
-
 def weight_files(hf_dir: Path) -> dict[str, Path]:
     """{tensor name: safetensors file} of a model folder, sharded (with its index) or not."""
     hf_dir = Path(hf_dir)
@@ -108,44 +96,6 @@ def weight_files(hf_dir: Path) -> dict[str, Path]:
                             f"safe_serialization=True)")
 
 
-def megatron_targets(name: str, params: dict[str, torch.Tensor], m: ModelConfig) -> list[tuple[torch.Tensor, str]]:
-    """Where a Hugging Face tensor goes: [(view of a Megatron parameter, description)]; [] for buffers to skip."""
-    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    head_dim = m.hidden_size // heads
-    if name == "model.embed_tokens.weight":
-        return [(params["embedding.word_embeddings.weight"][:m.vocab_size], "embedding")]
-    if name == "lm_head.weight":
-        if m.tie_embeddings:
-            return []  # tied: the embedding is the output layer
-        return [(params["output_layer.weight"][:m.vocab_size], "output layer")]
-    if name == "model.norm.weight":
-        return [(params["decoder.final_layernorm.weight"], "final norm")]
-    parts = name.split(".")
-    if parts[:2] != ["model", "layers"] or len(parts) < 5:
-        raise ValueError(f"unexpected tensor {name!r}: not a Llama weight (a bias, or another architecture)")
-    i, rest = int(parts[2]), ".".join(parts[3:])
-    layer = f"decoder.layers.{i}."
-    if rest.endswith("rotary_emb.inv_freq"):
-        return []  # a buffer older checkpoints saved; recomputed from rope_theta
-    if rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"):
-        # Megatron interleaves QKV per query group: [group][q heads of the group, k, v][head_dim] x hidden.
-        qkv = params[layer + "self_attention.linear_qkv.weight"].view(groups, heads // groups + 2, head_dim, -1)
-        where = {"q": qkv[:, :-2], "k": qkv[:, -2], "v": qkv[:, -1]}[rest[10]]
-        return [(where, rest)]
-    ffn = m.ffn_hidden_size
-    simple = {"input_layernorm.weight": "input_layernorm.weight",
-              "post_attention_layernorm.weight": "pre_mlp_layernorm.weight",
-              "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
-              "mlp.down_proj.weight": "mlp.linear_fc2.weight"}
-    if rest in simple:
-        return [(params[layer + simple[rest]], rest)]
-    if rest == "mlp.gate_proj.weight":  # SwiGLU: silu(first half of fc1) * second half
-        return [(params[layer + "mlp.linear_fc1.weight"][:ffn], rest)]
-    if rest == "mlp.up_proj.weight":
-        return [(params[layer + "mlp.linear_fc1.weight"][ffn:], rest)]
-    raise ValueError(f"unexpected tensor {name!r}: not a Llama weight (a bias, or another architecture)")
-
-
 def import_hf(hf_dir: Path, out: Path, parallel: ParallelConfig = ParallelConfig(), dtype: str | None = None) -> dict:
     """Convert `hf_dir` into the checkpoint `out` (replaced atomically); returns a report."""
     from safetensors import safe_open
@@ -158,7 +108,7 @@ def import_hf(hf_dir: Path, out: Path, parallel: ParallelConfig = ParallelConfig
     started = time.perf_counter()
     hf_config = read_hf_config(hf_dir)
     m = model_config_from_hf(hf_config, str(hf_dir / "config.json"))
-    check_layout(m, parallel)
+    parallel.check_split(m)  # before anything is written
     files = weight_files(hf_dir)
     if dtype is None:  # keep fp32 weights fp32; fp16 and bf16 ones become bf16 (training's precision)
         dtype = "fp32" if hf_config.get("torch_dtype", hf_config.get("dtype")) == "float32" else "bf16"
@@ -170,6 +120,7 @@ def import_hf(hf_dir: Path, out: Path, parallel: ParallelConfig = ParallelConfig
     config.perform_initialization = False  # every weight is overwritten: allocate, do not initialise
     gpt = build_model(m, config, pre_process=True, post_process=True)
     params = dict(gpt.named_parameters())
+    weights = {w.hf: w for w in llama_weights(m)}
     with torch.no_grad():
         for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             if name in params:
@@ -181,21 +132,22 @@ def import_hf(hf_dir: Path, out: Path, parallel: ParallelConfig = ParallelConfig
         for file, names in sorted(by_file.items()):
             with safe_open(file, framework="pt") as f:
                 for name in sorted(names):
+                    w = weights.get(name)
+                    if w is None:
+                        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and m.tie_embeddings):
+                            continue  # a buffer older checkpoints saved (recomputed), or the tied embedding again
+                        raise ValueError(f"{file.name}: unexpected tensor {name!r}: not a Llama weight (a bias, or "
+                                         f"another architecture)")
                     tensor = f.get_tensor(name)
                     largest = max(largest, tensor.numel() * tensor.element_size())
-                    for target, what in megatron_targets(name, params, m):
-                        if target.numel() != tensor.numel():
-                            raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, which does not "
-                                             f"fit the {what} of the model config.json describes")
-                        target.copy_(tensor.view(target.shape))
-                        filled.add(name)
+                    target = megatron_part(w, params[w.megatron], m)
+                    if target.numel() != tensor.numel():
+                        raise ValueError(f"{file.name}: {name} has shape {tuple(tensor.shape)}, which does not fit "
+                                         f"the model config.json describes ({tuple(target.shape)} in {w.megatron})")
+                    target.copy_(tensor.view(target.shape))
+                    filled.add(name)
                     del tensor
-    needed = {"model.embed_tokens.weight", "model.norm.weight", *([] if m.tie_embeddings else ["lm_head.weight"])}
-    needed |= {f"model.layers.{i}.{w}" for i in range(m.num_layers) for w in (
-        "input_layernorm.weight", "post_attention_layernorm.weight", "self_attn.q_proj.weight",
-        "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight", "mlp.gate_proj.weight",
-        "mlp.up_proj.weight", "mlp.down_proj.weight")}
-    if missing := sorted(needed - filled):
+    if missing := sorted(set(weights) - filled):
         raise ValueError(f"{hf_dir}: the weights lack {len(missing)} tensors the config needs, e.g. {missing[:3]}")
 
     tokenizer_files = {f"tokenizer/{name}": hf_dir / name for name in TOKENIZER_FILES if (hf_dir / name).is_file()}

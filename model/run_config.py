@@ -18,28 +18,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.config import ModelConfig, ParallelConfig, TrainConfig, preset
+from tasks.spec import SlurmConfig
 
 JOB_FILE = "train_job.json"
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
-
-
-class SlurmLaunch(Strict):
-    """How the launcher submits training to Slurm (launch.launcher: slurm)."""
-
-    partition: str | None = None
-    """Partition to submit to (required with launcher slurm)."""
-    time: str = "48:00:00"
-    """Time limit."""
-    cpus_per_node: int = Field(default=16, ge=1)
-    sbatch_args: dict[str, str] = {}
-    """Extra #SBATCH directives, e.g. {account: llm}."""
-    env_command: str | None = None
-    """Shell line run first, e.g. `module load ...`."""
-    rdzv_port: int = 29500
-    """c10d rendezvous port on the job's first node."""
 
 
 class LaunchConfig(Strict):
@@ -57,7 +42,7 @@ class LaunchConfig(Strict):
     """torchrun launcher with nnodes > 1: this node's rank."""
     rdzv_endpoint: str | None = None
     """torchrun launcher with nnodes > 1: host:port of the c10d rendezvous, reachable from every node."""
-    slurm: SlurmLaunch = SlurmLaunch()
+    slurm: SlurmConfig = SlurmConfig()
     gpus_required: bool = False
     """Fail fast unless nproc CUDA devices are present."""
     max_restarts: int | None = Field(default=None, ge=0)

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import os
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -30,10 +29,11 @@ from model import compat
 from model.checkpoint import (latest_checkpoint, load_checkpoint, manifest_tokenizer, read_train_state,
                               save_checkpoint)
 from model.config import ModelConfig, ParallelConfig, TrainConfig
-from model.data import BatchPrefetcher, TrainSamples, load_manifest, rank_slice, validation_rows
+from model.data import BatchPrefetcher, TrainSamples, rank_slice, validation_rows
 from model.loss import run_batches
 from model.metrics import Heartbeat, MetricsLogger, StepClock, mfu_peak
 from model.run_config import RunConfig, Start, TrainJob
+from tasks.lib.manifest import ShardManifest
 
 
 @dataclasses.dataclass
@@ -50,18 +50,18 @@ class Training:
     attention: str  # the resolved attention backend
 
 
-def model_config(config: RunConfig, manifest: dict, where: str) -> ModelConfig:
+def model_config(config: RunConfig, manifest: ShardManifest, where: str) -> ModelConfig:
     """The preset with its overrides; the sequence length comes from the data, and so does the vocabulary unless
     the model has its own (one started from a checkpoint, whose tokenizer may have fewer ids than its table)."""
     overrides = config.model_overrides
-    if overrides.get("seq_len", manifest["seq_len"]) != manifest["seq_len"]:
-        raise ValueError(f"model seq_len {overrides['seq_len']} does not match the data's {manifest['seq_len']} "
+    if overrides.get("seq_len", manifest.seq_len) != manifest.seq_len:
+        raise ValueError(f"model seq_len {overrides['seq_len']} does not match the data's {manifest.seq_len} "
                          f"({where})")
-    vocab = overrides.get("vocab_size", manifest["vocab_size"])
-    if vocab < manifest["vocab_size"]:
-        raise ValueError(f"model vocab_size {vocab} is smaller than the data's tokenizer ({manifest['vocab_size']} "
+    vocab = overrides.get("vocab_size", manifest.vocab_size)
+    if vocab < manifest.vocab_size:
+        raise ValueError(f"model vocab_size {vocab} is smaller than the data's tokenizer ({manifest.vocab_size} "
                          f"ids, {where}): tokenize with the model's own tokenizer")
-    return config.model(vocab_size=vocab, seq_len=manifest["seq_len"])
+    return config.model(vocab_size=vocab, seq_len=manifest.seq_len)
 
 
 def layout_line(parallel: ParallelConfig, train: TrainConfig, dp: int, on_gpu: bool) -> str:
@@ -85,9 +85,9 @@ def setup(job: TrainJob) -> tuple[ModelConfig, TrainConfig, int]:
         from model.gpt import check_fp8_available
 
         check_fp8_available()
-    model_cfg = model_config(job.config, load_manifest(job.manifest), job.manifest)
+    model_cfg = model_config(job.config, ShardManifest.load(job.manifest), job.manifest)
     dp = init_distributed(job.config.parallel, train, on_gpu)
-    job.config.parallel.check_schedule(model_cfg.num_layers, train, dp)
+    job.config.parallel.check_schedule(model_cfg, train, dp)
     if dist.get_rank() == 0:
         print(layout_line(job.config.parallel, train, dp, on_gpu), flush=True)
     return model_cfg, train, dp
@@ -207,7 +207,7 @@ def parameters_gathered(t: Training):
             m.enable_forward_pre_hook()
 
 
-def evaluate(t: Training, valid: dict[str, torch.Tensor]) -> float:
+def validation_loss(t: Training, valid: dict[str, torch.Tensor]) -> float:
     for m in t.models:
         m.eval()
     with torch.no_grad(), parameters_gathered(t):
@@ -252,34 +252,11 @@ def described(job: TrainJob, model_cfg: ModelConfig, t: Training, offset: int) -
     return {"preset": job.config.preset, "model": dataclasses.asdict(model_cfg),
             "manifest": str(Path(job.manifest).resolve()), "start": job.start.model_dump(), "inputs": job.inputs,
             "distributed_optimizer": t.train.distributed_optimizer, "step_offset": offset,
+            "dtype": "bf16" if t.train.precision == "fp8" else t.train.precision,  # the weights' (fp8 keeps bf16)
             "optimizer": {"betas": list(group["betas"]), "weight_decay": group["weight_decay"],
                           "grad_clip": t.train.grad_clip},
             "tokenizer": manifest_tokenizer(job.manifest),
             **{key: parent[key] for key in ("hf_config",) if key in parent}}
-
-
-# A fault drill for the recovery tests (tests/test_launch.py), e.g. TRAIN_FAULT=kill:1:4: rank 1 SIGKILLs itself
-# after step 4; `stall` sleeps there instead, `kill-launcher` SIGKILLs torchrun's agent. Only in a run that started
-# from step 0, so the run that resumes from a checkpoint before that step goes through.
-FAULT_ENV = "TRAIN_FAULT"
-
-
-def fault_drill(rank: int, step: int, started_at: int) -> None:
-    fault = os.environ.get(FAULT_ENV)
-    if not fault or started_at != 0:
-        return
-    kind, fault_rank, fault_step = fault.split(":")
-    if kind not in ("kill", "kill-launcher", "stall"):
-        raise ValueError(f"{FAULT_ENV}={fault}: the kind must be kill, kill-launcher or stall")
-    if (int(fault_rank), int(fault_step)) != (rank, step):
-        return
-    print(f"[rank {rank}] fault drill: {kind} after step {step}", file=sys.stderr, flush=True)
-    if kind == "kill":
-        os.kill(os.getpid(), 9)
-    elif kind == "kill-launcher":
-        os.kill(os.getppid(), 9)
-    else:
-        time.sleep(3600)
 
 
 def train_step(t: Training, batch: dict[str, torch.Tensor]) -> dict:
@@ -324,7 +301,7 @@ def main(argv=None) -> None:
     metrics = MetricsLogger(run_dir, state["step"], offset, train.steps, enabled=rank0)
     # The next step's batch is read while this one computes; the order is the same (a pure function of indices).
     prefetch = BatchPrefetcher(samples, pin=torch.cuda.is_available())
-    heartbeat, started_at = Heartbeat(run_dir, dist.get_rank()), state["step"]
+    heartbeat = Heartbeat(run_dir, dist.get_rank())
     for m in t.models:
         m.train()
     while state["step"] < train.steps:
@@ -340,7 +317,7 @@ def main(argv=None) -> None:
         step = state["step"]
         record = {"step": step, **record}
         if step % train.eval_every == 0 or step == train.steps:
-            record["val_loss"] = evaluate(t, valid)
+            record["val_loss"] = validation_loss(t, valid)
         metrics.record(record, *clock.tick(record, waited, dist.get_world_size()))
         if train.save_every and (step % train.save_every == 0 or step == train.steps):
             with parameters_gathered(t):
@@ -348,7 +325,6 @@ def main(argv=None) -> None:
                                 {**state, **description, "scheduler": t.scheduler.state_dict()})
             log(f"checkpoint: step {step}")
         heartbeat.beat(step, done=True)
-        fault_drill(dist.get_rank(), step, started_at)
     prefetch.close()
     metrics.close()
     dist.barrier()

@@ -19,7 +19,7 @@ from model.tokenizer import identity_file
 from tasks.lib.artifacts import RECORD_NAME, ArtifactRef, verify
 from tasks.lib.code_version import stage_code_version
 from tasks.lib.log import get_logger
-from tasks.lib.manifest import ShardManifest, mixture_weights
+from tasks.lib.manifest import DataLineage, ShardManifest, mixture_weights
 from tasks.spec import DataSpec, ShardingConfig
 
 # The stages whose code shapes a manifest's content: an edit to any of them makes earlier manifests unusable
@@ -48,7 +48,7 @@ class Base:
     @property
     def tokenizer(self) -> ArtifactRef:
         lineage = self.manifest.lineage
-        return ArtifactRef(stage="tokenizer", fingerprint=lineage["tokenizer"], path=lineage["tokenizer_dir"])
+        return ArtifactRef(stage="tokenizer", fingerprint=lineage.tokenizer, path=lineage.tokenizer_dir)
 
     @property
     def artifact(self) -> ArtifactRef:
@@ -58,7 +58,7 @@ class Base:
 
     @property
     def dedup(self) -> ArtifactRef:
-        path = Path(self.manifest.lineage["dedup_dir"])
+        path = Path(self.manifest.lineage.dedup_dir)
         return ArtifactRef(stage="dedup", fingerprint=path.name, path=str(path))
 
 
@@ -74,9 +74,9 @@ def find_base(artifacts_dir: Path, settings: str, files: dict[str, list[tuple[st
             continue  # a build in progress or abandoned
         manifest = ShardManifest.load(path.parent)
         lineage = manifest.lineage
-        if lineage.get("settings") != settings or "source_files" not in lineage:
+        if lineage.settings != settings or lineage.source_files is None:
             continue  # other settings, or the shards of an increment (listed by the manifest that appends them)
-        had = {source: {tuple(f) for f in fs} for source, fs in lineage["source_files"].items()}
+        had = {source: {tuple(f) for f in fs} for source, fs in lineage.source_files.items()}
         if set(had) != set(current) or any(not had[s] <= current[s] for s in current):
             continue  # a file it was built from is gone or changed
         candidates.append((sum(map(len, had.values())), (path.parent / RECORD_NAME).stat().st_mtime,
@@ -95,8 +95,8 @@ def check_intact(manifest_dir: Path, manifest: ShardManifest, full: bool = False
     """None if every artifact a manifest relies on verifies (its own, those holding the shards it lists, its
     tokenizer and the dedup index) and the tokenizer is the one it was tokenized with; else what is wrong."""
     artifacts_dir = manifest_dir.parent.parent
-    tokenizer_dir = Path(manifest.lineage.get("tokenizer_dir", ""))
-    relied_on = {manifest_dir, tokenizer_dir, Path(manifest.lineage.get("dedup_dir", ""))}
+    tokenizer_dir = Path(manifest.lineage.tokenizer_dir or "")
+    relied_on = {manifest_dir, tokenizer_dir, Path(manifest.lineage.dedup_dir or "")}
     for shard in manifest.shards:  # an appended manifest lists earlier artifacts' shards: <stage>/<fp>/...
         relative = Path(os.path.normpath(manifest_dir / shard.path)).relative_to(artifacts_dir)
         relied_on.add(artifacts_dir.joinpath(*relative.parts[:2]))
@@ -110,7 +110,7 @@ def check_intact(manifest_dir: Path, manifest: ShardManifest, full: bool = False
     return None
 
 
-def append_shards(base_dir: Path, added_dir: Path, config: ShardingConfig, lineage: dict, out_dir: Path) -> dict:
+def append_shards(base_dir: Path, added_dir: Path, config: ShardingConfig, lineage: DataLineage, out_dir: Path) -> dict:
     """Write `out_dir/manifest.json`: the base's shards then the added ones, paths relative to the final artifact
     directory (a sibling of `out_dir`), totals summed and the mixture recomputed."""
     base, added = ShardManifest.load(base_dir), ShardManifest.load(added_dir)
@@ -133,7 +133,7 @@ def append_shards(base_dir: Path, added_dir: Path, config: ShardingConfig, linea
     return summary
 
 
-def build(out: Path, base: ArtifactRef, added: ArtifactRef, config: ShardingConfig, lineage: dict,
+def build(out: Path, base: ArtifactRef, added: ArtifactRef, config: ShardingConfig, lineage: DataLineage,
           artifacts_dir: str) -> dict:
     """The stage, as a step runs it (tasks/lib/steps.py)."""
     return append_shards(base.dir, added.dir, config, lineage, out)

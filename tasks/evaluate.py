@@ -70,9 +70,9 @@ def export_hf(checkpoint: str, label: str) -> str:
 
 def evaluate_model(model_dir: str, label: str, manifest: str, sft_manifest: str | None, spec: EvalSpec,
                    task_names: list[str], task_dir: str) -> dict:
-    from model.evaluate import evaluate
+    from model.evaluate import score
 
-    results = evaluate(Path(model_dir), Path(manifest), task_names, Path(task_dir), spec.prompts,
+    results = score(Path(model_dir), Path(manifest), task_names, Path(task_dir), spec.prompts,
                        spec.perplexity_rows, Path(sft_manifest) if sft_manifest else None, spec.max_new_tokens,
                        spec.temperature, spec.top_k, spec.seed, spec.lm_eval_limit)
     scores = results.get("lm_eval", {}).get("tasks", {})

@@ -74,7 +74,7 @@ def kept_roots(artifacts: dict[str, Artifact], runs_dir: Path, keep: int, min_ag
         manifest = artifact.path / "manifest.json"
         if artifact.meta is not None and manifest.is_file():
             lineage = ShardManifest.load(artifact.path).lineage
-            spec = lineage.get("spec_path") or f"sft spec {lineage.get('sft_spec', {}).get('name')}"
+            spec = lineage.spec_path or f"sft spec {lineage.spec_name}"
             by_spec.setdefault(spec, []).append(artifact)
     for spec, manifests in by_spec.items():
         for artifact in sorted(manifests, key=lambda a: a.built_at, reverse=True)[:keep]:

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from model.data import load_manifest
+from tasks.lib.manifest import ShardManifest
 from model.checkpoint import read_train_state, resolve_checkpoint
 from model.run_config import Start
 
@@ -28,28 +28,26 @@ def lineage(path: str | Path) -> dict:
                 "model": state["model"], "tokenizer": state.get("tokenizer"),
                 "hf_model_type": state.get("hf_config", {}).get("model_type")}
     manifest_dir = Path(state["manifest"])
-    manifest = load_manifest(manifest_dir)
-    meta = manifest["lineage"]
-    spec = meta.get("spec") or meta.get("sft_spec") or {}
+    manifest = ShardManifest.load(manifest_dir)
+    meta = manifest.lineage
+    spec = meta.spec or meta.sft_spec or {}
     out = {
         "checkpoint": str(checkpoint), "step": state["step"], "consumed_samples": state["consumed_samples"],
         "preset": state["preset"], "model": state["model"],
-        "manifest": {"path": str(manifest_dir / "manifest.json"), "version": manifest["version"],
-                     "data_version": manifest.get("data_version", 1), "parent": manifest.get("parent"),
-                     "seq_len": manifest["seq_len"], "vocab_size": manifest["vocab_size"],
-                     "mixture": manifest["mixture"], "totals": manifest["totals"],
-                     "shards": [f"{s['split']}/{s['source']}: {s['path']} ({s['rows']} rows, sha256 {s['sha256'][:12]})"
-                                for s in manifest["shards"]]},
-        "tokenizer": {"dir": meta.get("tokenizer_dir"), "fingerprint": meta.get("tokenizer"),
-                      "sha256": manifest["tokenizer_sha256"]},
-        "spec": {"path": meta.get("spec_path"), "name": spec.get("name")},
+        "manifest": {"path": str(manifest_dir / "manifest.json"), "version": manifest.version,
+                     "data_version": manifest.data_version, "parent": manifest.parent,
+                     "seq_len": manifest.seq_len, "vocab_size": manifest.vocab_size,
+                     "mixture": manifest.mixture, "totals": manifest.totals,
+                     "shards": [f"{s.split}/{s.source}: {s.path} ({s.rows} rows, sha256 {s.sha256[:12]})"
+                                for s in manifest.shards]},
+        "tokenizer": {"dir": meta.tokenizer_dir, "fingerprint": meta.tokenizer, "sha256": manifest.tokenizer_sha256},
+        "spec": {"path": meta.spec_path, "name": meta.spec_name},
         "settings": {k: spec[k] for k in ("cleaning", "dedup", "decontamination", "tokenizer", "sharding")
                      if k in spec},
         "per_source_cleaning": {s["name"]: s.get("cleaning") for s in spec.get("sources", []) if s.get("cleaning")},
-        "source_files": meta.get("source_files", {}),
-        "increments": [{"data_version": i["data_version"], "new_files": i["new_files"]}
-                       for i in meta.get("increments", [])],
-        "upstream_artifacts": meta.get("upstream", {}),
+        "source_files": meta.source_files or {},
+        "increments": [{"data_version": i.data_version, "new_files": i.new_files} for i in meta.increments],
+        "upstream_artifacts": meta.upstream,
     }
     start = Start.model_validate(state["start"])
     out["start"] = start.kind

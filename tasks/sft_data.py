@@ -22,7 +22,7 @@ from tasks.lib.artifacts import ArtifactRef, sha256_file
 from tasks.lib.log import get_logger
 from tasks.lib.blocks import keep_in_sample
 from tasks.lib.items import conversation
-from tasks.lib.manifest import ShardInfo, ShardManifest
+from tasks.lib.manifest import DataLineage, ShardInfo, ShardManifest
 from tasks.lib.sources import Quarantine, ResolvedSource, downloads_dir, source_records
 from tasks.spec import SFTSpec
 
@@ -128,8 +128,8 @@ def build_sft_shards(resolved: list[ResolvedSource], spec: SFTSpec, tokenizer_di
     manifest = ShardManifest(seq_len=seq_len, row_len=row_len, vocab_size=tokenizer.vocab_size,
                              eos_id=tokenizer.eos_id, tokenizer_sha256=tokenizer.sha256, mixture={"sft": 1.0},
                              shards=shards, totals=totals,
-                             lineage={"sft_spec": spec.model_dump(mode="json"), "tokenizer_dir": str(tokenizer_dir),
-                                      "source_files": {r.source.name: r.files for r in resolved}})
+                             lineage=DataLineage(sft_spec=spec.model_dump(mode="json"), tokenizer_dir=str(tokenizer_dir),
+                                                 source_files={r.source.name: r.files for r in resolved}))
     (out_dir / "manifest.json").write_text(manifest.model_dump_json(indent=1))
     log.info(f"sft data: {totals['examples_train']} train / {totals.get('examples_valid', 0)} valid examples in "
              f"{totals['rows_train']} + {totals['rows_valid']} rows (fill {fill:.0%}), "

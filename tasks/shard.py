@@ -27,7 +27,7 @@ from model.tokenizer import Tokenizer
 from tasks.lib.artifacts import ArtifactRef, sha256_file
 from tasks.lib.blocks import in_process_if_small, keep_in_sample, run_pipeline
 from tasks.lib.log import get_logger
-from tasks.lib.manifest import ShardInfo, ShardManifest, mixture_weights
+from tasks.lib.manifest import DataLineage, ShardInfo, ShardManifest, mixture_weights
 from tasks.spec import ExecutorConfig, ShardingConfig
 
 # The train/validation split is drawn per document id with this seed: the same documents are held out on every
@@ -143,7 +143,7 @@ class TokenizeAndPack(PipelineStep):
 
 
 
-def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig, lineage: dict, out_dir: Path,
+def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig, lineage: DataLineage, out_dir: Path,
                     increment: bool = False, executor: ExecutorConfig = ExecutorConfig()) -> dict:
     """Tokenize and pack `docs_dir/<source>/*.jsonl.gz` on `executor`. An `increment` (new documents to append to
     an existing manifest) may hold no full row; a full build must."""
@@ -177,11 +177,11 @@ def shard_documents(docs_dir: Path, tokenizer_dir: Path, config: ShardingConfig,
     return {**totals, "shards": len(shards), "tasks": len(records), "tokens_per_s": round(tokens_per_s)}
 
 
-def build(out: Path, documents: ArtifactRef, tokenizer: ArtifactRef, config: ShardingConfig, lineage: dict,
+def build(out: Path, documents: ArtifactRef, tokenizer: ArtifactRef, config: ShardingConfig, lineage: DataLineage,
           artifacts_dir: str, increment: bool = False, executor: ExecutorConfig = ExecutorConfig()) -> dict:
     """The stage, as a step runs it (tasks/lib/steps.py). `lineage` (spec, source files, upstream fingerprints) is
     recorded in the manifest but not keyed on: it is implied by the upstream fingerprints. `increment`: shards of
     new documents, to be appended (tasks/append.py)."""
-    lineage = {**lineage, "documents": documents.fingerprint, "tokenizer": tokenizer.fingerprint,
-               "tokenizer_dir": str(tokenizer.dir)}
+    lineage = lineage.model_copy(update={"documents": documents.fingerprint, "tokenizer": tokenizer.fingerprint,
+                                         "tokenizer_dir": str(tokenizer.dir)})
     return shard_documents(documents.dir / "docs", tokenizer.dir, config, lineage, out, increment, executor)

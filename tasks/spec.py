@@ -67,7 +67,9 @@ class SourceSpec(Strict):
         for field in needed:
             if not getattr(self, field):
                 raise ValueError(f"a '{self.kind}' source needs `{field}`")
-        misplaced = sorted(f for f in self.model_fields_set if KIND_FIELDS.get(f, self.kind) != self.kind)
+        # Set and not at its default: a full dump of a valid spec (None, "train") reads back as the same spec.
+        misplaced = sorted(f for f in self.model_fields_set if KIND_FIELDS.get(f, self.kind) != self.kind
+                           and getattr(self, f) != type(self).model_fields[f].default)
         if misplaced:
             raise ValueError(f"`{misplaced[0]}` applies to '{KIND_FIELDS[misplaced[0]]}' sources, not to this "
                              f"'{self.kind}' one: remove it, or set kind: {KIND_FIELDS[misplaced[0]]}")
@@ -213,6 +215,28 @@ class ShardingConfig(Strict):
         return value
 
 
+class SlurmConfig(Strict):
+    """Slurm settings: one type for the datatrove executors (`executor.slurm`) and the training launcher
+    (`launch.slurm`). Both submit with sbatch and wait the same way (tasks/lib/slurm.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    partition: str | None = None
+    """Partition to submit to (required where Slurm runs the work)."""
+    time: str | None = None
+    """Time limit per job; None: 04:00:00 for a data array job, 48:00:00 for training."""
+    env_command: str | None = None
+    """Shell line run first on each node, e.g. `source /shared/llm-pipeline/.venv/bin/activate`."""
+    sbatch_args: dict[str, str] = {}
+    """Extra #SBATCH directives, e.g. {account: llm}."""
+    poll_seconds: float = Field(default=15, gt=0)
+    """How often to ask squeue whether a job has finished."""
+    cpus_per_node: int = Field(default=16, ge=1)
+    """Training: CPUs per node (a data job reserves `executor.cpus_per_task` per task instead)."""
+    rdzv_port: int = Field(default=29500, ge=1, le=65535)
+    """Training: the c10d rendezvous port on the job's first node."""
+
+
 class ExecutorConfig(Strict):
     """Where datatrove runs its pipelines: this machine's processes, a Ray cluster, or Slurm jobs. The output is
     the same whichever runs it; with Ray or Slurm the artifacts directory must be on storage every node sees."""
@@ -226,12 +250,8 @@ class ExecutorConfig(Strict):
     mem_per_cpu_gb: float = Field(default=2, gt=0, description="ray/slurm: memory reserved per CPU.")
     ray_address: str | None = Field(default=None, description="ray: cluster address ('auto' joins the running "
                                                               "cluster); None starts Ray on this machine.")
-    slurm_partition: str | None = Field(default=None, description="slurm: partition to submit to (required).")
-    slurm_time: str = Field(default="04:00:00", description="slurm: time limit per array job.")
-    slurm_env_command: str | None = Field(default=None, description="slurm: shell line run before each task, "
-                                                                    "e.g. 'source /shared/project/.venv/bin/activate'.")
-    slurm_sbatch_args: dict[str, str] = Field(default={}, description="slurm: extra #SBATCH directives.")
-    poll_seconds: float = Field(default=15, gt=0, description="slurm: how often to check whether a job finished.")
+    slurm: SlurmConfig = Field(default=SlurmConfig(), description="slurm: partition (required), time limit, "
+                                                                   "environment line, extra directives.")
 
     def fingerprint_payload(self) -> dict:
         """What of the executor changes a stage's output: only the task count (it sets the input shares, so the
@@ -240,8 +260,8 @@ class ExecutorConfig(Strict):
 
     @model_validator(mode="after")
     def _slurm_needs_partition(self) -> ExecutorConfig:
-        if self.kind == "slurm" and not self.slurm_partition:
-            raise ValueError("executor kind 'slurm' needs `slurm_partition`")
+        if self.kind == "slurm" and not self.slurm.partition:
+            raise ValueError("executor kind 'slurm' needs `slurm.partition`")
         return self
 
 

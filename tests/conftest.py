@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from model.distributed import free_port
+from tasks.lib.manifest import DataLineage
 from tasks.spec import PROJECT_ROOT, DataSpec, ExecutorConfig, SFTSpec
 
 ROOT = PROJECT_ROOT
@@ -29,6 +30,13 @@ FAST = {"steps": 6, "warmup_steps": 1, "global_batch": 8, "micro_batch": 2, "log
         "eval_batches": 4, "save_every": 3, "lr": 3e-3}
 
 BUNDLED = PROJECT_ROOT / "data" / "bundled"
+
+
+def fault_drill_env(fault: str) -> dict[str, str]:
+    """The environment that makes the ranks run tests/fault_drill (e.g. `kill:1:4`): on their PYTHONPATH, it
+    wraps the trainer's heartbeat from outside."""
+    path = [str(ROOT / "tests" / "fault_drill"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"TRAIN_FAULT": fault, "PYTHONPATH": os.pathsep.join(path)}
 # One process per datatrove pipeline keeps small test runs fast; the multi-process path runs in the flow tests.
 SERIAL = ExecutorConfig(tasks=1, workers=1)
 
@@ -132,7 +140,7 @@ def tiny_manifest(small_corpus, tmp_path_factory) -> Path:
     train_tokenizer(docs, TokenizerConfig(vocab_size=1000), 10**9, root / "tokenizer")
     (root / "shard").mkdir()
     shard_documents(docs, root / "tokenizer", ShardingConfig(seq_len=64, validation_fraction=0.05),
-                    {"tokenizer_dir": str(root / "tokenizer")}, root / "shard")
+                    DataLineage(tokenizer_dir=str(root / "tokenizer")), root / "shard")
     return root / "shard"
 
 

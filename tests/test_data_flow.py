@@ -69,7 +69,7 @@ def test_caching_recomputes_exactly_what_changed(small_corpus, tmp_path):
     assert {states[s] for s in STAGES} == {"Completed"}
     manifest = ShardManifest.load(Path(manifest_path).parent)
     assert manifest.totals["rows_train"] > 0
-    assert set(manifest.lineage["source_files"]) == {"sotu", "kjv"}
+    assert set(manifest.lineage.source_files) == {"sotu", "kjv"}
 
     # 1. Nothing changed: the same manifest comes back and no stage runs.
     again, states = run_flow(spec_path)
@@ -155,10 +155,10 @@ def test_new_files_are_ingested_incrementally(small_corpus, tmp_path, capsys):
     assert second.totals["rows_train"] > first.totals["rows_train"]
     assert second.totals["docs_train"] + second.totals["docs_valid"] == \
         first.totals["docs_train"] + first.totals["docs_valid"] + len(new) - 1
-    assert second.lineage["source_files"]["sotu"][-1][0] == str(corpus / "sotu" / "part-1.jsonl")
-    assert second.lineage["increments"][0]["new_files"]["sotu"][0][0] == str(corpus / "sotu" / "part-1.jsonl")
+    assert second.lineage.source_files["sotu"][-1][0] == str(corpus / "sotu" / "part-1.jsonl")
+    assert second.lineage.increments[0].new_files["sotu"][0][0] == str(corpus / "sotu" / "part-1.jsonl")
 
-    dedup_dir = Path(second.lineage["dedup_dir"])
+    dedup_dir = Path(second.lineage.dedup_dir)
     kept = sum(1 for p in (dedup_dir / "docs").rglob("*.jsonl.gz") for _ in gzip.open(p))
     assert kept == len(new) - 1  # only the new file was read
     removed = [json.loads(line)["id"] for p in (dedup_dir / "removed/exact").rglob("*.jsonl.gz")
@@ -304,8 +304,8 @@ def test_continuing_across_tokenizers_is_refused(tmp_path, tiny_manifest):
 
     other = tmp_path / "other"
     other.mkdir()
-    manifest = json.loads((tiny_manifest / "manifest.json").read_text())
-    (other / "manifest.json").write_text(json.dumps({**manifest, "tokenizer_sha256": "0" * 64}))
+    manifest = ShardManifest.load(tiny_manifest).model_copy(update={"tokenizer_sha256": "0" * 64})
+    (other / "manifest.json").write_text(manifest.model_dump_json())
     checkpoint = tmp_path / "runs" / "tiny-x" / "checkpoints" / "step-1"
     checkpoint.mkdir(parents=True)
     (checkpoint / "train_state.json").write_text(json.dumps({"step": 1, "manifest": str(tiny_manifest)}))

@@ -12,7 +12,7 @@ import pytest
 from tasks.dedup import dedup_documents
 from tasks.spec import DedupConfig
 
-from conftest import SERIAL, bundled_docs, write_jsonl
+from conftest import SERIAL, bundled_docs
 
 BOILERPLATE = ("Subscribe to our newsletter for more historic speeches. All rights reserved. "
                "Share this page: Facebook | Twitter | Email. Cookie policy and privacy notice apply.")

@@ -131,7 +131,7 @@ def test_hf_datasets_source_from_local_files(tmp_path):
         assert sorted(d["id"] for d in read_docs(tmp_path / f"out{tasks}")) == sorted(f"hf/{d['id']}" for d in docs)
         per_task = [sum(1 for _ in gzip.open(f)) for f in sorted((tmp_path / f"out{tasks}/docs").glob("*.jsonl.gz"))]
         assert len(per_task) == used and min(per_task) > 0
-        assert quarantine(tmp_path / f"out{tasks}")[0]["origin"].startswith(f"hf://json/train[task ")
+        assert quarantine(tmp_path / f"out{tasks}")[0]["origin"].startswith("hf://json/train[task ")
 
 
 def test_fineweb_edu_spec_reads_its_schema_through_datasets(tmp_path):

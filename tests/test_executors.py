@@ -18,7 +18,7 @@ from tasks.clean import clean_documents
 from tasks.dedup import dedup_documents
 from tasks.lib.artifacts import sha256_file
 from tasks.lib.blocks import keep_in_sample
-from tasks.lib.manifest import ShardManifest
+from tasks.lib.manifest import DataLineage, ShardInfo, ShardManifest
 from tasks.shard import shard_documents
 from tasks.spec import CleaningConfig, DedupConfig, ExecutorConfig, ShardingConfig, TokenizerConfig
 from tasks.tokenizer import train_tokenizer
@@ -62,10 +62,10 @@ def tokenizer_dir(sources, tmp_path_factory) -> Path:
 SHARDING = ShardingConfig(seq_len=64, rows_per_shard=64, row_group_size=16, validation_fraction=0.1)
 
 
-def shard_outputs(folder: Path) -> tuple[list[dict], dict[str, bytes]]:
+def shard_outputs(folder: Path) -> tuple[list[ShardInfo], dict[str, bytes]]:
     """(the manifest's shard entries, every shard's bytes)."""
-    shards = json.loads((folder / "manifest.json").read_text())["shards"]
-    return shards, {x["path"]: (folder / x["path"]).read_bytes() for x in shards}
+    shards = ShardManifest.load(folder).shards
+    return shards, {x.path: (folder / x.path).read_bytes() for x in shards}
 
 
 def clean_dedup_shard(sources: dict[str, Path], executor: ExecutorConfig, root: Path,
@@ -79,7 +79,7 @@ def clean_dedup_shard(sources: dict[str, Path], executor: ExecutorConfig, root: 
     (root / "dedup").mkdir()
     summaries["dedup"] = dedup_documents(cleaned, DedupConfig(), executor, root / "dedup")
     (root / "shard").mkdir()
-    shard_documents(root / "dedup" / "docs", tokenizer_dir, SHARDING, {}, root / "shard", executor=executor)
+    shard_documents(root / "dedup" / "docs", tokenizer_dir, SHARDING, DataLineage(), root / "shard", executor=executor)
     return summaries, contents(root / "dedup" / "docs"), shard_outputs(root / "shard")
 
 
@@ -94,7 +94,7 @@ def test_shard_stage_on_1_and_4_tasks(sources, tokenizer_dir, tmp_path):
     for tasks in (1, 4):
         out = tmp_path / f"tasks-{tasks}"
         out.mkdir()
-        summary = shard_documents(next(iter(sources.values())).parent, tokenizer_dir, SHARDING, {}, out,
+        summary = shard_documents(next(iter(sources.values())).parent, tokenizer_dir, SHARDING, DataLineage(), out,
                                   executor=ExecutorConfig(tasks=tasks, workers=2))
         manifest = ShardManifest.load(out)
         assert summary["tasks"] == tasks
@@ -137,8 +137,8 @@ def test_slurm_executor_submits_arrays_with_dependencies(sources, tokenizer_dir,
     monkeypatch.setenv("FAKE_SLURM_DIR", str(jobs))
     # the stand-ins first; then this venv, whose bin/ has datatrove's launch_pickled_pipeline and merge_stats
     monkeypatch.setenv("PATH", f"{FAKE_SLURM}:{Path(sys.executable).parent}:{os.environ['PATH']}")
-    executor = ExecutorConfig(kind="slurm", tasks=2, workers=2, slurm_partition="cpu", slurm_time="01:00:00",
-                              cpus_per_task=2, poll_seconds=0.1, slurm_sbatch_args={"account": "llm"})
+    executor = ExecutorConfig(kind="slurm", tasks=2, workers=2, cpus_per_task=2, slurm={
+        "partition": "cpu", "time": "01:00:00", "poll_seconds": 0.1, "sbatch_args": {"account": "llm"}})
     summaries, docs, shards = clean_dedup_shard(sources, executor, tmp_path / "out", tokenizer_dir)
     assert docs == local_result[1] and summaries == local_result[0] and shards == local_result[2]
 
@@ -154,21 +154,19 @@ def test_slurm_executor_submits_arrays_with_dependencies(sources, tokenizer_dir,
     for job in merges:
         number = int(job.split("-")[1])
         assert f"#SBATCH --dependency=afterok:{number - 1}" in scripts[job]
-        assert f"--export=ALL,RUN_OFFSET=0" in args[f"job-{number - 1}"]
+        assert "--export=ALL,RUN_OFFSET=0" in args[f"job-{number - 1}"]
 
 
 def test_a_failing_squeue_is_an_error_not_a_finished_job(tmp_path, monkeypatch):
     """Only squeue's "Invalid job id" (a job purged after it ended) means finished; any other failure stops the
     wait with squeue's own words."""
-    from types import SimpleNamespace
-
-    from tasks.lib.blocks import wait_for_slurm
+    from tasks.lib.slurm import wait_for_job
 
     squeue = tmp_path / "squeue"
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
     squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
     squeue.chmod(0o755)
     with pytest.raises(RuntimeError, match="squeue failed .* Unable to contact slurm controller"):
-        wait_for_slurm(SimpleNamespace(job_id=42), poll_seconds=0.01)
+        wait_for_job("42", poll_seconds=0.01)
     squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
-    wait_for_slurm(SimpleNamespace(job_id=42), poll_seconds=0.01)  # returns: the job is long gone
+    wait_for_job("42", poll_seconds=0.01)  # returns: the job is long gone

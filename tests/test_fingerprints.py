@@ -148,8 +148,8 @@ def test_only_fields_that_change_the_output_are_in_a_key():
     key = lambda executor, path=upstream.path: stage_fingerprint("clean", {  # noqa: E731
         "downloaded": upstream.model_copy(update={"path": path}), "executor": executor, "artifacts_dir": "x"})
     local = key(ExecutorConfig())
-    assert key(ExecutorConfig(kind="slurm", slurm_partition="gpu", slurm_time="99:00:00", workers=64,
-                              slurm_sbatch_args={"account": "llm"}, mem_per_cpu_gb=8)) == local
+    assert key(ExecutorConfig(kind="slurm", slurm={"partition": "gpu", "time": "99:00:00", "sbatch_args": {
+        "account": "llm"}}, workers=64, mem_per_cpu_gb=8)) == local
     assert key(ExecutorConfig(kind="ray", ray_address="auto", cpus_per_task=4)) == local
     assert key(ExecutorConfig(), path="/elsewhere/download/" + "0" * 20) == local
     assert key(ExecutorConfig(tasks=8)) != local

@@ -17,7 +17,7 @@ import yaml
 
 from model.config import ParallelConfig
 from model.data import token_rows
-from model.import_hf import check_layout, model_config_from_hf
+from model.import_hf import model_config_from_hf
 from hf_models import llama2_like, llama3_like
 
 from tasks.lineage import lineage
@@ -120,11 +120,11 @@ def test_an_architecture_it_cannot_represent_is_refused_naming_the_key(hf_models
 
 def test_a_layout_the_model_cannot_take_is_refused_before_writing(hf_models, tmp_path):
     m = model_config_from_hf(json.loads((hf_models["llama3"] / "config.json").read_text()))
-    with pytest.raises(ValueError, match="num_key_value_heads 2 is not divisible by tp 4"):
-        check_layout(m, ParallelConfig(4, 1))
+    with pytest.raises(ValueError, match="num_query_groups 2 is not divisible by tensor_parallel 4"):
+        ParallelConfig(4, 1).check_split(m)
     proc = subprocess.run([sys.executable, "-m", "model.import_hf", str(hf_models["llama3"]), str(tmp_path / "x"),
                            "--pp", "3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "num_hidden_layers 2 is not divisible by pp 3" in proc.stderr
+    assert proc.returncode != 0 and "num_layers 2 is not divisible by pipeline_parallel x virtual_pipeline = 3 x 1" in proc.stderr
     assert not (tmp_path / "x").exists()
 
 
@@ -134,7 +134,7 @@ def test_shards_tokenized_with_a_pretrained_tokenizer_json(hf_models, tmp_path):
     import gzip
 
     from model.tokenizer import Tokenizer
-    from tasks.lib.manifest import ShardManifest
+    from tasks.lib.manifest import DataLineage, ShardManifest
     from tasks.shard import shard_documents
     from tasks.spec import ShardingConfig
 
@@ -144,7 +144,7 @@ def test_shards_tokenized_with_a_pretrained_tokenizer_json(hf_models, tmp_path):
         f.writelines(json.dumps(d) + "\n" for d in docs)
     (tmp_path / "shard").mkdir()
     shard_documents(tmp_path / "docs", hf_models["llama3"], ShardingConfig(seq_len=64, validation_fraction=0.0),
-                    {}, tmp_path / "shard")
+                    DataLineage(), tmp_path / "shard")
     manifest = ShardManifest.load(tmp_path / "shard")
     tokenizer = Tokenizer(hf_models["llama3"])
     assert tokenizer.kind == "tokenizers" and manifest.tokenizer_sha256 == tokenizer.sha256
@@ -170,7 +170,8 @@ def test_continued_pretraining_from_an_import_starts_at_transformers_loss_and_le
 
     from flows.pretrain import pretrain_flow
     from model.checkpoint import read_train_state, resolve_checkpoint
-    from model.data import TrainSamples, load_manifest
+    from model.data import TrainSamples
+    from tasks.lib.manifest import ShardManifest
     from model.tokenizer import Tokenizer
 
     folder = hf_models["llama2"]
@@ -187,13 +188,13 @@ def test_continued_pretraining_from_an_import_starts_at_transformers_loss_and_le
                                  runs_dir=str(tmp_path / "runs")))
     state = read_train_state(resolve_checkpoint(run_dir))
     assert state["preset"] == "hf" and state["model"]["tie_embeddings"] and state["hf_config"]["vocab_size"] == 1000
-    manifest = load_manifest(state["manifest"])
+    manifest = ShardManifest.load(state["manifest"])
     tokenizer = Tokenizer(folder)
-    assert manifest["tokenizer_sha256"] == tokenizer.sha256 and manifest["vocab_size"] == 1000
+    assert manifest.tokenizer_sha256 == tokenizer.sha256 and manifest.vocab_size == 1000
 
     # Documents start with BOS (the model's tokenizer adds it) and end with EOS: in the packed rows, every EOS
     # that is not a row's last token is followed by the next document's BOS.
-    rows = torch.from_numpy(token_rows(pq.read_table(Path(state["manifest"]) / manifest["shards"][0]["path"])))
+    rows = torch.from_numpy(token_rows(pq.read_table(Path(state["manifest"]) / manifest.shards[0].path)))
     ends = (rows[:, :-1] == tokenizer.eos_id).nonzero()
     assert len(ends) > 10 and (rows[ends[:, 0], ends[:, 1] + 1] == tokenizer.bos_id).all()
     first = TrainSamples(state["manifest"], seed=1234).batch(0, HF_TRAIN["global_batch"])["tokens"]

@@ -10,12 +10,12 @@ import pytest
 import yaml
 
 from model.config import llama2_7b
-from model.plan import recommend
+from model.memory_plan import recommend
 from model.distributed import free_port
 from model.run_config import JOB_FILE, RunConfig, TrainJob
 from tasks.lib.commands import launch_command, slurm_script
 
-from conftest import FAST, ROOT, metrics, tensorboard_scalars
+from conftest import FAST, ROOT, fault_drill_env, metrics, tensorboard_scalars
 
 
 def test_launch_command_per_layout(tmp_path):
@@ -88,6 +88,30 @@ def test_slurm_script_for_7b_on_two_nodes_of_eight_h100(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_slurm_launch_trains_follows_its_output_and_reads_its_exit_code(tiny_manifest, tp1_run, tmp_path,
+                                                                         monkeypatch):
+    """launch.launcher: slurm through stand-ins for sbatch, srun, squeue and scontrol (tests/scripts/fake_slurm)
+    that run the job at once on this machine: the sbatch script trains as torchrun does, its output file reaches
+    `on_line`, and the wait (tasks/lib/slurm.py, the data executors' too) reads the job's exit code: a job that fails
+    is a failed attempt."""
+    from tasks.lib.supervise import run_training
+
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", f"{ROOT / 'tests/scripts/fake_slurm'}:{os.environ['PATH']}")
+    config = RunConfig(train=FAST, launch={"launcher": "slurm", "max_restarts": 0, "slurm": {
+        "partition": "cpu", "poll_seconds": 0.1, "cpus_per_node": 2, "rdzv_port": free_port()}})
+    lines = []
+    records = run_training(TrainJob(config=config, manifest=str(tiny_manifest)), tmp_path / "run", "pretrain",
+                           lines.append)
+    assert [r["loss"] for r in records] == [r["loss"] for r in tp1_run.metrics()]
+    assert any("checkpoint: step 6" in line for line in lines)
+    assert "#SBATCH --time=48:00:00" in (tmp_path / "run" / "pretrain.sbatch").read_text()
+
+    with pytest.raises(RuntimeError, match=r"(?s)training failed on rank 0 \(exit code 1\).*No such file"):
+        run_training(TrainJob(config=config, manifest=str(tmp_path / "missing")), tmp_path / "failing")
+
+
+@pytest.mark.slow
 def test_two_nodes_over_loopback_train_like_one(tiny_manifest, tp2_run, tmp_path):
     """Two torchrun agents (node ranks 0 and 1, one rank each) meet at a c10d rendezvous and train TP=2 with the
     same losses as one agent running both ranks (the shared tp2_run)."""
@@ -112,16 +136,17 @@ def test_two_nodes_over_loopback_train_like_one(tiny_manifest, tp2_run, tmp_path
 @pytest.mark.parametrize("fault", ["kill", "stall"])
 def test_a_rank_that_dies_or_stalls_restarts_the_group_and_the_run_ends_as_if_uninterrupted(
         fault, tiny_manifest, tp2_run, tmp_path, monkeypatch, caplog):
-    """Rank 1 of a TP-2 run SIGKILLs itself after step 4, or sleeps there past step_timeout_s (model/train.py's
-    fault drill); the checkpoint is at step 3. The launch restarts the group, which resumes from step 3, and the
-    run ends with the uninterrupted run's losses, one continuous curve."""
+    """Rank 1 of a TP-2 run SIGKILLs itself after step 4, or sleeps there past step_timeout_s (the fault drill,
+    installed from tests/fault_drill); the checkpoint is at step 3. The launch restarts the group, which resumes from
+    step 3, and the run ends with the uninterrupted run's losses, one continuous curve."""
     import time
 
     import psutil
 
     from tasks.lib.supervise import run_training
 
-    monkeypatch.setenv("TRAIN_FAULT", f"{fault}:1:4")
+    for name, value in fault_drill_env(f"{fault}:1:4").items():
+        monkeypatch.setenv(name, value)
     caplog.set_level("INFO", logger="llm_pipeline")
     run_dir = tmp_path / "run"
     started = time.monotonic()

@@ -145,7 +145,8 @@ def test_bad_run_settings_fail_before_any_data_work(tmp_path, run, message):
 def test_rank_failure_reports_that_ranks_traceback(tmp_path):
     (tmp_path / "shards").mkdir()
     (tmp_path / "shards" / "manifest.json").write_text('{"vocab_size": 1000, "seq_len": 64}')
-    with pytest.raises(RuntimeError, match=r"(?s)training failed on rank \d.*Traceback.*KeyError: 'shards'\nAll ranks"):
+    with pytest.raises(RuntimeError, match=r"(?s)training failed on rank \d.*Traceback.*validation errors for "
+                                           r"ShardManifest\nrow_len\n  Field required.*All ranks"):
         run_training(TrainJob(config=RunConfig(launch={"nproc": 2}, train={"steps": 2, "warmup_steps": 1}),
                               manifest=str(tmp_path / "shards")), tmp_path / "run")
     assert "training failed" in (tmp_path / "run" / "ranks.log").read_text()

@@ -127,7 +127,7 @@ def test_export_from_tp2_checkpoint_matches_megatron_logits(tiny_manifest, tmp_p
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["max_logit_diff"] < 1e-4
-    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+    assert {"model.safetensors.index.json", "config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
             "generation_config.json"} <= {p.name for p in out.iterdir()}
 
     # Independently of the export's own check: load the folder with transformers, compare with Megatron.

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 
 from tasks.spec import PROJECT_ROOT, DataSpec, EvalSpec, SFTSpec, SpecError, load_spec
@@ -10,7 +8,10 @@ KINDS = {"sft": SFTSpec, "eval": EvalSpec}  # by file-name prefix; anything else
 
 @pytest.mark.parametrize("path", SPEC_FILES, ids=[p.name for p in SPEC_FILES])
 def test_every_shipped_spec_loads(path):
-    spec = load_spec(path, KINDS.get(path.name.split("_")[0], DataSpec))
+    kind = KINDS.get(path.name.split("_")[0], DataSpec)
+    spec = load_spec(path, kind)
+    # Its full dump (every default written out, as the benchmarks and the lineage record it) reads back the same.
+    assert kind.model_validate_json(spec.model_dump_json()) == spec
     sources = spec.multiple_choice if isinstance(spec, EvalSpec) else spec.sources
     assert sources
     for source in sources:

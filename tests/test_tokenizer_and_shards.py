@@ -14,7 +14,7 @@ import pytest
 import sentencepiece as spm
 
 from tasks.lib.artifacts import sha256_file
-from tasks.lib.manifest import ShardManifest
+from tasks.lib.manifest import DataLineage, ShardManifest
 from tasks.shard import shard_documents
 from tasks.spec import ExecutorConfig, ShardingConfig, TokenizerConfig
 from tasks.decontaminate import iter_documents
@@ -111,14 +111,14 @@ def test_sampling_is_deterministic_and_bounded():
 def test_shards_pack_every_token_with_eos_between_documents(docs_dir, tokenizer_dir, tmp_path):
     config = ShardingConfig(seq_len=64, rows_per_shard=300, row_group_size=16, validation_fraction=0.1,
                             mixture={"kjv": 3.0, "sotu": 1.0})
-    summary = shard_documents(docs_dir, tokenizer_dir, config, {"test": True}, tmp_path)
+    summary = shard_documents(docs_dir, tokenizer_dir, config, DataLineage(spec_path="test.yaml"), tmp_path)
     manifest = ShardManifest.load(tmp_path)
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer_dir / "tokenizer.model"))
 
     assert manifest.row_len == 65 and manifest.eos_id == sp.eos_id() == 2
     assert manifest.tokenizer_sha256 == sha256_file(tokenizer_dir / "tokenizer.model")
     assert manifest.mixture == pytest.approx({"kjv": 0.75, "sotu": 0.25})
-    assert manifest.lineage == {"test": True}
+    assert manifest.lineage == DataLineage(spec_path="test.yaml")
     assert len([s for s in manifest.shards if s.split == "train" and s.source == "sotu"]) > 1  # rolled over
 
     streams: dict[tuple[str, str], list[np.ndarray]] = {}
@@ -154,7 +154,7 @@ def test_shards_pack_every_token_with_eos_between_documents(docs_dir, tokenizer_
 
 def test_too_little_data_for_one_row_is_a_clear_error(docs_dir, tokenizer_dir, tmp_path):
     with pytest.raises(ValueError, match="lower sharding.seq_len"):
-        shard_documents(docs_dir, tokenizer_dir, ShardingConfig(seq_len=10_000_000), {}, tmp_path)
+        shard_documents(docs_dir, tokenizer_dir, ShardingConfig(seq_len=10_000_000), DataLineage(), tmp_path)
 
 
 def test_vocabulary_too_large_for_the_corpus_names_the_setting_and_what_fits(docs_dir, tmp_path):

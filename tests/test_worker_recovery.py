@@ -21,7 +21,7 @@ import pytest
 
 from model.distributed import free_port
 
-from conftest import ROOT
+from conftest import ROOT, fault_drill_env
 
 sys.path.insert(0, str(ROOT / "scripts"))
 from automations import MISSED_HEARTBEATS_S, ensure_automations  # noqa: E402
@@ -135,7 +135,7 @@ def test_dead_ranks_launchers_and_workers_end_in_completed_or_crashed_runs_that_
                    start_worker(env, f"{POOL}-2", tmp_path / "worker-2.log")]
         try:
             faults = {fault: run_deployment("pretrain/recovery", parameters={"run": {"train": {**train, "lr": lr}}}, timeout=0,
-                                            job_variables={"env": {"TRAIN_FAULT": fault, "OMP_NUM_THREADS": "1"}})
+                                            job_variables={"env": {**fault_drill_env(fault), "OMP_NUM_THREADS": "1"}})
                       for fault, lr in (("kill:0:6", 3e-3), ("kill-launcher:0:6", 2e-3))}
             lost = run_deployment("pretrain/lost-worker", parameters={"run": {"train": long}}, timeout=0)
             deadline = time.monotonic() + 240

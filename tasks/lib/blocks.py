@@ -21,6 +21,7 @@ from datatrove.utils.stats import MetricStats, MetricStatsDict, PipelineStats
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from tasks.lib.log import get_logger
+from tasks.lib.slurm import wait_for_job
 from tasks.spec import ExecutorConfig
 
 _WORD = regex.compile(r"\w+(?:['’\-]\w+)*|[^\w\s]+")
@@ -143,7 +144,8 @@ def run_pipeline(pipeline: list, executor: ExecutorConfig, logging_dir: Path, ta
     else:
         runner = slurm_executor(pipeline, executor, logging_dir, tasks, workers)
         runner.run()
-        wait_for_slurm(runner, executor.poll_seconds)
+        if runner.job_id not in (None, -1):  # -1: every task had completed already
+            wait_for_job(runner.job_id, executor.slurm.poll_seconds)
     missing = runner.get_incomplete_ranks(range(tasks), skip_completed=True)
     if missing:
         raise RuntimeError(f"datatrove tasks {missing} of {tasks} did not complete; logs: {logging_dir}")
@@ -164,33 +166,19 @@ def merged_stats(stats_dir: Path) -> PipelineStats:
     return merged
 
 
+DATA_JOB_TIME = "04:00:00"  # an array job's time limit unless executor.slurm.time says otherwise
+
+
 def slurm_executor(pipeline: list, executor: ExecutorConfig, logging_dir: Path, tasks: int, workers: int):
     from datatrove.executor import SlurmPipelineExecutor
 
     return SlurmPipelineExecutor(
-        pipeline=pipeline, tasks=tasks, workers=workers, time=executor.slurm_time,
-        partition=executor.slurm_partition, cpus_per_task=executor.cpus_per_task,
+        pipeline=pipeline, tasks=tasks, workers=workers, time=executor.slurm.time or DATA_JOB_TIME,
+        partition=executor.slurm.partition, cpus_per_task=executor.cpus_per_task,
         mem_per_cpu_gb=executor.mem_per_cpu_gb,
         job_name=f"llm-{Path(logging_dir).parent.name}-{Path(logging_dir).name}".replace("_", ""),
-        env_command=executor.slurm_env_command, sbatch_args=executor.slurm_sbatch_args,
+        env_command=executor.slurm.env_command, sbatch_args=executor.slurm.sbatch_args,
         logging_dir=str(logging_dir), skip_completed=False, requeue=False)
-
-
-def wait_for_slurm(runner, poll_seconds: float) -> None:
-    """Block until the array job (and the stats merge that depends on it) has left the Slurm queue."""
-    import subprocess
-
-    if runner.job_id in (None, -1):
-        return
-    while True:
-        queued = subprocess.run(["squeue", "--noheader", "--format=%i", "--jobs", str(runner.job_id)],
-                                capture_output=True, text=True)
-        if queued.returncode != 0 and "Invalid job id" not in queued.stderr:
-            raise RuntimeError(f"squeue failed (exit {queued.returncode}) while waiting for Slurm job "
-                               f"{runner.job_id}: {queued.stderr.strip() or queued.stdout.strip()}")
-        if queued.returncode != 0 or not queued.stdout.strip():
-            return  # finished: squeue lists it no more (or, once purged, calls its id invalid)
-        time.sleep(poll_seconds)
 
 
 def per_source_writer(folder: Path) -> JsonlWriter:

@@ -33,6 +33,9 @@ def launch_command(config: RunConfig, run_dir: Path) -> list[str]:
             *trainer(run_dir)]
 
 
+TRAINING_JOB_TIME = "48:00:00"  # unless launch.slurm.time says otherwise
+
+
 def slurm_script(config: RunConfig, run_dir: Path, stage: str) -> str:
     """An sbatch script that starts one torchrun agent per node; the agents meet at a c10d rendezvous on the
     job's first node. Paths are this machine's, so the project must sit on a filesystem every node mounts."""
@@ -40,7 +43,7 @@ def slurm_script(config: RunConfig, run_dir: Path, stage: str) -> str:
     if not slurm.partition:
         raise ValueError("launch.launcher: slurm needs launch.slurm.partition")
     directives = {"job-name": f"{stage}-{run_dir.name}", "nodes": launch.nnodes, "ntasks-per-node": 1,
-                  "cpus-per-task": slurm.cpus_per_node, "partition": slurm.partition, "time": slurm.time,
+                  "cpus-per-task": slurm.cpus_per_node, "partition": slurm.partition, "time": slurm.time or TRAINING_JOB_TIME,
                   "output": str(run_dir / "slurm-%j.out"),
                   **({"gpus-per-node": config.ranks} if launch.gpus_required else {}), **slurm.sbatch_args}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "$SLURM_NNODES", "--node-rank",

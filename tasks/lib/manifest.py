@@ -20,7 +20,42 @@ class ShardInfo(BaseModel):
     rows: int
     tokens: int
     sha256: str
-    row_group_rows: int | None = None  # rows per Parquet row group, the last may hold fewer (None: read the footer)
+    row_group_rows: int  # rows per Parquet row group; the last may hold fewer
+
+
+SourceFiles = dict[str, list[tuple[str, str]]]  # per source: (absolute path, sha256) of each file
+
+
+class Increment(BaseModel):
+    """One incremental ingest that an appended manifest adds (tasks/append.py)."""
+
+    data_version: int
+    new_files: SourceFiles
+    shards: str  # the new shards' artifact directory
+    upstream: dict[str, str]  # "stage/what" -> fingerprint of the steps that built them
+
+
+class DataLineage(BaseModel):
+    """Where a manifest's data came from. Recorded, not keyed on: the upstream fingerprints imply it. A full build
+    has the spec and its source files; the shards of one increment have only `new_files` (the manifest that appends
+    them lists them); an SFT manifest has its SFT spec."""
+
+    spec_path: str | None = None
+    spec: dict | None = None  # the data spec as built (tasks/spec.py: DataSpec)
+    sft_spec: dict | None = None  # or the SFT spec (tasks/spec.py: SFTSpec)
+    settings: str | None = None  # tasks/append.py: settings_key, what a later ingest must match to extend this one
+    source_files: SourceFiles | None = None
+    new_files: SourceFiles | None = None
+    documents: str | None = None  # fingerprint of the documents tokenized
+    tokenizer: str | None = None  # fingerprint of the tokenizer artifact
+    tokenizer_dir: str | None = None
+    dedup_dir: str | None = None  # the dedup index a later ingest dedups against
+    upstream: dict[str, str] = {}
+    increments: list[Increment] = []
+
+    @property
+    def spec_name(self) -> str | None:
+        return (self.spec or self.sft_spec or {}).get("name")
 
 
 class ShardManifest(BaseModel):
@@ -37,11 +72,14 @@ class ShardManifest(BaseModel):
     mixture: dict[str, float]  # normalised training sampling weights per source
     shards: list[ShardInfo]
     totals: dict[str, int]
-    lineage: dict
+    lineage: DataLineage
 
     @classmethod
     def load(cls, directory: Path) -> "ShardManifest":
         return cls.model_validate_json((Path(directory) / "manifest.json").read_text())
+
+    def split(self, split: str) -> list[ShardInfo]:
+        return [x for x in self.shards if x.split == split]
 
 
 def mixture_weights(shards: list[ShardInfo], config: ShardingConfig) -> dict[str, float]:

@@ -62,10 +62,9 @@ def why_build(stage: str, key: dict, stage_dir: Path) -> str:
     for manifest in stage_dir.glob(f"*/{RECORD_NAME}"):
         if manifest.parent.name.startswith((FAILED_PREFIX, TMP_PREFIX)):
             continue
-        with contextlib.suppress(ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError, KeyError):  # a record being written, or unreadable
             meta = json.loads(manifest.read_text())
-            if "key" in meta:
-                earlier.append((differences(stage, meta["key"], key), -meta.get("built_at", 0), meta["fingerprint"]))
+            earlier.append((differences(stage, meta["key"], key), -meta["built_at"], meta["fingerprint"]))
     if not earlier:
         return "no earlier build of this stage"
     found, _, fingerprint = min(earlier, key=lambda e: (len(e[0]), e[1]))

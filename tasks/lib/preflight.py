@@ -38,7 +38,7 @@ def check_gpus(config: RunConfig) -> None:
             f"preset '{config.preset}' is set to run on {config.ranks} GPUs"
             f"{f' on each of {launch.nnodes} nodes' if launch.nnodes > 1 else ''} "
             f"(TP {parallel.tensor_parallel} x PP {parallel.pipeline_parallel} x DP {dp}), but this machine has "
-            f"{have} CUDA device(s). Run it where {config.ranks} GPUs are available (see `python -m model.plan "
+            f"{have} CUDA device(s). Run it where {config.ranks} GPUs are available (see `python -m model.memory_plan "
             f"--preset {config.preset}` for memory per GPU), submit it with launch.launcher: slurm, or run "
             f"pretrain/tiny here.")
 
@@ -46,4 +46,4 @@ def check_gpus(config: RunConfig) -> None:
 def check_layout(config: RunConfig) -> None:
     """The parallel layout against the model's layers and the batch, as model.train will check them."""
     parallel = config.parallel
-    parallel.check_schedule(config.model().num_layers, config.train, parallel.data_parallel(config.world_size))
+    parallel.check_schedule(config.model(), config.train, parallel.data_parallel(config.world_size))

@@ -12,6 +12,7 @@ from typing import Callable
 
 from tasks.lib.artifacts import canonical
 from tasks.lib.log import get_logger
+from tasks.lib.manifest import ShardManifest
 from model.run_config import RunConfig, Start
 from tasks.spec import resolve_path
 
@@ -118,11 +119,10 @@ def continuation_checkpoint(continue_from: str, manifest_path: str, runs_dir: st
     (None when there is none: the run trains from scratch). Fails when the tokenizers differ: the ids would mean
     other pieces."""
     from model.checkpoint import checkpoint_tokenizer, read_train_state, resolve_checkpoint
-    from model.data import load_manifest
 
     log = get_logger()
     manifest_dir = Path(manifest_path).parent.resolve()
-    tokenizer = load_manifest(manifest_dir)["tokenizer_sha256"]
+    tokenizer = ShardManifest.load(manifest_dir).tokenizer_sha256
 
     if continue_from != "latest":
         checkpoint = resolve_checkpoint(resolve_path(continue_from))

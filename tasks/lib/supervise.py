@@ -19,6 +19,7 @@ from typing import Callable
 
 from model.run_config import RunConfig, TrainJob
 from tasks.lib.commands import launch_command, slurm_script
+from tasks.lib.slurm import exit_code, wait_for_job
 from tasks.lib.log import get_logger, progress
 from tasks.spec import PROJECT_ROOT
 
@@ -218,19 +219,22 @@ def kill_sessions(sessions: set[int]) -> None:
 
 def run_slurm_job(config: RunConfig, run_dir: Path, stage: str, on_line: Callable[[str], None],
                   watch: StallWatch) -> tuple[int, Path, int, str | None]:
-    """Submit the training job with `sbatch --wait` and follow its output file into the log until it ends, or
-    cancel it when `watch` finds a stalled step."""
-    log = get_logger()
+    """Submit the training job with sbatch and follow its output file into the log until it has left the queue
+    (tasks/lib/slurm.py), or cancel it when `watch` finds a stalled step."""
+    log, slurm = get_logger(), config.launch.slurm
     script = run_dir / f"{stage}.sbatch"
     script.write_text(slurm_script(config, run_dir, stage))
-    proc = subprocess.Popen(["sbatch", "--parsable", "--wait", str(script)], stdout=subprocess.PIPE, text=True)
-    job_id = proc.stdout.readline().strip().split(";")[0]
+    submitted = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
+    if submitted.returncode != 0:
+        raise RuntimeError(f"sbatch refused {script} (exit {submitted.returncode}): {submitted.stderr.strip()}")
+    job_id = submitted.stdout.strip().split(";")[0]
     output = run_dir / f"slurm-{job_id}.out"
     log.info(f"submitted Slurm job {job_id} ({config.launch.nnodes} nodes x {config.ranks} ranks): {script}; "
              f"output {output}")
-    position = 0
-    while True:
-        finished = proc.poll() is not None
+    position, stalled = 0, None
+
+    def follow_and_watch() -> None:
+        nonlocal position, stalled
         if output.exists():
             with open(output) as f:
                 f.seek(position)
@@ -238,11 +242,10 @@ def run_slurm_job(config: RunConfig, run_dir: Path, stage: str, on_line: Callabl
                     progress(line.rstrip())
                     on_line(line)
                 position = f.tell()
-        if finished:
-            return proc.returncode, output, 0, None
-        if stalled := watch.check():
-            get_logger().error(f"{stalled}: cancelling Slurm job {job_id}")
+        if stalled is None and (stalled := watch.check()):
+            log.error(f"{stalled}: cancelling Slurm job {job_id}")
             subprocess.run(["scancel", job_id], check=False)
-            proc.wait()
-            return proc.returncode or 1, output, 0, stalled
-        time.sleep(5)
+
+    wait_for_job(job_id, slurm.poll_seconds, follow_and_watch)
+    follow_and_watch()
+    return (1 if stalled else exit_code(job_id)), output, 0, stalled

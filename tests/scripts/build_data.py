@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from flows.data import full_build_steps  # noqa: E402
+from tasks.lib.manifest import DataLineage  # noqa: E402
 from tasks.lib.plan import format_plan, plan  # noqa: E402
 from tasks.lib.sources import resolve_source  # noqa: E402
 from tasks.lib.steps import build_step  # noqa: E402
@@ -27,7 +28,7 @@ if __name__ == "__main__":
         "cleaning": {"c4": {"filter_no_terminal_punct": False}, "gopher_quality": {"max_non_alpha_words_ratio": 0.6}},
         "tokenizer": {"vocab_size": 1000},
         "sharding": {"seq_len": 64, "rows_per_shard": 256, "validation_fraction": 0.05}})
-    steps = full_build_steps(spec, {s.name: resolve_source(s) for s in spec.sources}, lineage={})
+    steps = full_build_steps(spec, {s.name: resolve_source(s) for s in spec.sources}, lineage=DataLineage())
     if "--plan" in sys.argv:
         print(format_plan(plan(steps)))
     else:

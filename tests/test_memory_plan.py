@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import yaml
 
 from model.config import llama2_7b, tiny
-from model.plan import GIB, RUNTIME_OVERHEAD_GIB, Layout, estimate, main, recommend
+from model.memory_plan import GIB, RUNTIME_OVERHEAD_GIB, Layout, estimate, main, recommend
+from tasks.lib.manifest import ShardManifest
 from tasks.spec import PROJECT_ROOT
 
 from conftest import train
@@ -71,10 +71,10 @@ def test_estimate_matches_measured_peak_memory_on_cpu(tiny_manifest, tmp_path, a
     """The planner's fp32 estimate plus its CPU runtime allowance is within 30% of the measured peak, at a
     micro-batch where model state dominates and at one where activations do, and so is the difference
     between the two (which isolates the activation model from the fixed terms)."""
-    manifest = json.loads((tiny_manifest / "manifest.json").read_text())
+    manifest = ShardManifest.load(tiny_manifest)
     # Wider than the tiny preset so that model state and activations dwarf the fixed runtime allowance.
     overrides = {"hidden_size": 512, "ffn_hidden_size": 1408, "num_attention_heads": 8}
-    model = tiny(vocab_size=manifest["vocab_size"], seq_len=manifest["seq_len"], **overrides)
+    model = tiny(vocab_size=manifest.vocab_size, seq_len=manifest.seq_len, **overrides)
     rows = {}
     for micro_batch in (1, 32):
         layout = Layout(tp=1, pp=1, dp=1, micro_batch=micro_batch, recompute=False, distributed_optimizer=False)

@@ -1,6 +1,6 @@
 """Memory planner: per-GPU memory of candidate TP/PP/DP/micro-batch layouts, and a recommendation.
 
-    python -m model.plan --preset 7b --gpus 8 --gpu-mem-gib 80
+    python -m model.memory_plan --preset 7b --gpus 8 --gpu-mem-gib 80
 
 Estimates, per GPU of the most loaded pipeline stage:
   weights      2 B/param in bf16 and fp16, 3 in fp8 (bf16 and an fp8 copy), 4 in fp32
