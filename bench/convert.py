@@ -32,7 +32,7 @@ from model.config import llama2_7b  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDTH_7B = {"hidden": 4096, "ffn": 11008, "heads": 32, "vocab": 32000}
-WIDTH_TINY = {"hidden": 256, "ffn": 688, "heads": 4, "vocab": 1024}
+WIDTH_TINY = {"hidden": 256, "ffn": 768, "heads": 4, "vocab": 1024}
 
 
 def write_checkpoint(out: Path, layers: int, width: dict = WIDTH_7B) -> dict:

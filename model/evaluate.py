@@ -18,6 +18,9 @@ import json
 import math
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -155,7 +158,7 @@ def task_scores(results: dict) -> dict[str, dict]:
 @torch.no_grad()
 def generate(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int,
              seed: int) -> list[dict]:
-    """Greedy and sampled replies to each prompt, formatted as a chat turn."""
+    """Greedy and sampled replies to each prompt, formatted as a chat turn, each with its tokens and seconds."""
     out = []
     for prompt in prompts:
         ids, _ = encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
@@ -164,12 +167,36 @@ def generate(model, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: in
         for mode, kwargs in (("greedy", {"do_sample": False}),
                              ("sampled", {"do_sample": True, "temperature": temperature, "top_k": top_k})):
             torch.manual_seed(seed)
+            started = time.perf_counter()
             result = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
                                     **kwargs)
+            row[f"{mode}_seconds"] = time.perf_counter() - started
+            row[f"{mode}_tokens"] = result.shape[1] - inputs.shape[1]
             new = [t for t in result[0, inputs.shape[1]:].tolist() if t not in model.generation_config.eos_token_id]
             row[mode] = tokenizer.decode(new).strip()
         out.append(row)
     return out
+
+
+def load_peak_rss(model_dir: Path) -> int:
+    """Peak resident memory (bytes) of a fresh process that imports the libraries and loads the model as `load`
+    does: in a process of its own, so nothing loaded before counts."""
+    code = ("import resource, sys; from pathlib import Path; from model.evaluate import load; load(Path(sys.argv[1]));"
+            " print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code, str(model_dir)], cwd=root, env=env, capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
+
+
+def footprint(model_dir: Path, generations: list[dict]) -> dict:
+    """What serving the folder costs: weights on disk, memory to load, and greedy CPU generation speed."""
+    weights = [p for p in Path(model_dir).iterdir() if p.suffix in (".safetensors", ".bin")]
+    tokens = sum(g["greedy_tokens"] for g in generations)
+    seconds = sum(g["greedy_seconds"] for g in generations)
+    return {"weight_bytes": sum(p.stat().st_size for p in weights), "load_peak_rss": load_peak_rss(model_dir),
+            "generation_tokens_per_s": tokens / seconds if seconds else None, "generated_tokens": tokens}
 
 
 def score(model_dir: Path, manifest_dir: Path, task_names: list[str], task_dir: Path | None,
@@ -183,6 +210,7 @@ def score(model_dir: Path, manifest_dir: Path, task_names: list[str], task_dir: 
     model, tokenizer = load(model_dir)
     results = {"model": str(model_dir), "validation": heldout_loss(model, manifest_dir, perplexity_rows),
                "generations": generate(model, tokenizer, prompts, max_new_tokens, temperature, top_k, seed)}
+    results["footprint"] = footprint(model_dir, results["generations"])
     if sft_manifest_dir is not None:
         results["sft_validation"] = heldout_loss(model, sft_manifest_dir, perplexity_rows)
     if task_names:

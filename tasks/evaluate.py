@@ -82,7 +82,41 @@ def evaluate_model(model_dir: str, label: str, manifest: str, sft_manifest: str 
     return results
 
 
-def report_markdown(results: dict[str, dict], benchmarks: dict) -> str:
+def metric_values(result: dict) -> dict[str, float]:
+    """The measures of one model that a quantized variant is compared on, by name."""
+    values = {"validation perplexity": result["validation"]["perplexity"]}
+    if "sft_validation" in result:
+        values["reply perplexity"] = result["sft_validation"]["perplexity"]
+    for task, scores in result.get("lm_eval", {}).get("tasks", {}).items():
+        values.update({f"{task} {m}": v for m, v in scores.items()
+                       if m in ("acc", "acc_norm", "exact_match") and isinstance(v, (int, float))})
+    return values
+
+
+def quantization_rows(results: dict[str, dict], variants: dict[str, dict]) -> list[dict]:
+    """Each quantized variant against its original, on the same items: every measure and its difference, and the
+    size, load memory and generation speed as ratios."""
+    rows = []
+    for label, variant in variants.items():
+        mine, theirs = results[label], results[variant["original"]]
+        row = {"model": label, "scheme": variant["scheme"]}
+        original = metric_values(theirs)
+        for name, value in metric_values(mine).items():
+            row[name] = round(value, 4)
+            row[f"{name} change"] = round(value - original[name], 4)
+        a, b = mine["footprint"], theirs["footprint"]
+        row["weights MB"] = round(a["weight_bytes"] / 1e6, 2)
+        row["size vs original"] = round(a["weight_bytes"] / b["weight_bytes"], 3)
+        row["load peak MB"] = round(a["load_peak_rss"] / 1e6, 1)
+        row["load memory vs original"] = round(a["load_peak_rss"] / b["load_peak_rss"], 3)
+        if a["generation_tokens_per_s"] and b["generation_tokens_per_s"]:
+            row["tokens/s"] = round(a["generation_tokens_per_s"], 1)
+            row["speed vs original"] = round(a["generation_tokens_per_s"] / b["generation_tokens_per_s"], 3)
+        rows.append(row)
+    return rows
+
+
+def report_markdown(results: dict[str, dict], benchmarks: dict, variants: dict[str, dict] | None = None) -> str:
     labels = list(results)
     lines = ["# Evaluation", "", "| metric | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
 
@@ -100,8 +134,24 @@ def report_markdown(results: dict[str, dict], benchmarks: dict) -> str:
         for metric in [m for m in scores if m != "items" and not m.endswith("_stderr")]:
             row(f"{task} {metric} ({about})" if metric == "acc" or task not in benchmarks else f"{task} {metric}",
                 lambda r, t=task, m=metric: _with_stderr(r["lm_eval"]["tasks"][t], m))
+    if all("footprint" in r for r in results.values()):
+        row("weights on disk (MB)", lambda r: f"{r['footprint']['weight_bytes'] / 1e6:.2f}")
+        row("peak memory loading it (MB, a fresh process)", lambda r: f"{r['footprint']['load_peak_rss'] / 1e6:.0f}")
+        row("greedy generation (tokens/s, CPU)", lambda r: f"{r['footprint']['generation_tokens_per_s'] or 0:.1f}")
     if "lm_eval" in first:
         lines += ["", f"Scored by lm-evaluation-harness {first['lm_eval']['version']} (± its standard error)."]
+    if variants:
+        lines += ["", "## Quantized against the original", "",
+                  "Each quantized model (python -m model.quantize) beside the model it was made from, on the same "
+                  "items: the change of each measure, and size, load memory and speed as ratios.", ""]
+        for q in quantization_rows(results, variants):
+            lines.append(f"**{q['model']}** ({q['scheme']}): " + "; ".join(
+                f"{name} {q[name]:.4g} ({q[name + ' change']:+.4g})" for name in q if name + " change" in q)
+                + f"; weights {q['size vs original']:.2f} x, load memory {q['load memory vs original']:.2f} x"
+                + (f", generation speed {q['speed vs original']:.2f} x" if "speed vs original" in q else "") + "\n")
+        for label, variant in variants.items():
+            info = json.loads((Path(results[label]["model"]) / "quantize_info.json").read_text())
+            lines.append(f"- {variant['scheme']} stores {info['stores']}.")
     lines += ["", "## Generations", ""]
     for i, prompt_row in enumerate(first["generations"]):
         lines.append(f"**{prompt_row['prompt']}**\n")
@@ -117,14 +167,17 @@ def _with_stderr(scores: dict, metric: str) -> str:
     return f"{scores[metric]:.3f}" + (f" ± {stderr:.3f}" if isinstance(stderr, (int, float)) else "")
 
 
-def write_report(results: dict[str, dict], benchmarks: dict, checkpoints: dict[str, str], reports_dir: str) -> Path:
+def write_report(results: dict[str, dict], benchmarks: dict, checkpoints: dict[str, str], reports_dir: str,
+                 variants: dict[str, dict] | None = None) -> Path:
     """`<reports_dir>/eval-<key>/results.json` and `report.md`, each written atomically; returns the folder."""
-    key = hashlib.sha256(json.dumps(checkpoints, sort_keys=True).encode()).hexdigest()[:12]
+    variants = variants or {}
+    key = hashlib.sha256(json.dumps([checkpoints, sorted(variants)] if variants else checkpoints,
+                                    sort_keys=True).encode()).hexdigest()[:12]
     out = Path(reports_dir) / f"eval-{key}"
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps({"checkpoints": checkpoints, "benchmarks": benchmarks,
-                                                    "results": results}, indent=1)),
-                       ("report.md", report_markdown(results, benchmarks))):
+                                                    "results": results, "quantized": variants}, indent=1)),
+                       ("report.md", report_markdown(results, benchmarks, variants))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, out / name)

@@ -30,6 +30,7 @@ from prefect.settings import get_current_settings
 
 from model.run_config import RunConfig, Start
 from tasks import evaluate as evaluation
+from tasks import quantize as quantization
 from tasks.clean import dropped_samples_markdown
 from tasks.lib.artifacts import RECORD_NAME, ArtifactRef, stage_row, verify
 from tasks.lib.log import LOGGER, get_logger, progress, progress_sinks
@@ -287,6 +288,11 @@ def export_hf(checkpoint: str, label: str) -> str:
     return evaluation.export_hf(checkpoint, label)
 
 
+@task(name="quantize", task_run_name="quantize-{label}-{scheme}")
+def quantize_export(model_dir: str, scheme: str, label: str) -> str:
+    return quantization.quantize_export(model_dir, scheme, label)
+
+
 @task(name="evaluate", task_run_name="evaluate-{label}")
 def evaluate_model(model_dir: str, label: str, manifest: str, sft_manifest: str | None, spec,
                    task_names: list[str], task_dir: str) -> dict:
@@ -294,9 +300,13 @@ def evaluate_model(model_dir: str, label: str, manifest: str, sft_manifest: str 
 
 
 @task(name="eval-report")
-def publish_report(results: dict[str, dict], benchmarks: dict, checkpoints: dict[str, str], reports_dir: str) -> str:
+def publish_report(results: dict[str, dict], benchmarks: dict, checkpoints: dict[str, str], reports_dir: str,
+                   variants: dict[str, dict] | None = None) -> str:
     """Write `results.json` and `report.md` (atomically) and publish them as Prefect artifacts."""
-    out = evaluation.write_report(results, benchmarks, checkpoints, reports_dir)
+    out = evaluation.write_report(results, benchmarks, checkpoints, reports_dir, variants)
+    if variants:
+        create_table_artifact(key="quantization", table=evaluation.quantization_rows(results, variants),
+                              description="Each quantized model against its original, on the same items")
     create_markdown_artifact(key="evaluation-report",
                              markdown=(out / "report.md").read_text() + f"\n\nFiles: `{out}`")
     create_table_artifact(key="evaluation-metrics", table=[

@@ -181,3 +181,16 @@ def test_convert_bench_round_trip_is_bit_identical_and_the_export_checks_its_log
     assert layers == 2 and differ == 0 and tensors == 2 + layers * 9 + 1  # embedding, 9 per layer, norm, head
     (diff,) = figures(r"export's logit check \(bf16\): max \|difference\| ([\d.e+-]+)", out)
     assert diff <= MAX_LOGIT_DIFF["bf16"]
+
+
+@pytest.mark.slow
+def test_quantize_bench_shrinks_the_weights_and_times_generation_of_each_scheme():
+    out = run_bench("quantize.py", "--tiny", "--schemes", "int8,int4-g32", "--new-tokens", "8")
+    (int8_size,) = figures(r"quantize int8 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +([\d.]+)", out)
+    (int4_size,) = figures(r"quantize int4-g32 +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +[\d.]+ +([\d.]+)", out)
+    # Only the decoder's linear layers are quantized (the embedding and head stay bf16): between half and all of it.
+    assert 0.5 < int8_size < 1 and int8_size <= int4_size < 1
+    (bf16,) = figures(r"  bf16 +([\d.]+) tokens/s +1.00 x bf16", out)
+    for name in ("int8", "int4-g32"):  # each timed, and set against the bf16 model's speed of the same run
+        speed, ratio = figures(rf"  {name} +([\d.]+) tokens/s +([\d.]+) x bf16", out)
+        assert ratio == pytest.approx(speed / bf16, abs=0.02)

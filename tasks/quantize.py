@@ -1,0 +1,35 @@
+"""Quantization stage: a quantized copy of an exported model for each scheme asked for (model/quantize.py), kept
+beside the export (`<run>/quantized/<step>-<scheme>`) and reused while the export's weights are the ones it was
+made from. A plain function; the evaluate flow runs it as a Prefect task (tasks/prefect_tasks.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasks.lib.log import get_logger, progress
+
+
+def check_schemes(schemes: list[str]) -> None:
+    """An unknown scheme, or one this machine cannot run, fails the flow before any export."""
+    from model.quantize import scheme_named
+
+    for name in schemes:
+        scheme_named(name, setting="quantize")
+
+
+def quantize_export(model_dir: str, scheme: str, label: str) -> str:
+    from model.quantize import INFO_NAME, model_checksum, quantize
+
+    source = Path(model_dir)
+    out = source.parent.parent / "quantized" / f"{source.name}-{scheme}"
+    info = out / INFO_NAME
+    if info.is_file() and json.loads(info.read_text())["source_sha256"] == model_checksum(source):
+        get_logger().info(f"quantize {label} {scheme}: reusing {out}")
+        return str(out)
+    report = quantize(source, out, scheme)
+    progress(f"quantize {label} {scheme}: {report['quantized_layers']} linear layers, weights "
+             f"{report['bytes'] / 1e6:.1f} MB against {report['source_bytes'] / 1e6:.1f} MB; max |logit change| "
+             f"{report['max_logit_change']:.3g}")
+    return str(out)

@@ -1,0 +1,121 @@
+"""Post-training quantization (model/quantize.py) of small Hugging Face Llama folders (tests/hf_models.py), with
+the command a user runs: folders that transformers loads with no extra argument, on the scheme's grid, and input
+that cannot be quantized refused before any work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.quantize import SCHEMES, check_tokens
+from hf_models import llama2_like, llama3_like
+
+from conftest import ROOT, bundled_docs
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    lines = [line for doc in bundled_docs("sotu", 30) for line in doc["text"].split("\n") if line.strip()]
+    # llama3-like: hidden 64, FFN 160 (every input a multiple of 32); llama2-like: FFN 172 (no group of 32 tiles it).
+    return {"llama3": llama3_like(root / "llama3", lines), "llama2": llama2_like(root / "llama2", lines)}
+
+
+@pytest.fixture(scope="module")
+def quantized(hf_models, tmp_path_factory) -> dict[str, Path]:
+    """The llama3-like folder quantized in int8 and int4-g32, with the command a user runs."""
+    root, out = tmp_path_factory.mktemp("quantized"), {}
+    for scheme in ("int8", "int4-g32"):
+        done = quantize(str(hf_models["llama3"]), str(root / scheme), "--scheme", scheme)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"wrote {root / scheme}" in done.stdout
+        out[scheme] = root / scheme
+    return out
+
+
+def quantize(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model.quantize", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def load(folder: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder).eval()  # no quantization argument: the folder says it all
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4-g32"])
+def test_a_quantized_folder_loads_as_is_gives_the_quantized_logits_and_sits_on_the_grid(hf_models, quantized,
+                                                                                         scheme):
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    source, out = hf_models["llama3"], quantized[scheme]
+    info = json.loads((out / "quantize_info.json").read_text())
+    assert info["scheme"] == scheme and info["quantized_layers"] == 2 * 7 and info["reload_logit_diff"] == 0
+    # The input's tokenizer, chat template and generation config, byte for byte.
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (source / name).read_bytes(), name
+
+    # Reloaded, it computes what the model quantized in memory computes.
+    in_memory = AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=TorchAoConfig(SCHEMES[scheme].torchao_config())).eval()
+    reloaded, original = load(out), load(source)
+    tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, got, before = (m(tokens).logits for m in (in_memory, reloaded, original))
+    assert torch.equal(got, expected)
+    assert 0 < (got - before).abs().max() < 1  # quantized, and still the same model
+    with torch.no_grad():
+        change = (in_memory(check_tokens(1024)).logits - original(check_tokens(1024)).logits).abs().max().item()
+    assert info["max_logit_change"] == pytest.approx(change, rel=1e-5)
+
+    # Every weight is the nearest point of its group's grid: integers of the scheme's range times one scale.
+    bits, group = SCHEMES[scheme].bits, SCHEMES[scheme].group_size
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        q = reloaded.get_submodule(f"model.layers.1.{name}").weight
+        w = original.get_submodule(f"model.layers.1.{name}").weight.detach()
+        rows, cols = w.shape
+        per_group = group or cols
+        assert q.qdata.dtype == torch.int8 and q.scale.shape == (rows, cols // per_group), name
+        assert q.qdata.min() >= -2 ** (bits - 1) and q.qdata.max() <= 2 ** (bits - 1) - 1, name
+        scale = q.scale.repeat_interleave(per_group, dim=1)
+        assert torch.equal(q.dequantize(), q.qdata.float() * scale), name
+        assert ((q.dequantize() - w).abs() <= scale * (0.5 + 1e-3)).all(), name
+    # What it stores, on disk: int8 holds one byte per linear weight; int4 on CPU keeps its values in int8 bytes.
+    assert info["bytes"] < info["source_bytes"]
+    assert "int8 storage" in info["stores"] if bits == 4 else "one byte per weight" in info["stores"]
+
+
+def test_the_int4_folder_is_no_smaller_than_int8_on_cpu_as_its_report_says(quantized):
+    sizes = {s: json.loads((folder / "quantize_info.json").read_text())["bytes"] for s, folder in quantized.items()}
+    # The same int8 bytes per weight; int4-g32 adds a scale per 32 weights where int8 has one per row.
+    assert sizes["int8"] < sizes["int4-g32"] < 1.15 * sizes["int8"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("scheme", "--scheme: unknown quantization scheme 'int3'; choose one of int8, int4-g32"),
+    ("cuda", "--scheme: int4-g128-cuda is a packed format that needs a CUDA device"),
+    ("group", "int4-g32: groups of 32 weights do not tile mlp.down_proj (input size 172)"),
+    ("tokenizer", "no tokenizer (tokenizer.model or tokenizer.json)"),
+])
+def test_what_cannot_be_quantized_is_refused_before_any_work(hf_models, case, message, tmp_path):
+    source, scheme = hf_models["llama3"], {"scheme": "int3", "cuda": "int4-g128-cuda"}.get(case, "int4-g32")
+    if case == "group":
+        source = hf_models["llama2"]
+    if case == "tokenizer":
+        source = tmp_path / "no-tokenizer"
+        source.mkdir()
+        for f in hf_models["llama3"].iterdir():
+            if not f.name.startswith("tokenizer"):
+                (source / f.name).symlink_to(f)
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    done = quantize(str(source), str(tmp_path / "out"), "--scheme", scheme)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out*"))
