@@ -17,7 +17,7 @@ from tasks.evaluate import load_items
 from tasks.lib.artifacts import store_of
 from tasks.lib.sources import downloads_dir
 from tasks.prefect_tasks import evaluate_model, export_hf, prepare_lm_eval, publish_report, quantize_export
-from tasks.quantize import check_schemes
+from tasks.quantize import check_schemes, schemes_for
 from model.checkpoint import read_train_state, resolve_checkpoint
 from tasks.lib.runs import newest_run
 from tasks.spec import EvalSpec, load_spec, resolve_path
@@ -30,7 +30,7 @@ def evaluate_flow(pretrained: str | None = None, tuned: str | None = None,
     """Compare two checkpoints (run directories or checkpoint folders); returns the report directory.
 
     `quantize`: schemes of model/quantize.py (int8, int4-g32, int4-g64, int4-g128, ...); each checkpoint's export
-    is quantized in each and scored on the same items."""
+    is quantized in each and scored on the same items. A run trained with `qat` is also quantized in its scheme."""
     check_schemes(quantize)
     runs = resolve_path(runs_dir)
     checkpoints = {
@@ -46,7 +46,7 @@ def evaluate_flow(pretrained: str | None = None, tuned: str | None = None,
     for label, checkpoint in checkpoints.items():
         model_dir = export_hf(str(checkpoint), label)
         results[label] = evaluate_model(model_dir, label, manifest, sft_manifest, spec, task_names, task_dir)
-        for scheme in quantize:
+        for scheme in schemes_for(checkpoint, quantize):  # and a QAT run's own scheme
             variant = f"{label} {scheme}"
             variants[variant] = {"original": label, "scheme": scheme}
             results[variant] = evaluate_model(quantize_export(model_dir, scheme, label), variant, manifest,

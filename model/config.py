@@ -130,7 +130,10 @@ class ParallelConfig:
     def check_schedule(self, m: ModelConfig, train: TrainConfig, data_parallel: int) -> None:
         """Refuse, before launch, what the layout and the pipeline schedule cannot run (the model's split, the
         micro-batches of a training step and of an evaluation), naming the setting to change."""
+        from model.qat import check_qat
+
         self.check_split(m)
+        check_qat(train.qat, m, self)
         step = train.global_batch // (data_parallel * train.micro_batch)
         for what, micro_batches in (("the global batch", step), ("eval_batches", train.eval_batches)):
             if self.virtual_pipeline and micro_batches % self.pipeline_parallel:
@@ -200,6 +203,10 @@ class TrainConfig(BaseModel):
     """fp32 | bf16: bf16 halves gradient communication (and accumulates in bf16)."""
     peak_tflops: float | None = None
     """One accelerator's dense peak TFLOP/s at this precision, for MFU; None: the known GPUs' figures."""
+    qat: str | None = None
+    """Quantization-aware training (model/qat.py): a scheme of model/quantize.py (int8, int4-g32, int4-g64,
+    int4-g128) whose grid the decoder's linear weights are fake-quantized to in every forward pass; the export
+    quantized with the same scheme is the deliverable. None: off."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -232,6 +239,12 @@ class TrainConfig(BaseModel):
             problems.append(f"save_every ({self.save_every}) must be at least 1, or 0 for no checkpoints")
         if not 0 <= self.min_lr <= self.lr:
             problems.append(f"min_lr ({self.min_lr}) must be between 0 and lr ({self.lr})")
+        if self.qat is not None:
+            from model.quantize import SCHEMES
+
+            choices = [name for name, scheme in SCHEMES.items() if not scheme.packed]
+            if self.qat not in choices:
+                problems.append(f"qat {self.qat!r} must be one of {', '.join(choices)} (or null: off)")
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
         return self

@@ -74,7 +74,8 @@ def layout_line(parallel: ParallelConfig, train: TrainConfig, dp: int, on_gpu: b
             f"{train.precision}{f' ({train.fp8_recipe} recipe)' if train.precision == 'fp8' else ''}, "
             f"gradients reduced in {train.grad_reduce_dtype}"
             + "".join(f", {name.replace('_', ' ')}" for name in ("distributed_optimizer", "overlap_grad_reduce",
-                                                                 "overlap_param_gather") if getattr(train, name)))
+                                                                 "overlap_param_gather") if getattr(train, name))
+            + (f"; quantization-aware training on the {train.qat} grid" if train.qat else ""))
 
 
 def setup(job: TrainJob) -> tuple[ModelConfig, TrainConfig, int]:
@@ -127,6 +128,11 @@ def build_gpt(model_cfg: ModelConfig, parallel: ParallelConfig, train: TrainConf
                           post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp(i)),
                           attention_backend=attention, vp_stage=vp(i))
               for i in range(parallel.chunks)]
+    if train.qat:
+        from model.qat import apply_qat
+
+        for chunk in chunks:
+            apply_qat(chunk, train.qat)
     if torch.cuda.is_available():
         for chunk in chunks:
             chunk.cuda()
@@ -253,6 +259,7 @@ def described(job: TrainJob, model_cfg: ModelConfig, t: Training, offset: int) -
             "manifest": str(Path(job.manifest).resolve()), "start": job.start.model_dump(), "inputs": job.inputs,
             "distributed_optimizer": t.train.distributed_optimizer, "step_offset": offset,
             "dtype": "bf16" if t.train.precision == "fp8" else t.train.precision,  # the weights' (fp8 keeps bf16)
+            "qat": t.train.qat,  # the grid the weights were trained for: quantize the export with it
             "optimizer": {"betas": list(group["betas"]), "weight_decay": group["weight_decay"],
                           "grad_clip": t.train.grad_clip},
             "tokenizer": manifest_tokenizer(job.manifest),

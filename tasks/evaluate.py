@@ -149,9 +149,9 @@ def report_markdown(results: dict[str, dict], benchmarks: dict, variants: dict[s
                 f"{name} {q[name]:.4g} ({q[name + ' change']:+.4g})" for name in q if name + " change" in q)
                 + f"; weights {q['size vs original']:.2f} x, load memory {q['load memory vs original']:.2f} x"
                 + (f", generation speed {q['speed vs original']:.2f} x" if "speed vs original" in q else "") + "\n")
-        for label, variant in variants.items():
-            info = json.loads((Path(results[label]["model"]) / "quantize_info.json").read_text())
-            lines.append(f"- {variant['scheme']} stores {info['stores']}.")
+        stores = {variant["scheme"]: json.loads((Path(results[label]["model"]) / "quantize_info.json").read_text())
+                  ["stores"] for label, variant in variants.items()}
+        lines += [f"- {scheme} stores {what}." for scheme, what in stores.items()]
     lines += ["", "## Generations", ""]
     for i, prompt_row in enumerate(first["generations"]):
         lines.append(f"**{prompt_row['prompt']}**\n")

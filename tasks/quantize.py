@@ -19,6 +19,15 @@ def check_schemes(schemes: list[str]) -> None:
         scheme_named(name, setting="quantize")
 
 
+def schemes_for(checkpoint: str | Path, asked: list[str]) -> list[str]:
+    """The schemes to quantize a checkpoint's export in: those asked for, and the one it was trained for with
+    quantization-aware training (its deliverable)."""
+    from model.checkpoint import read_train_state
+
+    trained_for = read_train_state(Path(checkpoint)).get("qat")
+    return asked + ([trained_for] if trained_for and trained_for not in asked else [])
+
+
 def quantize_export(model_dir: str, scheme: str, label: str) -> str:
     from model.quantize import INFO_NAME, model_checksum, quantize
 

@@ -26,9 +26,11 @@ def test_pipeline_pretrains_tunes_and_reports(pretrained_by_flow, tmp_path):
     run's (cached, and found finished), then instruction tuning and evaluation run."""
     plan = pipeline_flow(str(pretrained_by_flow.spec_path), plan=True).splitlines()
     assert len(plan) == 1 and " reuse " in plan[0] and plan[0].endswith("no new files since manifest version 1")
-    state = pipeline_flow(str(pretrained_by_flow.spec_path), pretrain={"train": FLOW_TRAIN}, sft={"train": SFT},
-                          runs_dir=str(pretrained_by_flow.runs_dir), reports_dir=str(tmp_path / "reports"),
-                          quantize=["int8", "int4-g32"], return_state=True)
+    # SFT with quantization-aware training on the int4-g32 grid; both exports quantized in int8, and the tuned one
+    # also in its own QAT scheme.
+    state = pipeline_flow(str(pretrained_by_flow.spec_path), pretrain={"train": FLOW_TRAIN},
+                          sft={"train": {**SFT, "qat": "int4-g32"}}, runs_dir=str(pretrained_by_flow.runs_dir),
+                          reports_dir=str(tmp_path / "reports"), quantize=["int8"], return_state=True)
     assert state.is_completed(), state
     report = Path(state.result())
     results = json.loads((report / "results.json").read_text())
@@ -38,6 +40,7 @@ def test_pipeline_pretrains_tunes_and_reports(pretrained_by_flow, tmp_path):
     tuned_state = json.loads((Path(results["checkpoints"]["instruction-tuned"]) / "train_state.json").read_text())
     assert tuned_state["start"] == {"kind": "checkpoint", "checkpoint": results["checkpoints"]["pretrained"]}
     assert tuned_state["optimizer"]["betas"] == [0.9, 0.95] and tuned_state["step_offset"] == 80
+    assert tuned_state["qat"] == "int4-g32"
     # Instruction tuning made held-out replies far more likely; both models still model the pretraining text.
     assert tuned["sft_validation"]["loss"] < pre["sft_validation"]["loss"] - 0.5
     assert math.isfinite(pre["validation"]["perplexity"]) and pre["validation"]["tokens"] > 1000
@@ -66,8 +69,8 @@ def test_pipeline_pretrains_tunes_and_reports(pretrained_by_flow, tmp_path):
     assert pretrained["start"] == "scratch" and "initialised_from" not in pretrained
     assert set(pretrained["source_files"]) == {"sotu", "kjv"} and pretrained["settings"]["decontamination"]["n_grams"] == 13
     # Each quantized variant was scored on the same items as its original, and compared with it.
-    assert results["quantized"] == {f"{label} {scheme}": {"original": label, "scheme": scheme}
-                                    for label in ("pretrained", "instruction-tuned") for scheme in ("int8", "int4-g32")}
+    assert results["quantized"] == {f"{label} {scheme}": {"original": label, "scheme": scheme} for label, scheme in (
+        ("pretrained", "int8"), ("instruction-tuned", "int8"), ("instruction-tuned", "int4-g32"))}
     for variant, about in results["quantized"].items():
         mine, original = results["results"][variant], results["results"][about["original"]]
         assert Path(mine["model"]).parent.name == "quantized" and mine["lm_eval"]["tasks"]["civics"]["items"] == 84
