@@ -242,7 +242,7 @@ class TrainConfig(BaseModel):
         if self.qat is not None:
             from model.quantize import SCHEMES
 
-            choices = [name for name, scheme in SCHEMES.items() if not scheme.packed]
+            choices = [name for name, scheme in SCHEMES.items() if not scheme.packed and not scheme.calibrated]
             if self.qat not in choices:
                 problems.append(f"qat {self.qat!r} must be one of {', '.join(choices)} (or null: off)")
         if problems:

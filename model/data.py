@@ -195,6 +195,11 @@ def rank_slice(consumed: int, global_batch: int, dp_rank: int, dp_size: int) -> 
     return consumed + dp_rank * per_rank, per_rank
 
 
+def validation_picks(total: int, limit: int) -> np.ndarray:
+    """Which of `total` validation rows `validation_rows` reads for `limit`: evenly spaced, always the same."""
+    return np.linspace(0, total - 1, num=min(limit, total)).astype(int)
+
+
 def validation_rows(manifest_dir: str | Path, limit: int) -> dict[str, torch.Tensor]:
     """`limit` validation rows spread evenly over all of them (sources interleaved rather than the first source
     only), always the same ones, for comparable eval losses. Reads only the row groups that hold them."""
@@ -204,7 +209,7 @@ def validation_rows(manifest_dir: str | Path, limit: int) -> dict[str, torch.Ten
         raise ValueError(f"{manifest_dir}: no validation shards; set sharding.validation_fraction > 0")
     group_rows, group_shard, group_index = row_group_index(shards)
     group_starts = np.concatenate([[0], np.cumsum(group_rows)])
-    picks = np.linspace(0, group_starts[-1] - 1, num=min(limit, int(group_starts[-1]))).astype(int)
+    picks = validation_picks(int(group_starts[-1]), limit)
     decoded: dict[int, dict[str, np.ndarray]] = {}
     rows = []
     for pick in picks:

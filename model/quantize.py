@@ -41,6 +41,7 @@ class Scheme:
     bits: int
     group_size: int | None
     packed: bool = False  # int4 two to a byte, in the tile layout of the CUDA kernel (tinygemm): CUDA only
+    calibrated: bool = False  # GPTQ on calibration rows instead of round-to-nearest (the same storage)
     stores: str = ""
 
     def torchao_config(self):
@@ -58,6 +59,11 @@ _UNPACKED_INT4 = ("int4 values (-8..7) kept one per byte in int8 storage (torcha
 SCHEMES: dict[str, Scheme] = {
     "int8": Scheme(8, None, stores="int8 values, one byte per weight, and one scale per output channel"),
     **{f"int4-g{g}": Scheme(4, g, stores=_UNPACKED_INT4.format(g=g)) for g in (32, 64, 128)},
+    # torchao's GPTQ and AWQ int4 run on CUDA only (GPTQ asserts it; both need the mslk int4 kernels), so GPTQ is
+    # here (gptq below), writing its values and scales into torchao's CPU int4 format.
+    **{f"int4-g{g}-gptq": Scheme(4, g, calibrated=True, stores=_UNPACKED_INT4.format(g=g) + "; values and scales "
+                                 "chosen by GPTQ on validation rows (quantize_info.json names them)")
+       for g in (32, 64, 128)},
     "int4-g128-cuda": Scheme(4, 128, packed=True,
                              stores="int4 values packed two to a byte in tinygemm's tile layout, plus one scale and "
                                     "zero point per 128 weights; loads and runs on CUDA only"),
@@ -89,6 +95,10 @@ def model_checksum(folder: Path) -> str:
     return digest.hexdigest()
 
 
+LAYER_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+               "mlp.up_proj", "mlp.down_proj")
+
+
 def linear_inputs(config: dict) -> dict[str, int]:
     """Each quantized linear layer of a Llama decoder layer, by its name, with its input size: groups run along it."""
     heads = config["num_attention_heads"]
@@ -117,6 +127,82 @@ def check_input(hf_dir: Path, scheme_name: str) -> None:
                                 f"{hf_dir}; choose a scheme whose group size divides every layer's input, or int8")
 
 
+def calibration_manifest(hf_dir: Path, manifest: Path | None, rows: int) -> Path:
+    """The shard manifest whose validation rows calibrate a GPTQ scheme: the one given, else the one the export
+    records; refused before any work when there is none or it holds fewer rows than asked."""
+    from tasks.lib.manifest import ShardManifest
+
+    if manifest is None:
+        info = hf_dir / "export_info.json"
+        recorded = json.loads(info.read_text()).get("manifest") if info.is_file() else None
+        if recorded is None:
+            raise QuantizeError(f"{hf_dir}: a calibrated scheme needs validation rows and this folder records no "
+                                f"shard manifest; give --manifest (a manifest of text in this model's tokenizer)")
+        manifest = Path(recorded)
+    if not (Path(manifest) / "manifest.json").is_file():
+        raise QuantizeError(f"--manifest {manifest}: no manifest.json there")
+    total = sum(s.rows for s in ShardManifest.load(manifest).split("valid"))
+    if rows < 1 or rows > total:
+        raise QuantizeError(f"--calibration-rows {rows}: the validation shards of {manifest} hold {total} rows; "
+                            f"ask for 1 to {total}")
+    return Path(manifest)
+
+
+@torch.no_grad()
+def input_hessians(model, tokens: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
+    """For each quantized linear layer of the float model: 2/n X^T X over its inputs on the calibration tokens."""
+    hessians, counts, hooks = {}, {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(layer) for layer in LAYER_NAMES):
+            def accumulate(module, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                hessians[name] = hessians.get(name, 0) + x.T @ x
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            hooks.append(module.register_forward_pre_hook(accumulate))
+    for i in range(0, len(tokens), batch):
+        model(tokens[i:i + batch])
+    for hook in hooks:
+        hook.remove()
+    return {name: 2 * h / counts[name] for name, h in hessians.items()}
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, damping: float = 0.01,
+         block: int = 128, scale_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2022, Algorithm 1, with groups): quantize `weight` [out, in] column by column,
+    each column's rounding error spread over the columns not yet quantized through the inverse Hessian of the
+    layer's inputs, so the layer's outputs on those inputs move least. Symmetric, one scale per `group` columns of
+    a row, taken from the weights as they stand when the group begins, and rounded to `scale_dtype` (what the
+    stored format keeps). Returns (integer values as int8, scales)."""
+    qmax, qmin = 2 ** (bits - 1) - 1, -2 ** (bits - 1)
+    w = weight.detach().float().clone()
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damping * torch.mean(torch.diag(h)) * torch.eye(len(h))
+    h_inv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    columns, block = w.shape[1], max(block, group) // group * group  # a group never spans two blocks
+    q = torch.zeros_like(w, dtype=torch.int8)
+    scales = torch.zeros(w.shape[0], columns // group)
+    for start in range(0, columns, block):
+        end = min(start + block, columns)
+        part, errors, h_part = w[:, start:end].clone(), torch.zeros(w.shape[0], end - start), h_inv[start:end, start:end]
+        for j in range(end - start):
+            column = start + j
+            if column % group == 0:
+                scale = part[:, j:j + group].abs().amax(dim=1) / ((qmax - qmin) / 2)
+                scale = scale.clamp(min=torch.finfo(torch.float32).smallest_normal)
+                scales[:, column // group] = scale.to(scale_dtype).float()
+            scale = scales[:, column // group]
+            values = torch.clamp(torch.round(part[:, j] * (1.0 / scale)), qmin, qmax)
+            q[:, column] = values.to(torch.int8)
+            error = (part[:, j] - values * scale) / h_part[j, j]
+            part[:, j:] -= error.unsqueeze(1) @ h_part[j, j:].unsqueeze(0)
+            errors[:, j] = error
+        w[:, end:] -= errors @ h_inv[start:end, end:]
+    return q, scales
+
+
 def check_tokens(vocab_size: int) -> torch.Tensor:
     return torch.randint(0, vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
 
@@ -126,21 +212,38 @@ def folder_bytes(folder: Path) -> int:
 
 
 @torch.no_grad()
-def quantize(hf_dir: Path, out: Path, scheme_name: str) -> dict:
+def quantize(hf_dir: Path, out: Path, scheme_name: str, calibration_rows: int = 128,
+             manifest: Path | None = None) -> dict:
     logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA-only kernels fail to load on CPU, harmlessly
     from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    from model.data import validation_rows
 
     hf_dir, out = Path(hf_dir).resolve(), Path(out)
     scheme = scheme_named(scheme_name)
     check_input(hf_dir, scheme_name)
+    if scheme.calibrated:
+        manifest = calibration_manifest(hf_dir, Path(manifest) if manifest else None, calibration_rows)
     device = "cuda" if scheme.packed else "cpu"
 
     original = AutoModelForCausalLM.from_pretrained(hf_dir, device_map=device).eval()
     tokens = check_tokens(original.config.vocab_size).to(device)
     original_logits = original(tokens).logits.float()
+    solved = {}
+    if scheme.calibrated:
+        rows = validation_rows(manifest, calibration_rows)["tokens"]
+        hessians = input_hessians(original, rows)
+        dtype = original.dtype  # torchao keeps scales in the weights' dtype
+        solved = {name: gptq(original.get_submodule(name).weight, h, scheme.bits, scheme.group_size,
+                             scale_dtype=dtype) for name, h in hessians.items()}
+        del hessians
     del original
     model = AutoModelForCausalLM.from_pretrained(hf_dir, device_map=device,
                                                  quantization_config=TorchAoConfig(scheme.torchao_config())).eval()
+    for name, (values, scales) in solved.items():  # GPTQ's values and scales in the round-to-nearest format
+        weight = model.get_submodule(name).weight
+        weight.qdata.copy_(values)
+        weight.scale.copy_(scales.to(weight.scale.dtype).view_as(weight.scale))
     logits = model(tokens).logits.float()
     quantized = sorted(name for name, module in model.named_modules()
                        if isinstance(module, torch.nn.Linear) and type(module.weight).__name__ != "Parameter")
@@ -161,6 +264,13 @@ def quantize(hf_dir: Path, out: Path, scheme_name: str) -> dict:
             "source": str(hf_dir), "source_sha256": model_checksum(hf_dir), "quantized_layers": len(quantized),
             "bytes": folder_bytes(tmp), "source_bytes": folder_bytes(hf_dir),
             "max_logit_change": (logits - original_logits).abs().max().item(), "reload_logit_diff": reload_diff}
+    if scheme.calibrated:  # which rows: model/data.validation_rows's evenly spaced picks of the validation split
+        from model.data import validation_picks
+        from tasks.lib.manifest import ShardManifest
+
+        total = sum(s.rows for s in ShardManifest.load(manifest).split("valid"))
+        info["calibration"] = {"manifest": str(Path(manifest).resolve()), "validation_rows": total,
+                               "rows": validation_picks(total, calibration_rows).tolist(), "method": "gptq"}
     (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
     if out.exists():
         shutil.rmtree(out)
@@ -173,9 +283,12 @@ def main(argv=None) -> None:
     p.add_argument("hf_dir", type=Path, help="an exported Hugging Face folder (python -m model.export_hf)")
     p.add_argument("out", type=Path)
     p.add_argument("--scheme", required=True, help="; ".join(f"{n}: {s.stores}" for n, s in SCHEMES.items()))
+    p.add_argument("--calibration-rows", type=int, default=128, help="GPTQ schemes: validation rows to calibrate on")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="GPTQ schemes: the shard manifest to calibrate on (default: the one the export records)")
     args = p.parse_args(argv)
     try:
-        info = quantize(args.hf_dir, args.out, args.scheme)
+        info = quantize(args.hf_dir, args.out, args.scheme, args.calibration_rows, args.manifest)
     except QuantizeError as err:
         raise SystemExit(f"error: {err}")
     print(f"{args.scheme}: {info['quantized_layers']} linear layers quantized; weights {info['bytes'] / 1e6:.1f} MB "

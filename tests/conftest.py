@@ -114,6 +114,17 @@ def pretrained_by_flow(prefect_server, small_corpus, tmp_path_factory) -> FlowRu
 
 
 @pytest.fixture(scope="session")
+def hf_models(tmp_path_factory) -> dict[str, Path]:
+    """Small Hugging Face Llama folders built offline (tests/hf_models.py): llama2-like (sentencepiece, tied
+    embeddings, FFN 172) and llama3-like (tokenizer.json, FFN 160). Shared: read them, never change them."""
+    from hf_models import llama2_like, llama3_like
+
+    root = tmp_path_factory.mktemp("hf")
+    lines = [line for doc in bundled_docs("sotu", 30) for line in doc["text"].split("\n") if line.strip()]
+    return {"llama2": llama2_like(root / "llama2", lines), "llama3": llama3_like(root / "llama3", lines)}
+
+
+@pytest.fixture(scope="session")
 def prefect_server():
     """A real Prefect server (temporary SQLite database) for the whole session."""
     from prefect.testing.utilities import prefect_test_harness

@@ -18,7 +18,6 @@ import yaml
 from model.config import ParallelConfig
 from model.data import token_rows
 from model.import_hf import model_config_from_hf
-from hf_models import llama2_like, llama3_like
 
 from tasks.lineage import lineage
 
@@ -31,13 +30,6 @@ def run(*args: str) -> dict:
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="module")
-def hf_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf")
-    lines = [line for doc in bundled_docs("sotu", 30) for line in doc["text"].split("\n") if line.strip()]
-    return {"llama2": llama2_like(root / "llama2", lines), "llama3": llama3_like(root / "llama3", lines)}
 
 
 @pytest.fixture(scope="module")

@@ -14,22 +14,13 @@ import torch
 
 from model.quantize import SCHEMES, check_tokens
 from model.quantize import main as quantize_main
-from hf_models import llama2_like, llama3_like
-
-from conftest import ROOT, bundled_docs
-
-
-@pytest.fixture(scope="module")
-def hf_models(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf")
-    lines = [line for doc in bundled_docs("sotu", 30) for line in doc["text"].split("\n") if line.strip()]
-    # llama3-like: hidden 64, FFN 160 (every input a multiple of 32); llama2-like: FFN 172 (no group of 32 tiles it).
-    return {"llama3": llama3_like(root / "llama3", lines), "llama2": llama2_like(root / "llama2", lines)}
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def quantized(hf_models, tmp_path_factory) -> dict[str, Path]:
-    """The llama3-like folder quantized in int8 and int4-g32, with the command a user runs."""
+    """The llama3-like folder (hidden 64, FFN 160: every input a multiple of 32) quantized in int8 and int4-g32,
+    with the command a user runs. (The llama2-like one's FFN of 172 takes no group of 32.)"""
     root, out = tmp_path_factory.mktemp("quantized"), {}
     for scheme in ("int8", "int4-g32"):
         done = quantize(str(hf_models["llama3"]), str(root / scheme), "--scheme", scheme)
@@ -121,3 +112,53 @@ def test_what_cannot_be_quantized_is_refused_before_any_work(hf_models, case, me
         quantize_main([str(source), str(tmp_path / "out"), "--scheme", scheme])
     assert message in str(refused.value), refused.value
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_gptq_moves_a_layers_outputs_less_than_rounding_to_nearest_on_its_calibration_inputs():
+    from model.qat import fake_quantized
+    from model.quantize import gptq
+
+    generator = torch.Generator().manual_seed(0)
+    # Correlated inputs (as activations are), where spreading each rounding error over later columns pays.
+    x = torch.randn(512, 16, generator=generator) @ torch.randn(16, 128, generator=generator)
+    w = torch.randn(64, 128, generator=generator) * 0.02
+    q, scales = gptq(w, 2 * x.T @ x / len(x), bits=4, group=32)
+    assert q.dtype == torch.int8 and q.min() >= -8 and q.max() <= 7 and scales.shape == (64, 4)
+    calibrated = q.float() * scales.repeat_interleave(32, dim=1)
+    nearest = fake_quantized(w, SCHEMES["int4-g32"])
+    error = {name: ((x @ (w - v).T) ** 2).mean().item() for name, v in (("gptq", calibrated), ("rtn", nearest))}
+    assert error["gptq"] < 0.5 * error["rtn"], error
+
+
+def test_a_gptq_folder_records_its_calibration_rows_and_refuses_more_than_there_are(hf_models, tiny_manifest,
+                                                                                      tmp_path):
+    out = tmp_path / "gptq"
+    done = quantize(str(hf_models["llama3"]), str(out), "--scheme", "int4-g32-gptq", "--manifest",
+                    str(tiny_manifest), "--calibration-rows", "8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((out / "quantize_info.json").read_text())
+    total = info["calibration"]["validation_rows"]
+    assert info["calibration"]["manifest"] == str(tiny_manifest.resolve()) and len(info["calibration"]["rows"]) == 8
+    assert info["calibration"]["rows"][0] == 0 and info["calibration"]["rows"][-1] == total - 1
+    assert info["reload_logit_diff"] == 0 and type(load(out).model.layers[0].mlp.down_proj.weight).__name__ == \
+        "IntxUnpackedToInt8Tensor"
+    with pytest.raises(SystemExit, match=f"--calibration-rows {total + 1}: the validation shards of .* hold {total} "
+                                         f"rows"):
+        quantize_main([str(hf_models["llama3"]), str(tmp_path / "more"), "--scheme", "int4-g32-gptq",
+                       "--manifest", str(tiny_manifest), "--calibration-rows", str(total + 1)])
+    with pytest.raises(SystemExit, match="records no shard manifest; give --manifest"):
+        quantize_main([str(hf_models["llama3"]), str(tmp_path / "none"), "--scheme", "int4-g32-gptq"])
+    assert not (tmp_path / "more").exists() and not (tmp_path / "none").exists()
+
+
+def test_a_qat_checkpoint_is_quantized_in_its_own_scheme_unasked_and_once(tmp_path):
+    from model.checkpoint import STATE_FILE
+    from tasks.quantize import schemes_for
+
+    (tmp_path / "qat").mkdir()
+    (tmp_path / "qat" / STATE_FILE).write_text(json.dumps({"step": 6, "qat": "int4-g32"}))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / STATE_FILE).write_text(json.dumps({"step": 6, "qat": None}))
+    assert schemes_for(tmp_path / "qat", ["int8"]) == ["int8", "int4-g32"]
+    assert schemes_for(tmp_path / "qat", ["int4-g32"]) == ["int4-g32"]
+    assert schemes_for(tmp_path / "plain", ["int8"]) == ["int8"]
