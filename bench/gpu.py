@@ -16,7 +16,7 @@ layout comparisons on gloo ranks).
 
     python bench/gpu.py                  # on a GPU (about 5 minutes on an H100)
     python bench/gpu.py --tiny           # the same code on CPU with a tiny width, in under a minute
-    python bench/gpu.py --tiny --ranks 2 # and TP 2 / PP 2 with and without SP / VPP on 2 gloo ranks
+    python bench/gpu.py --tiny --ranks 2 # and TP 2 / PP 2 with and without SP / VPP on 2 gloo ranks (--pairs)
 
 Goals (docs/performance.md): MFU >= 45% (bf16 dense peak: 989 TFLOP/s on H100/H200), >= 1.0x the plain model,
 data wait < 1%.
@@ -87,10 +87,11 @@ def fit_layers(width: ModelConfig, budget_gib: float, max_layers: int, accumulat
 
 # The layouts compared on more than one rank, in pairs: without and with a feature, each as (name, ParallelConfig
 # fields); the ranks beyond TP x PP are data parallel.
-PARALLEL_PAIRS = [(("TP 2", {"tensor_parallel": 2, "sequence_parallel": False}),
-                   ("TP 2, sequence parallel", {"tensor_parallel": 2, "sequence_parallel": True})),
-                  (("PP 2", {"pipeline_parallel": 2}),
-                   ("PP 2, interleaved x 2", {"pipeline_parallel": 2, "virtual_pipeline": 2}))]
+# Each feature beside the same layout without it, by the name --pairs takes.
+PARALLEL_PAIRS = {"sp": (("TP 2", {"tensor_parallel": 2, "sequence_parallel": False}),
+                         ("TP 2, sequence parallel", {"tensor_parallel": 2, "sequence_parallel": True})),
+                  "vpp": (("PP 2", {"pipeline_parallel": 2}),
+                          ("PP 2, interleaved x 2", {"pipeline_parallel": 2, "virtual_pipeline": 2}))}
 
 
 def planned_gib(m: ModelConfig, micro: int, accumulation: int, bf16: bool, attention: str,
@@ -128,6 +129,9 @@ def main(argv=None) -> None:
     p.add_argument("--ranks", type=int, default=None,
                    help="ranks for the TP 2 / PP 2 layout comparisons, an even number (default: the GPUs present, "
                         "so none on one GPU or on CPU; on CPU they are gloo ranks)")
+    p.add_argument("--pairs", default=",".join(PARALLEL_PAIRS),
+                   help="with --ranks: the layout pairs to compare, comma-separated: sp (TP 2 without and with "
+                        "sequence parallelism), vpp (PP 2 without and with the interleaved schedule)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="this device's dense bf16 peak, for MFU (default: a known GPU's; none on CPU)")
     p.add_argument("--json", default=None, help="also write the results here")
@@ -147,6 +151,9 @@ def main(argv=None) -> None:
     if ranks >= 2 and ranks % 2:
         raise SystemExit(f"--ranks {ranks}: the layout comparisons (TP 2, PP 2) need an even number of ranks")
     backends = args.backends.split(",") if args.backends else ["te"] * te + ["sdpa", "local"]
+    pairs = [PARALLEL_PAIRS[name] for name in args.pairs.split(",") if name in PARALLEL_PAIRS]
+    if len(pairs) != len(args.pairs.split(",")):
+        raise SystemExit(f"--pairs {args.pairs}: choose from {', '.join(PARALLEL_PAIRS)}")
 
     chosen = fit_layers(width, budget, max_layers, accumulation, bf16=gpu, attention=backends[0])
     if chosen is None:
@@ -240,7 +247,7 @@ def main(argv=None) -> None:
             mp = dataclasses.replace(m, num_layers=max(4, m.num_layers // 4 * 4))
             print(f"layouts on {ranks} ranks: {mp.num_layers} layers, micro-batch {micro}, {accumulation} "
                   f"micro-batches per data-parallel rank, {backends[0]} attention, {default}", flush=True)
-            for name, fields in [layout for pair in PARALLEL_PAIRS for layout in pair]:
+            for name, fields in [layout for pair in pairs for layout in pair]:
                 dp = ranks // (fields.get("tensor_parallel", 1) * fields.get("pipeline_parallel", 1))
                 result = measure(backends[0], default, mp, fields, label=f"{name}{f' x DP {dp}' if dp > 1 else ''}")
                 if result is not None:
@@ -266,7 +273,7 @@ def main(argv=None) -> None:
     if ran:  # each feature against the same layout without it, when both ran
         print(f"\n{f'{ranks} ranks':<34} {'tokens/s':>10} {'MFU':>6} {'peak GiB':>9} {'planned':>8} {'data wait':>9} "
               f"{'vs without':>10}")
-        for (base, _), (name, _) in PARALLEL_PAIRS:
+        for (base, _), (name, _) in pairs:
             for row in (base, name):
                 if row in ran:
                     r = ran[row]

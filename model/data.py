@@ -195,21 +195,27 @@ def rank_slice(consumed: int, global_batch: int, dp_rank: int, dp_size: int) -> 
     return consumed + dp_rank * per_rank, per_rank
 
 
-def validation_picks(total: int, limit: int) -> np.ndarray:
-    """Which of `total` validation rows `validation_rows` reads for `limit`: evenly spaced, always the same."""
-    return np.linspace(0, total - 1, num=min(limit, total)).astype(int)
+def validation_picks(total: int, limit: int, avoid: int = 0) -> np.ndarray:
+    """Which of `total` validation rows `validation_rows` reads for `limit`: evenly spaced, always the same.
+    `avoid`: spread them over the rows that a read of `avoid` rows does not take (GPTQ calibrates beside the
+    evaluation's perplexity rows, never on them)."""
+    candidates = np.arange(total)
+    if avoid:
+        candidates = np.setdiff1d(candidates, validation_picks(total, avoid))
+    return candidates[np.linspace(0, len(candidates) - 1, num=min(limit, len(candidates))).astype(int)]
 
 
-def validation_rows(manifest_dir: str | Path, limit: int) -> dict[str, torch.Tensor]:
+def validation_rows(manifest_dir: str | Path, limit: int, avoid: int = 0) -> dict[str, torch.Tensor]:
     """`limit` validation rows spread evenly over all of them (sources interleaved rather than the first source
-    only), always the same ones, for comparable eval losses. Reads only the row groups that hold them."""
+    only), always the same ones, for comparable eval losses; `avoid` as in `validation_picks`. Reads only the row
+    groups that hold them."""
     manifest_dir = Path(manifest_dir)
     shards = sorted(ShardManifest.load(manifest_dir).split("valid"), key=lambda x: x.path)
     if not shards:
         raise ValueError(f"{manifest_dir}: no validation shards; set sharding.validation_fraction > 0")
     group_rows, group_shard, group_index = row_group_index(shards)
     group_starts = np.concatenate([[0], np.cumsum(group_rows)])
-    picks = validation_picks(int(group_starts[-1]), limit)
+    picks = validation_picks(int(group_starts[-1]), limit, avoid)
     decoded: dict[int, dict[str, np.ndarray]] = {}
     rows = []
     for pick in picks:

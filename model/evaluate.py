@@ -40,9 +40,16 @@ class LMEvalTaskError(RuntimeError):
 
 
 def load(model_dir: Path):
+    """The model computing in fp32, whatever its weights' dtype, so that scores compare models, not compute
+    precisions. A quantized folder's torchao weights dequantize to the dtype they were made in (a bf16 export's:
+    bf16, which fp32 activations cannot multiply); they are switched to fp32 scales, which hold the same values."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and type(weight) is not torch.nn.Parameter and weight.dtype != torch.float32:
+            module.weight = torch.nn.Parameter(weight.to(torch.float32), requires_grad=False)
     return model, Tokenizer(model_dir)
 
 

@@ -127,9 +127,10 @@ def check_input(hf_dir: Path, scheme_name: str) -> None:
                                 f"{hf_dir}; choose a scheme whose group size divides every layer's input, or int8")
 
 
-def calibration_manifest(hf_dir: Path, manifest: Path | None, rows: int) -> Path:
+def calibration_manifest(hf_dir: Path, manifest: Path | None, rows: int, held_out: int) -> Path:
     """The shard manifest whose validation rows calibrate a GPTQ scheme: the one given, else the one the export
-    records; refused before any work when there is none or it holds fewer rows than asked."""
+    records; refused before any work when there is none or it holds fewer rows than asked beside the `held_out`
+    rows the evaluation's perplexity reads."""
     from tasks.lib.manifest import ShardManifest
 
     if manifest is None:
@@ -142,9 +143,11 @@ def calibration_manifest(hf_dir: Path, manifest: Path | None, rows: int) -> Path
     if not (Path(manifest) / "manifest.json").is_file():
         raise QuantizeError(f"--manifest {manifest}: no manifest.json there")
     total = sum(s.rows for s in ShardManifest.load(manifest).split("valid"))
-    if rows < 1 or rows > total:
-        raise QuantizeError(f"--calibration-rows {rows}: the validation shards of {manifest} hold {total} rows; "
-                            f"ask for 1 to {total}")
+    free = total - min(held_out, total)
+    if rows < 1 or rows > free:
+        raise QuantizeError(f"--calibration-rows {rows}: the validation shards of {manifest} hold {total} rows, "
+                            f"{free} of them beside the {held_out} held out for perplexity (--held-out-rows); "
+                            f"ask for 1 to {free}")
     return Path(manifest)
 
 
@@ -213,7 +216,9 @@ def folder_bytes(folder: Path) -> int:
 
 @torch.no_grad()
 def quantize(hf_dir: Path, out: Path, scheme_name: str, calibration_rows: int = 128,
-             manifest: Path | None = None) -> dict:
+             manifest: Path | None = None, held_out_rows: int = 64) -> dict:
+    """`held_out_rows`: the evaluation's perplexity rows (EvalSpec.perplexity_rows), which GPTQ never
+    calibrates on."""
     logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA-only kernels fail to load on CPU, harmlessly
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
@@ -223,7 +228,8 @@ def quantize(hf_dir: Path, out: Path, scheme_name: str, calibration_rows: int = 
     scheme = scheme_named(scheme_name)
     check_input(hf_dir, scheme_name)
     if scheme.calibrated:
-        manifest = calibration_manifest(hf_dir, Path(manifest) if manifest else None, calibration_rows)
+        manifest = calibration_manifest(hf_dir, Path(manifest) if manifest else None, calibration_rows,
+                                        held_out_rows)
     device = "cuda" if scheme.packed else "cpu"
 
     original = AutoModelForCausalLM.from_pretrained(hf_dir, device_map=device).eval()
@@ -231,7 +237,7 @@ def quantize(hf_dir: Path, out: Path, scheme_name: str, calibration_rows: int = 
     original_logits = original(tokens).logits.float()
     solved = {}
     if scheme.calibrated:
-        rows = validation_rows(manifest, calibration_rows)["tokens"]
+        rows = validation_rows(manifest, calibration_rows, avoid=held_out_rows)["tokens"]
         hessians = input_hessians(original, rows)
         dtype = original.dtype  # torchao keeps scales in the weights' dtype
         solved = {name: gptq(original.get_submodule(name).weight, h, scheme.bits, scheme.group_size,
@@ -270,7 +276,8 @@ def quantize(hf_dir: Path, out: Path, scheme_name: str, calibration_rows: int = 
 
         total = sum(s.rows for s in ShardManifest.load(manifest).split("valid"))
         info["calibration"] = {"manifest": str(Path(manifest).resolve()), "validation_rows": total,
-                               "rows": validation_picks(total, calibration_rows).tolist(), "method": "gptq"}
+                               "rows": validation_picks(total, calibration_rows, avoid=held_out_rows).tolist(),
+                               "held_out_rows": held_out_rows, "method": "gptq"}
     (tmp / INFO_NAME).write_text(json.dumps(info, indent=1))
     if out.exists():
         shutil.rmtree(out)
@@ -284,11 +291,13 @@ def main(argv=None) -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--scheme", required=True, help="; ".join(f"{n}: {s.stores}" for n, s in SCHEMES.items()))
     p.add_argument("--calibration-rows", type=int, default=128, help="GPTQ schemes: validation rows to calibrate on")
+    p.add_argument("--held-out-rows", type=int, default=64,
+                   help="GPTQ schemes: the evaluation's perplexity rows, never calibrated on (EvalSpec.perplexity_rows)")
     p.add_argument("--manifest", type=Path, default=None,
                    help="GPTQ schemes: the shard manifest to calibrate on (default: the one the export records)")
     args = p.parse_args(argv)
     try:
-        info = quantize(args.hf_dir, args.out, args.scheme, args.calibration_rows, args.manifest)
+        info = quantize(args.hf_dir, args.out, args.scheme, args.calibration_rows, args.manifest, args.held_out_rows)
     except QuantizeError as err:
         raise SystemExit(f"error: {err}")
     print(f"{args.scheme}: {info['quantized_layers']} linear layers quantized; weights {info['bytes'] / 1e6:.1f} MB "

@@ -271,9 +271,11 @@ def packed_sft_manifest(tiny_manifest, tmp_path_factory) -> tuple[Path, dict]:
 
 
 # `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). Tests that read the same
-# session runs, or the same costly module fixture, go to the same worker, so each is still made once.
+# session runs, or the same costly module fixture, go to the same worker, so each is still made once (the first
+# group a test's fixtures name decides). A Prefect server alone is cheap: each worker starts its own when it needs one.
 SHARED_GROUPS = {"training-runs": {"tp1_run", "tp2_run", "tp1_evaluations"},
-                 "prefect-server": {"prefect_server", "pretrained_by_flow", "hf_models"},  # test_import_hf.py
+                 "pretrained-by-flow": {"pretrained_by_flow"},
+                 "hf-models": {"hf_models"},  # test_import_hf.py, test_quantize.py
                  "fp16-run": {"fp16_run"},  # test_precision.py
                  "executors": {"tokenizer_dir", "local_result"}}  # test_executors.py
 

@@ -36,11 +36,11 @@ def test_benchmark_fits_the_most_7b_width_layers_the_planner_allows():
 @pytest.mark.slow
 def test_tiny_mode_runs_each_precision_layout_and_the_plain_baseline(tmp_path):
     """--tiny on CPU: the sdpa backend (tests/test_attention.py checks the local one against it), fp16, fp8's
-    refusal, and with --ranks 2 the TP 2 and PP 2 layouts without and with sequence parallelism and the interleaved
-    schedule on gloo ranks, each against the planner."""
+    refusal, and with --ranks 2 the PP 2 layout without and with the interleaved schedule on gloo ranks, each against
+    the planner (the TP 2 pair runs the same code; tests/test_parallelism.py trains both pairs)."""
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "bench/gpu.py", "--tiny", "--ranks", "2", "--backends", "sdpa",
-                           "--steps", "5", "--peak-tflops", "0.5", "--json", str(out)], cwd=ROOT, capture_output=True,
+                           "--steps", "5", "--pairs", "vpp", "--peak-tflops", "0.5", "--json", str(out)], cwd=ROOT, capture_output=True,
                           text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -59,7 +59,7 @@ def test_tiny_mode_runs_each_precision_layout_and_the_plain_baseline(tmp_path):
     assert 0 <= r["data_wait"] < 0.5 and "Megatron-Core, sdpa attention" in proc.stdout
     parallel = results["parallel"]
     mp = dataclasses.replace(model, num_layers=4)  # the layouts' model: layers a multiple of PP x VPP
-    assert set(parallel) == {"TP 2", "TP 2, sequence parallel", "PP 2", "PP 2, interleaved x 2"}
+    assert set(parallel) == {"PP 2", "PP 2, interleaved x 2"}
     for name, r in parallel.items():
         # two ranks' MFU: against twice the peak
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops_per_token(mp) / (2 * fp32_peak), rel=1e-9), name
@@ -193,4 +193,5 @@ def test_quantize_bench_shrinks_the_weights_and_times_generation_of_each_scheme(
     (bf16,) = figures(r"  bf16 +([\d.]+) tokens/s +1.00 x bf16", out)
     for name in ("int8", "int4-g32"):  # each timed, and set against the bf16 model's speed of the same run
         speed, ratio = figures(rf"  {name} +([\d.]+) tokens/s +([\d.]+) x bf16", out)
-        assert ratio == pytest.approx(speed / bf16, abs=0.02)
+        # printed to 0.1 tokens/s and 0.01 x: the ratio of the printed speeds within those roundings
+        assert (speed - 0.05) / (bf16 + 0.05) - 0.005 <= ratio <= (speed + 0.05) / (bf16 - 0.05) + 0.005

@@ -51,12 +51,13 @@ def test_civics_through_lm_eval_scores_as_the_replaced_scorer(exported, tmp_path
     assert len(civics) == 84 and benchmarks["civics"]["chance"] == pytest.approx(0.2639, abs=1e-3)
     write_lm_eval_task("civics", civics, tmp_path / "tasks")
     model, sp = load(exported)
+    # The first 28 of the 84 items (lm-eval's `limit`), each choice scored again by the reference.
     raw = run_lm_eval(model, AutoTokenizer.from_pretrained(exported), ["civics"],
-                      lm_eval_tasks(["civics"], tmp_path / "tasks"), log_samples=True)
+                      lm_eval_tasks(["civics"], tmp_path / "tasks"), limit=28, log_samples=True)
 
     correct = correct_norm = 0
     samples = sorted(raw["samples"]["civics"], key=lambda s: s["doc_id"])
-    assert len(samples) == 84
+    assert [s["doc_id"] for s in samples] == list(range(28))
     for item, sample in zip(civics, samples):
         expected = [reference_loglikelihood(model, sp, f"Question: {item['question']}\nAnswer:", f" {c}")
                     for c in item["choices"]]
@@ -66,8 +67,8 @@ def test_civics_through_lm_eval_scores_as_the_replaced_scorer(exported, tmp_path
         correct += max(range(len(expected)), key=expected.__getitem__) == item["answer"]
         correct_norm += max(range(len(normed)), key=normed.__getitem__) == item["answer"]
     scores = raw["results"]["civics"]
-    assert scores["acc,none"] == pytest.approx(correct / 84) and scores["acc_norm,none"] == pytest.approx(correct_norm / 84)
-    assert 0 < scores["acc_stderr,none"] < 0.1
+    assert scores["acc,none"] == pytest.approx(correct / 28) and scores["acc_norm,none"] == pytest.approx(correct_norm / 28)
+    assert 0 < scores["acc_stderr,none"] < 0.15
 
 
 def test_named_task_without_its_dataset_fails_fast_naming_it(monkeypatch):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from model.data import validation_picks
 from model.quantize import SCHEMES, check_tokens
 from model.quantize import main as quantize_main
 from conftest import ROOT
@@ -139,16 +140,41 @@ def test_a_gptq_folder_records_its_calibration_rows_and_refuses_more_than_there_
     info = json.loads((out / "quantize_info.json").read_text())
     total = info["calibration"]["validation_rows"]
     assert info["calibration"]["manifest"] == str(tiny_manifest.resolve()) and len(info["calibration"]["rows"]) == 8
-    assert info["calibration"]["rows"][0] == 0 and info["calibration"]["rows"][-1] == total - 1
+    # Spread over the validation rows, none of them among the evaluation's perplexity rows (64 by default).
+    assert info["calibration"]["rows"][-1] - info["calibration"]["rows"][0] > total * 0.9
+    assert not set(info["calibration"]["rows"]) & set(validation_picks(total, 64).tolist())
     assert info["reload_logit_diff"] == 0 and type(load(out).model.layers[0].mlp.down_proj.weight).__name__ == \
         "IntxUnpackedToInt8Tensor"
-    with pytest.raises(SystemExit, match=f"--calibration-rows {total + 1}: the validation shards of .* hold {total} "
-                                         f"rows"):
+    free = total - 64
+    with pytest.raises(SystemExit, match=f"--calibration-rows {free + 1}: the validation shards of .* hold {total} "
+                                         f"rows, {free} of them beside the 64 held out"):
         quantize_main([str(hf_models["llama3"]), str(tmp_path / "more"), "--scheme", "int4-g32-gptq",
-                       "--manifest", str(tiny_manifest), "--calibration-rows", str(total + 1)])
+                       "--manifest", str(tiny_manifest), "--calibration-rows", str(free + 1)])
     with pytest.raises(SystemExit, match="records no shard manifest; give --manifest"):
         quantize_main([str(hf_models["llama3"]), str(tmp_path / "none"), "--scheme", "int4-g32-gptq"])
     assert not (tmp_path / "more").exists() and not (tmp_path / "none").exists()
+
+
+def test_a_quantized_bf16_export_is_scored_in_fp32_like_its_original(hf_models, tmp_path):
+    """A checkpoint trained in bf16 (on GPUs) exports in bf16, and its quantized copy dequantizes to bf16, which
+    the evaluation's fp32 activations cannot multiply: model.evaluate.load scores both in fp32."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from model.evaluate import load as load_for_scoring
+    from model.quantize import quantize as quantize_folder
+
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(hf_models["llama3"], bf16)  # its tokenizer; the weights and config are replaced next
+    AutoModelForCausalLM.from_pretrained(hf_models["llama3"], dtype=torch.bfloat16).save_pretrained(bf16)
+    quantize_folder(bf16, tmp_path / "int4", "int4-g32")
+    (original, _), (quantized, _) = load_for_scoring(bf16), load_for_scoring(tmp_path / "int4")
+    assert type(quantized.model.layers[0].mlp.down_proj.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    tokens = check_tokens(original.config.vocab_size)
+    with torch.no_grad():
+        a, b = original(tokens).logits, quantized(tokens).logits
+    assert a.dtype == b.dtype == torch.float32 and 0 < (a - b).abs().max() < 0.5
 
 
 def test_a_qat_checkpoint_is_quantized_in_its_own_scheme_unasked_and_once(tmp_path):
