@@ -277,6 +277,7 @@ SHARED_GROUPS = {"training-runs": {"tp1_run", "tp2_run", "tp1_evaluations"},
                  "pretrained-by-flow": {"pretrained_by_flow"},
                  "hf-models": {"hf_models"},  # test_import_hf.py, test_quantize.py
                  "fp16-run": {"fp16_run"},  # test_precision.py
+                 "qat-runs": {"qat_runs"},  # test_qat.py
                  "executors": {"tokenizer_dir", "local_result"}}  # test_executors.py
 
 
