@@ -151,9 +151,10 @@ def main(argv=None) -> None:
     if ranks >= 2 and ranks % 2:
         raise SystemExit(f"--ranks {ranks}: the layout comparisons (TP 2, PP 2) need an even number of ranks")
     backends = args.backends.split(",") if args.backends else ["te"] * te + ["sdpa", "local"]
-    pairs = [PARALLEL_PAIRS[name] for name in args.pairs.split(",") if name in PARALLEL_PAIRS]
-    if len(pairs) != len(args.pairs.split(",")):
-        raise SystemExit(f"--pairs {args.pairs}: choose from {', '.join(PARALLEL_PAIRS)}")
+    if unknown := set(args.pairs.split(",")) - set(PARALLEL_PAIRS):
+        raise SystemExit(f"--pairs {args.pairs}: unknown {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join(PARALLEL_PAIRS)}")
+    pairs = [PARALLEL_PAIRS[name] for name in args.pairs.split(",")]
 
     chosen = fit_layers(width, budget, max_layers, accumulation, bf16=gpu, attention=backends[0])
     if chosen is None:

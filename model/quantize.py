@@ -95,10 +95,6 @@ def model_checksum(folder: Path) -> str:
     return digest.hexdigest()
 
 
-LAYER_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-               "mlp.up_proj", "mlp.down_proj")
-
-
 def linear_inputs(config: dict) -> dict[str, int]:
     """Each quantized linear layer of a Llama decoder layer, by its name, with its input size: groups run along it."""
     heads = config["num_attention_heads"]
@@ -127,10 +123,10 @@ def check_input(hf_dir: Path, scheme_name: str) -> None:
                                 f"{hf_dir}; choose a scheme whose group size divides every layer's input, or int8")
 
 
-def calibration_manifest(hf_dir: Path, manifest: Path | None, rows: int, held_out: int) -> Path:
-    """The shard manifest whose validation rows calibrate a GPTQ scheme: the one given, else the one the export
-    records; refused before any work when there is none or it holds fewer rows than asked beside the `held_out`
-    rows the evaluation's perplexity reads."""
+def calibration_manifest(hf_dir: Path, manifest: Path | None, rows: int, held_out: int) -> tuple[Path, int]:
+    """The shard manifest whose validation rows calibrate a GPTQ scheme (the one given, else the one the export
+    records) and its validation rows; refused before any work when there is none or it holds fewer rows than asked
+    beside the `held_out` rows the evaluation's perplexity reads."""
     from tasks.lib.manifest import ShardManifest
 
     if manifest is None:
@@ -148,15 +144,16 @@ def calibration_manifest(hf_dir: Path, manifest: Path | None, rows: int, held_ou
         raise QuantizeError(f"--calibration-rows {rows}: the validation shards of {manifest} hold {total} rows, "
                             f"{free} of them beside the {held_out} held out for perplexity (--held-out-rows); "
                             f"ask for 1 to {free}")
-    return Path(manifest)
+    return Path(manifest), total
 
 
 @torch.no_grad()
 def input_hessians(model, tokens: torch.Tensor, batch: int = 8) -> dict[str, torch.Tensor]:
     """For each quantized linear layer of the float model: 2/n X^T X over its inputs on the calibration tokens."""
     hessians, counts, hooks = {}, {}, []
+    layers = tuple(linear_inputs(model.config.to_dict()))
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name.endswith(layer) for layer in LAYER_NAMES):
+        if isinstance(module, torch.nn.Linear) and name.endswith(layers):
             def accumulate(module, args, name=name):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 hessians[name] = hessians.get(name, 0) + x.T @ x
@@ -222,14 +219,14 @@ def quantize(hf_dir: Path, out: Path, scheme_name: str, calibration_rows: int = 
     logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA-only kernels fail to load on CPU, harmlessly
     from transformers import AutoModelForCausalLM, TorchAoConfig
 
-    from model.data import validation_rows
+    from model.data import validation_picks, validation_rows
 
     hf_dir, out = Path(hf_dir).resolve(), Path(out)
     scheme = scheme_named(scheme_name)
     check_input(hf_dir, scheme_name)
     if scheme.calibrated:
-        manifest = calibration_manifest(hf_dir, Path(manifest) if manifest else None, calibration_rows,
-                                        held_out_rows)
+        manifest, total = calibration_manifest(hf_dir, Path(manifest) if manifest else None, calibration_rows,
+                                               held_out_rows)
     device = "cuda" if scheme.packed else "cpu"
 
     original = AutoModelForCausalLM.from_pretrained(hf_dir, device_map=device).eval()
@@ -271,10 +268,6 @@ def quantize(hf_dir: Path, out: Path, scheme_name: str, calibration_rows: int = 
             "bytes": folder_bytes(tmp), "source_bytes": folder_bytes(hf_dir),
             "max_logit_change": (logits - original_logits).abs().max().item(), "reload_logit_diff": reload_diff}
     if scheme.calibrated:  # which rows: model/data.validation_rows's evenly spaced picks of the validation split
-        from model.data import validation_picks
-        from tasks.lib.manifest import ShardManifest
-
-        total = sum(s.rows for s in ShardManifest.load(manifest).split("valid"))
         info["calibration"] = {"manifest": str(Path(manifest).resolve()), "validation_rows": total,
                                "rows": validation_picks(total, calibration_rows, avoid=held_out_rows).tolist(),
                                "held_out_rows": held_out_rows, "method": "gptq"}

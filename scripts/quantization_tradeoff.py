@@ -22,8 +22,9 @@ from pathlib import Path
 from model.checkpoint import resolve_checkpoint
 from model.evaluate import heldout_loss, load
 from model.export_hf import export
-from model.quantize import folder_bytes, quantize
+from model.quantize import folder_bytes
 from model.run_config import RunConfig, Start
+from tasks.quantize import quantize_export
 from tasks.train import train
 
 MODEL = {"num_layers": 4, "hidden_size": 256, "num_attention_heads": 4, "ffn_hidden_size": 768}
@@ -38,13 +39,6 @@ def exported(run_dir: Path) -> Path:
     out = run_dir / "hf" / f"{checkpoint.name}-bfloat16"
     if not (out / "export_info.json").is_file():
         export(checkpoint, out, dtype="bfloat16")
-    return out
-
-
-def quantized(hf_dir: Path, scheme: str, held_out: int, manifest: Path) -> Path:
-    out = hf_dir.parent.parent / "quantized" / f"{hf_dir.name}-{scheme}"
-    if not (out / "quantize_info.json").is_file():
-        quantize(hf_dir, out, scheme, manifest=manifest, held_out_rows=held_out)
     return out
 
 
@@ -67,11 +61,14 @@ def main() -> None:
     qat = train("pretrain", str(args.manifest), RunConfig(train={**further, "qat": args.scheme}), runs, start).run_dir
 
     plain_hf, qat_hf = exported(plain), exported(qat)
-    models = {"bf16": plain_hf, **{name: quantized(plain_hf, scheme, args.rows, manifest_dir)
-                                   for name, scheme in (("int8", "int8"), (f"{args.scheme} round-to-nearest",
-                                                         args.scheme), (f"{args.scheme} GPTQ",
-                                                                        f"{args.scheme}-gptq"))},
-              f"QAT, then {args.scheme}": quantized(qat_hf, args.scheme, args.rows, manifest_dir),
+
+    def quantized(hf_dir: Path, scheme: str) -> Path:  # the quantize stage: GPTQ on the export's own manifest
+        return Path(quantize_export(str(hf_dir), scheme, hf_dir.parents[1].name, held_out_rows=args.rows))
+
+    models = {"bf16": plain_hf, "int8": quantized(plain_hf, "int8"),
+              f"{args.scheme} round-to-nearest": quantized(plain_hf, args.scheme),
+              f"{args.scheme} GPTQ": quantized(plain_hf, f"{args.scheme}-gptq"),
+              f"QAT, then {args.scheme}": quantized(qat_hf, args.scheme),
               "QAT run, bf16 (not quantized)": qat_hf}
     rows = []
     for name, folder in models.items():
