@@ -49,7 +49,7 @@ def evaluate_flow(pretrained: str | None = None, tuned: str | None = None,
         for scheme in schemes_for(checkpoint, quantize):  # and a QAT run's own scheme
             variant = f"{label} {scheme}"
             variants[variant] = {"original": label, "scheme": scheme}
-            quantized = quantize_export(model_dir, scheme, label, spec.perplexity_rows)
+            quantized = quantize_export(model_dir, scheme, label, manifest, spec.perplexity_rows)
             results[variant] = evaluate_model(quantized, variant, manifest, sft_manifest, spec, task_names, task_dir)
     return publish_report(results, benchmarks, {k: str(v) for k, v in checkpoints.items()},
                           str(resolve_path(reports_dir)), variants)

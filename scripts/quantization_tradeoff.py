@@ -62,8 +62,8 @@ def main() -> None:
 
     plain_hf, qat_hf = exported(plain), exported(qat)
 
-    def quantized(hf_dir: Path, scheme: str) -> Path:  # the quantize stage: GPTQ on the export's own manifest
-        return Path(quantize_export(str(hf_dir), scheme, hf_dir.parents[1].name, held_out_rows=args.rows))
+    def quantized(hf_dir: Path, scheme: str) -> Path:  # the quantize stage; GPTQ beside the scored rows
+        return Path(quantize_export(str(hf_dir), scheme, hf_dir.parents[1].name, str(manifest_dir), args.rows))
 
     models = {"bf16": plain_hf, "int8": quantized(plain_hf, "int8"),
               f"{args.scheme} round-to-nearest": quantized(plain_hf, args.scheme),

@@ -289,8 +289,8 @@ def export_hf(checkpoint: str, label: str) -> str:
 
 
 @task(name="quantize", task_run_name="quantize-{label}-{scheme}")
-def quantize_export(model_dir: str, scheme: str, label: str, held_out_rows: int) -> str:
-    return quantization.quantize_export(model_dir, scheme, label, held_out_rows)
+def quantize_export(model_dir: str, scheme: str, label: str, manifest: str, held_out_rows: int) -> str:
+    return quantization.quantize_export(model_dir, scheme, label, manifest, held_out_rows)
 
 
 @task(name="evaluate", task_run_name="evaluate-{label}")

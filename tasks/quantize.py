@@ -28,18 +28,22 @@ def schemes_for(checkpoint: str | Path, asked: list[str]) -> list[str]:
     return asked + ([trained_for] if trained_for and trained_for not in asked else [])
 
 
-def quantize_export(model_dir: str, scheme: str, label: str, held_out_rows: int) -> str:
-    """`held_out_rows`: the evaluation's perplexity rows, which a calibrated scheme leaves out."""
+def quantize_export(model_dir: str, scheme: str, label: str, manifest: str, held_out_rows: int) -> str:
+    """A calibrated scheme calibrates on the validation rows of `manifest` (the pretraining manifest the evaluation
+    scores perplexity on: an instruction-tuned export records its SFT manifest, whose validation rows are few),
+    leaving out the `held_out_rows` that perplexity reads."""
     from model.quantize import INFO_NAME, model_checksum, quantize
 
     source = Path(model_dir)
     out = source.parent.parent / "quantized" / f"{source.name}-{scheme}"
     made = json.loads((out / INFO_NAME).read_text()) if (out / INFO_NAME).is_file() else {}
-    calibrated_beside = made.get("calibration", {}).get("held_out_rows", held_out_rows)
-    if made.get("source_sha256") == model_checksum(source) and calibrated_beside == held_out_rows:
+    calibration = made.get("calibration")
+    same_rows = calibration is None or (calibration["manifest"], calibration["held_out_rows"]) == (
+        str(Path(manifest).resolve()), held_out_rows)
+    if made.get("source_sha256") == model_checksum(source) and same_rows:
         get_logger().info(f"quantize {label} {scheme}: reusing {out}")
         return str(out)
-    report = quantize(source, out, scheme, held_out_rows=held_out_rows)
+    report = quantize(source, out, scheme, manifest=Path(manifest), held_out_rows=held_out_rows)
     progress(f"quantize {label} {scheme}: {report['quantized_layers']} linear layers, weights "
              f"{report['bytes'] / 1e6:.1f} MB against {report['source_bytes'] / 1e6:.1f} MB; max |logit change| "
              f"{report['max_logit_change']:.3g}")

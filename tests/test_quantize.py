@@ -155,6 +155,24 @@ def test_a_gptq_folder_records_its_calibration_rows_and_refuses_more_than_there_
     assert not (tmp_path / "more").exists() and not (tmp_path / "none").exists()
 
 
+def test_the_quantize_stage_calibrates_on_the_manifest_it_is_given(hf_models, tiny_manifest, tmp_path):
+    """An instruction-tuned export records its SFT manifest, whose validation rows are few (the quantize/default
+    deployment failed on it); the evaluation's quantize stage calibrates GPTQ on the manifest it scores perplexity
+    on, beside the rows perplexity reads."""
+    import shutil
+
+    from tasks.quantize import quantize_export
+
+    export = tmp_path / "run" / "hf" / "step-000006"
+    shutil.copytree(hf_models["llama3"], export)
+    (export / "export_info.json").write_text(json.dumps({"manifest": str(tmp_path / "an-sft-manifest")}))
+    out = Path(quantize_export(str(export), "int4-g32-gptq", "tuned", str(tiny_manifest), 64))
+    assert out == tmp_path / "run" / "quantized" / "step-000006-int4-g32-gptq"
+    calibration = json.loads((out / "quantize_info.json").read_text())["calibration"]
+    assert calibration["manifest"] == str(tiny_manifest.resolve()) and len(calibration["rows"]) == 128
+    assert not set(calibration["rows"]) & set(validation_picks(calibration["validation_rows"], 64).tolist())
+
+
 def test_a_quantized_bf16_export_is_scored_in_fp32_like_its_original(hf_models, tmp_path):
     """A checkpoint trained in bf16 (on GPUs) exports in bf16, and its quantized copy dequantizes to bf16, which
     the evaluation's fp32 activations cannot multiply: model.evaluate.load scores both in fp32."""
