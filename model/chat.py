@@ -13,6 +13,8 @@ the pretrained model has seen. In the project's own tokenizer the role and end m
 
 from __future__ import annotations
 
+import functools
+
 import jinja2.sandbox
 import numpy as np
 
@@ -44,8 +46,14 @@ def template_of(tokenizer) -> tuple[str, str]:
 def render(messages: list[dict], add_generation_prompt: bool = False, template: str = CHAT_TEMPLATE,
            tokenizer=None) -> str:
     special = {"bos_token": tokenizer.bos_token or "", "eos_token": tokenizer.eos_token} if tokenizer else {}
-    return _environment.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                     **special)
+    return _compiled(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **special)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str) -> jinja2.Template:
+    # Compiling a template costs about 1 ms and rendering one 0.03 ms: SFT data renders each conversation three
+    # times or more (encode_chat), some 6,000 renders for the bundled instruction set.
+    return _environment.from_string(template)
 
 
 def _encode_text(tokenizer, text: str) -> list[int]:

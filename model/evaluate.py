@@ -14,6 +14,7 @@ here because it is measured on token rows (with the SFT loss mask), which lm-eva
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -94,21 +95,21 @@ def _write_whole(path: Path, text: str) -> None:
 
 
 def lm_eval_tasks(names: list[str], task_dir: Path | None):
-    """An lm-eval TaskManager that knows the local tasks in `task_dir` and lm-eval's registry, once every task in
-    `names` has loaded with its data. Fails fast, naming the task, when one is unknown or its dataset cannot be
-    had (no network and not cached)."""
+    """An lm-eval TaskManager that knows the local tasks in `task_dir` (and lm-eval's registry, when a task in
+    `names` is not local), once every task in `names` has loaded with its data. Fails fast, naming the task, when
+    one is unknown or its dataset cannot be had (no network and not cached)."""
     import difflib
 
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager(include_path=str(task_dir) if task_dir else None)
+    local = {n for n in names if task_dir and (task_dir / f"{n}.yaml").is_file()}
+    manager = task_manager(str(task_dir) if task_dir else None, include_registry=bool(set(names) - local),
+                           local_files=tuple(sorted((p.name, p.stat().st_mtime_ns) for p in task_dir.glob("*.yaml")))
+                           if task_dir else ())
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         hints = {n: difflib.get_close_matches(n, manager.all_tasks, n=3) for n in unknown}
         raise LMEvalTaskError("unknown lm-eval task(s): " + "; ".join(
             f"{n!r}" + (f" (did you mean {', '.join(h)}?)" if h else "") for n, h in hints.items())
             + ". Names are lm-eval's (`lm_eval ls tasks`); fix `lm_eval_tasks` in the eval spec.")
-    local = {n for n in names if task_dir and (task_dir / f"{n}.yaml").is_file()}
     online = hub_reachable() if any(n not in local for n in names) else True
     if not online:
         # Offline, datasets reads its local cache only, so a task whose data was fetched before still runs.
@@ -128,6 +129,17 @@ def lm_eval_tasks(names: list[str], task_dir: Path | None):
                 f"run once where it is (datasets caches it under HF_HOME={os.environ.get('HF_HOME')}), or remove "
                 f"{name!r} from `lm_eval_tasks` in the eval spec.") from None
     return manager
+
+
+@functools.lru_cache(maxsize=8)
+def task_manager(task_dir: str | None, include_registry: bool, local_files: tuple):
+    """lm-eval's TaskManager over `task_dir`, and over its own registry when `include_registry`: indexing the
+    registry reads some 15,000 task files (8 s here), so it is done only when a task needs it, and once per process
+    (an evaluation calls this per model). `local_files` (the task files' names and mtimes) keys the cache, so a task
+    written or changed since is indexed anew."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=task_dir, include_defaults=include_registry)
 
 
 def hub_reachable(host: str = "huggingface.co", port: int = 443) -> bool:

@@ -79,3 +79,20 @@ def test_named_task_without_its_dataset_fails_fast_naming_it(monkeypatch):
     with pytest.raises(LMEvalTaskError, match=r"unknown lm-eval task\(s\): 'helaswag' \(did you mean hellaswag"):
         lm_eval_tasks(["helaswag"], None)
     assert time.perf_counter() - started < 120
+
+
+def test_local_tasks_written_later_into_the_same_folder_are_found(tmp_path):
+    """The task index is cached per process (indexing lm-eval's registry takes seconds): a task written after it,
+    or rewritten with other items, is still found and read as it now is; local-only tasks skip the registry."""
+    items = [{"id": str(i), "question": f"{i} + 1?", "choices": [str(i + 1), str(i + 2)], "answer": 0}
+             for i in range(4)]
+    write_lm_eval_task("first", items, tmp_path)
+    manager = lm_eval_tasks(["first"], tmp_path)
+    assert set(manager.all_tasks) == {"first"}  # the registry was not indexed
+    write_lm_eval_task("second", items[:2], tmp_path)
+    assert set(lm_eval_tasks(["second"], tmp_path).all_tasks) == {"first", "second"}
+    time.sleep(0.01)  # a new mtime for the rewritten task file
+    write_lm_eval_task("first", items[:3], tmp_path)
+    loaded = lm_eval_tasks(["first"], tmp_path).load(["first"])["tasks"]
+    (task,) = loaded.values()
+    assert len(list(task.test_docs())) == 3
