@@ -15,16 +15,14 @@ import time
 from prefect import flow
 from prefect.events import emit_event
 
-from tasks.append import Base, find_base, settings_key
-from tasks.decontaminate import reference_sets
+from tasks.append import find_base, settings_key
+from tasks.data_steps import full_build_steps, increment_steps
 from tasks.lib.log import progress
-from tasks.lib.manifest import DataLineage, Increment, ShardManifest
+from tasks.lib.manifest import DataLineage, ShardManifest
 from tasks.lib.plan import PlanRow, format_plan, plan as plan_steps
-from tasks.lib.sources import ResolvedSource
-from tasks.lib.steps import Step, step
 from tasks.prefect_tasks import publish_plan, report, resolve, run_steps
-from tasks.spec import DataSpec, load_spec, resolve_path
-from tasks.tokenizer import pin_pretrained, with_model_tokenizer
+from tasks.spec import load_spec, resolve_path
+from tasks.tokenizer import with_model_tokenizer
 
 
 MANIFEST_EVENT = "llm-pipeline.manifest.created"
@@ -94,74 +92,6 @@ def data_flow(spec_path: str = "data_specs/default.yaml", announce: bool = False
                             "data_version": ShardManifest.load(shards.dir).data_version})
         progress(f"announced new manifest {manifest} ({MANIFEST_EVENT})")
     return manifest
-
-
-def cleaning_steps(spec: DataSpec, resolved: dict[str, ResolvedSource]) -> list[Step]:
-    """Download and clean each given source."""
-    store, steps = str(spec.artifacts_path()), []
-    for source in spec.sources:
-        if source.name in resolved:
-            downloaded = step("download", source.name, resolved=resolved[source.name], executor=spec.executor,
-                              artifacts_dir=store)
-            steps += [downloaded, step("clean", source.name, downloaded=downloaded.ref, source_name=source.name,
-                                       cleaning=spec.cleaning_for(source), executor=spec.executor,
-                                       artifacts_dir=store)]
-    return steps
-
-
-def dedup_steps(spec: DataSpec, cleaned: list[Step], base: Base | None) -> list[Step]:
-    """Dedup across the cleaned sources (and against `base`'s index), then decontaminate if the spec says so; the
-    last step's documents are the ones to tokenize."""
-    store = str(spec.artifacts_path())
-    deduped = step("dedup", cleaned={s.what: s.ref for s in cleaned if s.stage == "clean"}, config=spec.dedup,
-                   executor=spec.executor, base=base.dedup if base else None, artifacts_dir=store)
-    if not spec.decontamination.enabled:
-        return [deduped]
-    return [deduped, step("decontaminate", documents=deduped.ref, references=reference_sets(spec.decontamination),
-                          config=spec.decontamination, executor=spec.executor, artifacts_dir=store)]
-
-
-def full_build_steps(spec: DataSpec, resolved: dict[str, ResolvedSource], lineage: DataLineage) -> list[Step]:
-    """A full build from every file: download -> clean -> dedup -> decontaminate -> tokenizer -> shard."""
-    store = str(spec.artifacts_path())
-    steps = cleaning_steps(spec, resolved)
-    steps += dedup_steps(spec, steps, base=None)
-    documents = steps[-1]
-    if spec.tokenizer.pretrained:
-        tokenizer = step("tokenizer", documents=None, config=spec.tokenizer, executor=spec.executor,
-                         artifacts_dir=store, pretrained=pin_pretrained(spec.tokenizer))
-    else:
-        tokenizer = step("tokenizer", documents=documents.ref, config=spec.tokenizer, executor=spec.executor,
-                         artifacts_dir=store)
-    deduped = next(s for s in steps if s.stage == "dedup")
-    lineage = lineage.model_copy(update={"dedup_dir": str(deduped.ref.dir),
-                                         "upstream": {f"{s.stage}/{s.what}": s.ref.fingerprint for s in steps}})
-    return [*steps, tokenizer, step("shard", documents=documents.ref, tokenizer=tokenizer.ref, config=spec.sharding,
-                                    lineage=lineage, executor=spec.executor, artifacts_dir=store)]
-
-
-def increment_steps(spec: DataSpec, resolved: dict[str, ResolvedSource], base: Base,
-                    lineage: DataLineage) -> list[Step]:
-    """Only the new files: download -> clean -> dedup against the base's index -> decontaminate -> shard with
-    the base's tokenizer -> append to the base's manifest."""
-    store = str(spec.artifacts_path())
-    new = {name: r.model_copy(update={"files": base.new_files[name]})
-           for name, r in resolved.items() if name in base.new_files}
-    steps = cleaning_steps(spec, new)
-    steps += dedup_steps(spec, steps, base=base)
-    upstream = {f"{s.stage}/{s.what}": s.ref.fingerprint for s in steps}
-    added = step("shard", "new documents", documents=steps[-1].ref, tokenizer=base.tokenizer, config=spec.sharding,
-                 increment=True, lineage=DataLineage(spec_path=lineage.spec_path, new_files=base.new_files,
-                                                     upstream=upstream),
-                 executor=spec.executor, artifacts_dir=store)
-    increments = [*base.manifest.lineage.increments,
-                  Increment(data_version=base.manifest.data_version + 1, new_files=base.new_files,
-                            shards=str(added.ref.dir), upstream=upstream)]
-    deduped = next(s for s in steps if s.stage == "dedup")
-    lineage = base.manifest.lineage.model_copy(update={**lineage.model_dump(exclude_unset=True),
-                                                       "dedup_dir": str(deduped.ref.dir), "increments": increments})
-    return [*steps, added, step("append", base=base.artifact, added=added.ref, config=spec.sharding,
-                                lineage=lineage, artifacts_dir=store)]
 
 
 def require_server() -> None:

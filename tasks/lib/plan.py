@@ -9,8 +9,9 @@ the nearest earlier artifact of the same stage, the one with the fewest differen
     upstream    dedup 3f2a9c1d -> 77b0e412
     input       new data/raw/more.jsonl; changed ...; removed ...
 
-The plan walks the data flow's step list (tasks/lib/steps.py) before it runs: `flows/data.py` makes it at the
-start of every run (logged, and a Prefect table artifact), and `--plan` / `plan: true` stops there.
+The plan walks the data flow's step list (tasks/lib/steps.py, made by tasks/data_steps.py) before it runs:
+`flows/data.py` makes it at the start of every run (logged, and a Prefect table artifact), and `--plan` /
+`plan: true` stops there.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 before anything runs. Planning (tasks/lib/plan.py) and running walk the same list; a step's fingerprint, and so
 where its artifact lives, is known from the list alone.
 
-    steps = [download, clean, dedup, ...]      # flows/data.py builds them from the spec
+    steps = [download, clean, dedup, ...]      # tasks/data_steps.py builds them from the spec
     plan(steps)                                # reuse or build, and why: nothing runs
     for s in steps: build_step(s)              # plain: no Prefect (tests, scripts)
     run_steps(steps)                           # as Prefect tasks, cached (tasks/prefect_tasks.py)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from flows.data import full_build_steps  # noqa: E402
+from tasks.data_steps import full_build_steps  # noqa: E402
 from tasks.lib.manifest import DataLineage  # noqa: E402
 from tasks.lib.plan import format_plan, plan  # noqa: E402
 from tasks.lib.sources import resolve_source  # noqa: E402
