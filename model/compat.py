@@ -24,6 +24,7 @@ available, so the GPU path never sees this module's replacements.
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 
 import torch
@@ -145,6 +146,24 @@ def _compile_off(model=None, **options):
     return model if model is not None else (lambda fn: fn)
 
 
+def import_megatron() -> None:
+    """Import Megatron-Core; on CPU, with its fused kernels left as plain functions.
+
+    Megatron decorates its fused kernels with torch.compile when its package is imported (megatron/core/jit.py),
+    which imports the compiler stack: about 2.5 s of every process's start. Megatron's own disable_jit_fuser() comes
+    too late (the package imports the decorated modules first), so the decorator is a no-op while Megatron is
+    imported; torch.compile itself is restored after. model/gpt.py calls this before its Megatron imports, so
+    every process that builds a model (ranks, export, import) gets it, whichever it imports first."""
+    if torch.cuda.is_available() or "megatron.core" in sys.modules:
+        return
+    compile_ = torch.compile
+    torch.compile = _compile_off
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = compile_
+
+
 def apply() -> bool:
     """Install the CPU redirections if (and only if) CUDA is unavailable. Returns whether they are active."""
     global _APPLIED
@@ -153,17 +172,7 @@ def apply() -> bool:
     if _APPLIED:
         return True
 
-    # Megatron decorates its fused kernels with torch.compile when its package is imported (megatron/core/jit.py),
-    # which imports the compiler stack: about 2.5 s of every rank's start. Megatron's own disable_jit_fuser() comes
-    # too late (the package imports the decorated modules first), so the decorator is a no-op while Megatron is
-    # imported; torch.compile itself is restored after.
-    compile_ = torch.compile
-    torch.compile = _compile_off
-    try:
-        import megatron.core  # noqa: F401
-    finally:
-        torch.compile = compile_
-
+    import_megatron()
     torch.cuda.current_device = lambda: CPU
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
     torch.cuda.Stream = _InertStream

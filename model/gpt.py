@@ -15,14 +15,19 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer import TransformerConfig
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.module import MegatronModule
 
-from model.config import ModelConfig, ParallelConfig, TrainConfig
+from model import compat
+
+compat.import_megatron()  # first: on CPU, without the compiler stack its torch.compile decorators would import
+
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
+
+from model.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
 
 
 class SDPAttention(MegatronModule):
