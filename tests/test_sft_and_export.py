@@ -142,6 +142,33 @@ def test_export_from_tp2_checkpoint_matches_megatron_logits(tiny_manifest, tmp_p
     assert tok.chat_template and tok.convert_tokens_to_ids("<|end|>") in GenerationConfig.from_pretrained(out).eos_token_id
 
 
+def test_a_failed_export_check_says_which_side_moved():
+    """The export's logit check (model/export_hf.py) on a small Llama: its own logits pass at 0; logits off by
+    1e-3 (issue 30's failure) fail it, and the error says the Llama forward repeats itself, so the difference is
+    on Megatron's side or in the layout."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.config import tiny
+    from model.export_hf import check_logits
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    weights = LlamaForCausalLM(config).state_dict()
+    tokens = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        logits = LlamaForCausalLM(config).eval()
+        logits.load_state_dict(weights)
+        logits = logits(tokens).logits.float()
+    m, info = tiny(tie_embeddings=False), {"dtype": "fp32"}
+    assert check_logits(dict(weights), config, m, info, tokens, logits) == 0
+    off = logits.clone()
+    off[1, 7, 3] += 1.12e-3
+    with pytest.raises(RuntimeError, match=r"max \|logit difference\| 0\.00112 > 0\.0001 .*repeats its logits "
+                                           r"exactly: the difference is in Megatron's forward"):
+        check_logits(dict(weights), config, m, info, tokens, off)
+
+
 @pytest.mark.slow
 def test_sft_from_a_tp2_checkpoint_trains_at_pp2_on_replies(tiny_manifest, tp2_run, tmp_path, tokenizer):
     """Instruction tuning starts from a pretraining checkpoint saved at another layout and learns the replies."""
