@@ -154,12 +154,11 @@ def test_a_failed_export_check_says_which_side_moved():
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
-    weights = LlamaForCausalLM(config).state_dict()
+    reference = LlamaForCausalLM(config).eval()
+    weights = reference.state_dict()
     tokens = torch.randint(0, 96, (2, 16))
     with torch.no_grad():
-        logits = LlamaForCausalLM(config).eval()
-        logits.load_state_dict(weights)
-        logits = logits(tokens).logits.float()
+        logits = reference(tokens).logits.float()
     m, info = tiny(tie_embeddings=False), {"dtype": "fp32"}
     assert check_logits(dict(weights), config, m, info, tokens, logits) == 0
     off = logits.clone()
